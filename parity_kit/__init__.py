@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate_lastword": "evaluation", "paired_comparison": "evaluation", "token_provenance": "evaluation",
     # reports
     "environment_capsule": "report", "diff_capsules": "report", "write_findings": "report",
+    "read_findings": "report", "export_html": "report",
     # subpackages / helper modules
     "models": "models", "plots": "plots", "recurrence": "recurrence", "ui": "ui",
 }
@@ -52,3 +53,8 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+# "compare" names both a submodule and its main function. Importing a submodule binds it as a package
+# attribute, which would shadow the function, so bind the function eagerly, after that import.
+from .compare import compare  # noqa: E402

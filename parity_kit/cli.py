@@ -1,0 +1,144 @@
+"""The ``parity-kit`` command: ``env``, ``demo``, ``train``, ``convert``.
+
+Each subcommand imports what it needs when it runs, so a module that is missing or broken only
+affects its own subcommand (``parity-kit env`` keeps working).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ParityKitError
+
+_CONVERTERS = {
+    # direction -> (module, function)
+    "internlm2-llama": ("parity_kit.models.convert", "convert_internlm2_to_llama"),
+    "rwkv7-fla": ("parity_kit.models.rwkv7_convert", "convert_rwkv7_to_fla"),
+}
+
+
+def _load(module: str, function: str, command: str) -> Callable[..., Any]:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ParityKitError(
+            f"`parity-kit {command}` needs {module}, which cannot be imported here ({e}); "
+            "reinstall the package (pip install -e .) or update your checkout"
+        ) from None
+    fn = getattr(mod, function, None)
+    if fn is None:
+        raise ParityKitError(f"`parity-kit {command}` needs {module}.{function}, which does not exist in this version")
+    return fn
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from .report import environment_capsule
+
+    capsule = environment_capsule()
+    if args.json:
+        print(json.dumps(capsule, indent=2))
+    else:
+        width = max(map(len, capsule))
+        for key, value in capsule.items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            print(f"{key:<{width}}  {'-' if shown is None or shown == '' else shown}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo, summary_table
+
+    results = run_demo(args.notebooks, args.reports, only=args.only, smoke=args.smoke)
+    print()
+    print(summary_table(results))
+    print(f"\nreports in {Path(args.reports).resolve()}")
+    failed = [r.name for r in results if r.status != "ok"]
+    if failed:
+        print(f"{len(failed)} of {len(results)} notebooks did not finish cleanly: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    train = _load("parity_kit.train", "train", "train")
+    path = train(args.name, seed=args.seed, out_dir=args.out)
+    print(path)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    module, function = _CONVERTERS[args.direction]
+    convert = _load(module, function, "convert")
+    kwargs: dict[str, Any] = {"overwrite": args.overwrite}
+    if args.dry_run:
+        if args.direction != "internlm2-llama":
+            raise ParityKitError(f"--dry-run is only supported for internlm2-llama, not {args.direction}")
+        kwargs["dry_run"] = True
+    result = convert(args.src, args.dst, **kwargs)
+    if result is not None:
+        print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``parity-kit`` (exposed for documentation and tests).
+
+    >>> build_parser().parse_args(["demo", "--smoke", "--only", "quickstart"]).only
+    ['quickstart']
+    """
+    parser = argparse.ArgumentParser(
+        prog="parity-kit", description="Numerical parity of language models: run the story notebooks, inspect the environment."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    env = sub.add_parser("env", help="print the environment capsule (versions, device, TF32, SDPA, determinism)")
+    env.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    env.set_defaults(func=_cmd_env)
+
+    demo = sub.add_parser("demo", help="run every notebook headless; write reports/<name>.ipynb, .html, .findings.json")
+    demo.add_argument("--smoke", action="store_true", help="shrink the work (CI): fewer prompts, shorter sequences")
+    demo.add_argument("--only", action="append", metavar="NAME",
+                      help="run only this notebook (00_quickstart or quickstart); repeatable")
+    demo.add_argument("--reports", default="reports", metavar="DIR", help="output folder (default: reports)")
+    demo.add_argument("--notebooks", default=None, metavar="DIR",
+                      help="folder of notebooks to run (default: the repository's notebooks/)")
+    demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train a built-in tiny model reproducibly")
+    train.add_argument("name", help="built-in model, e.g. tiny-internlm2 or tiny-rwkv7")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: data/models/<name>)")
+    train.set_defaults(func=_cmd_train)
+
+    convert = sub.add_parser("convert", help="convert a checkpoint folder between layouts")
+    convert.add_argument("direction", choices=sorted(_CONVERTERS))
+    convert.add_argument("src", type=Path)
+    convert.add_argument("dst", type=Path)
+    convert.add_argument("--dry-run", action="store_true", help="check and report without writing (internlm2-llama)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination folder")
+    convert.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``parity-kit`` console script; returns the exit status.
+
+    >>> main(["env", "--json"]) == 0  # doctest: +SKIP
+    True
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ParityKitError as e:
+        print(f"parity-kit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
