@@ -1,0 +1,230 @@
+"""Pure error metrics between a reference tensor and a candidate, computed in fp64.
+
+Conventions (pinned by tests):
+
+- ``rel_rms(ref, x) = rms(x - ref) / rms(ref)``; if ``rms(ref) == 0`` it is 0 when ``x == ref``, else inf.
+- ``cosine`` of two all-zero tensors is 1; of a zero and a non-zero tensor 0.
+- ``sqnr_db = 10 log10(sum(ref²) / sum((x - ref)²))``; +inf for equal tensors, -inf when ref is all
+  zero and x is not.
+- ``max_ulp`` rounds both tensors to the candidate dtype and measures the largest distance on the
+  integer line of that dtype's bit patterns (+0 and -0 coincide; exact across powers of two and for
+  subnormals).
+- Non-finite values: positions where ``ref`` and ``x`` hold the same non-finite value (both NaN, or the
+  same infinity) agree and are left out. Any other non-finite value in either tensor makes the
+  distances ``max_abs, mean_abs, rel_rms, max_ulp`` inf, ``cosine`` NaN and ``sqnr_db`` -inf: the
+  candidate is broken there and no finite number describes it.
+- ``representability_floor(ref, dtype)`` is the rel_rms that rounding ``ref`` to ``dtype`` already
+  causes; ``verdict`` judges an error against it.
+
+>>> ref = torch.tensor([1.0, 2.0, 3.0]); x = torch.tensor([1.0, 2.0, 3.5])
+>>> round(rel_rms(ref, x), 4), max_abs(ref, x)
+(0.1336, 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dtypes import DtypeLike, parse_dtype
+from .errors import ParityKitError
+
+__all__ = ["max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp",
+           "representability_floor", "all_metrics", "verdict"]
+
+_BITS_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
+              torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _pair(ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(ref, x) as flat fp64 over the positions that are not agreeing non-finite values, and
+    whether some remaining position is non-finite (which makes every distance inf)."""
+    if not isinstance(ref, torch.Tensor) or not isinstance(x, torch.Tensor):
+        raise ParityKitError("metrics take two torch.Tensors; for stats-mode recordings capture in mode='tensors'")
+    if ref.shape != x.shape:
+        raise ParityKitError(
+            f"shape mismatch: reference {tuple(ref.shape)} vs candidate {tuple(x.shape)}; "
+            "compare tensors of one shape (a ModuleMapping transform can reshape or split the reference)"
+        )
+    r = ref.detach().to(torch.float64).reshape(-1).cpu()
+    c = x.detach().to(torch.float64).reshape(-1).cpu()
+    finite_r, finite_c = torch.isfinite(r), torch.isfinite(c)
+    if bool(finite_r.all()) and bool(finite_c.all()):
+        return r, c, False
+    agree = (~finite_r) & (~finite_c) & ((r == c) | (torch.isnan(r) & torch.isnan(c)))
+    keep = ~agree
+    r, c = r[keep], c[keep]
+    return r, c, not bool(torch.isfinite(r).all() and torch.isfinite(c).all())
+
+
+def max_abs(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Largest absolute difference.
+
+    >>> max_abs(torch.tensor([1.0, -2.0]), torch.tensor([1.5, -4.0]))
+    2.0
+    """
+    r, c, broken = _pair(ref, x)
+    if broken:
+        return math.inf
+    return float((c - r).abs().max()) if r.numel() else 0.0
+
+
+def mean_abs(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Mean absolute difference.
+
+    >>> mean_abs(torch.tensor([1.0, -2.0]), torch.tensor([1.5, -4.0]))
+    1.25
+    """
+    r, c, broken = _pair(ref, x)
+    if broken:
+        return math.inf
+    return float((c - r).abs().mean()) if r.numel() else 0.0
+
+
+def _rel_rms(r: torch.Tensor, c: torch.Tensor) -> float:
+    err = float((c - r).square().sum())
+    norm = float(r.square().sum())
+    if norm == 0.0:
+        return 0.0 if err == 0.0 else math.inf
+    return math.sqrt(err / norm)
+
+
+def rel_rms(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """``rms(x - ref) / rms(ref)``; 0 for equal tensors, inf if ref is all zero and x is not.
+
+    >>> rel_rms(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]))
+    0.1
+    """
+    r, c, broken = _pair(ref, x)
+    return math.inf if broken else _rel_rms(r, c)
+
+
+def cosine(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Cosine similarity of the flattened tensors; 1 for two zero tensors, 0 if only one is zero.
+
+    >>> cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+    0.7071067811865475
+    """
+    r, c, broken = _pair(ref, x)
+    if broken:
+        return math.nan
+    nr, nc = float(r.norm()), float(c.norm())
+    if nr == 0.0 and nc == 0.0:
+        return 1.0
+    if nr == 0.0 or nc == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, float(r @ c) / (nr * nc)))
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Signal-to-quantisation-noise ratio ``10 log10(sum(ref²) / sum((x - ref)²))`` in dB.
+
+    >>> sqnr_db(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]))
+    20.0
+    """
+    r, c, broken = _pair(ref, x)
+    if broken:
+        return -math.inf
+    signal, noise = float(r.square().sum()), float((c - r).square().sum())
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _ordered_ints(t: torch.Tensor) -> torch.Tensor:
+    """Map float bit patterns to int64 so that neighbouring floats are neighbouring integers."""
+    bits = t.contiguous().view(_BITS_VIEW[t.dtype]).to(torch.int64)
+    magnitude = bits & ((1 << (torch.finfo(t.dtype).bits - 1)) - 1)
+    # sign-magnitude → two's complement: negative floats count down from 0, so -0 == +0
+    return torch.where(bits < 0, -magnitude, bits)
+
+
+def max_ulp(ref: torch.Tensor, x: torch.Tensor, dtype: DtypeLike | None = None) -> float:
+    """Largest distance in units in the last place of ``dtype`` (default: ``x``'s dtype).
+
+    Both tensors are rounded to ``dtype`` first; inf if a non-finite value disagrees.
+
+    >>> max_ulp(torch.tensor([1.0]), torch.tensor([1.0 + 2**-23]))
+    1.0
+    >>> max_ulp(torch.tensor([1.0]), torch.tensor([1.0 - 2**-24]))  # just below a power of two
+    1.0
+    """
+    target = parse_dtype(dtype) if dtype is not None else x.dtype
+    if target not in _BITS_VIEW:
+        raise ParityKitError(f"max_ulp needs a floating dtype (fp64/fp32/fp16/bf16), got {target}")
+    if ref.shape != x.shape:
+        _pair(ref, x)  # raises the shape message
+    r = ref.detach().reshape(-1).cpu().to(target)
+    c = x.detach().reshape(-1).cpu().to(target)
+    finite_r, finite_c = torch.isfinite(r), torch.isfinite(c)
+    if not (bool(finite_r.all()) and bool(finite_c.all())):
+        agree = (~finite_r) & (~finite_c) & ((r == c) | (torch.isnan(r) & torch.isnan(c)))
+        if bool((~(finite_r & finite_c) & ~agree).any()):
+            return math.inf
+        r, c = r[finite_r & finite_c], c[finite_r & finite_c]
+    if r.numel() == 0:
+        return 0.0
+    a, b = _ordered_ints(r), _ordered_ints(c)
+    # int64 differences overflow only for fp64 values of opposite sign, where the distance is huge
+    # anyway and the float difference is precise enough
+    opposite = (a < 0) != (b < 0)
+    dist = torch.where(opposite, (a.double() - b.double()).abs(), (a - b).abs().double())
+    return float(dist.max())
+
+
+def representability_floor(ref: torch.Tensor, dtype: DtypeLike) -> float:
+    """The rel_rms that rounding ``ref`` to ``dtype`` already causes (0 if ``ref`` is already in it).
+
+    An error near this floor is what the candidate dtype cannot avoid; much above it points at a bug
+    or an unstable computation.
+
+    >>> representability_floor(torch.tensor([1.0, 1.0 + 2**-12]), "fp16") > 0
+    True
+    """
+    target = parse_dtype(dtype)
+    r = ref.detach()
+    if not r.is_floating_point():
+        return 0.0
+    return rel_rms(r, r.to(target))
+
+
+def all_metrics(ref: torch.Tensor, x: torch.Tensor, dtype: DtypeLike | None = None) -> dict[str, float]:
+    """Every metric at once; ``dtype`` (default ``x``'s dtype) sets the ULP unit and the floor.
+
+    >>> sorted(all_metrics(torch.ones(3), torch.ones(3)))
+    ['cosine', 'floor', 'max_abs', 'max_ulp', 'mean_abs', 'rel_rms', 'sqnr_db']
+    """
+    target = parse_dtype(dtype) if dtype is not None else x.dtype
+    r, c, broken = _pair(ref, x)
+    if broken:
+        out = {"max_abs": math.inf, "mean_abs": math.inf, "rel_rms": math.inf,
+               "cosine": math.nan, "sqnr_db": -math.inf}
+    else:
+        out = {"max_abs": max_abs(r, c), "mean_abs": mean_abs(r, c), "rel_rms": _rel_rms(r, c),
+               "cosine": cosine(r, c), "sqnr_db": sqnr_db(r, c)}
+    out["max_ulp"] = max_ulp(ref, x, target) if target in _BITS_VIEW else math.nan
+    out["floor"] = representability_floor(ref, target) if target in _BITS_VIEW else 0.0
+    return out
+
+
+def _two_significant(value: float) -> str:
+    rounded = float(f"{value:.2g}")
+    return f"{rounded:.0f}" if rounded >= 10 else f"{rounded:g}"
+
+
+def verdict(value: float, floor: float, tolerance: float = 2.0) -> str:
+    """"within floor" if ``value <= tolerance * floor``, else "above floor ×N" (N = value / floor,
+    two significant digits; ×inf when the floor is 0). A NaN value gives "not finite".
+
+    >>> verdict(3e-4, 2e-4), verdict(5e-3, 2e-4), verdict(1e-6, 0.0)
+    ('within floor', 'above floor ×25', 'above floor ×inf')
+    """
+    if math.isnan(value):
+        return "not finite"
+    if value <= tolerance * floor:
+        return "within floor"
+    ratio = value / floor if floor > 0 else math.inf
+    return f"above floor ×{'inf' if math.isinf(ratio) else _two_significant(ratio)}"

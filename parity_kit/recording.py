@@ -1,0 +1,385 @@
+"""Recordings: what a capture produced (per-module, per-call tensors or statistics), saved and loaded.
+
+A :class:`Recording` is a list of :class:`Call` in completion order. Each call holds its tensor
+leaves ("output", "output.0", "input.hidden_states", ...) either as tensors (``mode="tensors"``) or as
+:class:`TensorStats` (``mode="stats"``). On disk a recording is a folder with ``index.json`` (calls,
+leaves, shapes, dtypes, statistics, metadata, the size and SHA-256 of the tensor file) and
+``tensors.safetensors``; the round trip is bit-exact for every dtype safetensors stores (bf16 and
+fp16 included).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .dtypes import dtype_name, parse_dtype
+from .errors import ParityKitError
+
+FORMAT_NAME = "parity_kit.recording"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+TENSOR_FILE = "tensors.safetensors"
+
+Mode = Literal["tensors", "stats"]
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name` for every dtype a recording can hold (floats, ints, bool)."""
+    try:
+        return parse_dtype(name)
+    except ParityKitError:
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        raise
+
+
+@dataclass
+class TensorStats:
+    """Summary of one captured tensor when the tensor itself is not kept (``mode="stats"``).
+
+    ``min, max, mean, rms, absmax`` are computed in fp32 over the finite values only; ``nan`` and
+    ``inf`` count the non-finite ones. ``per_token_rms`` (fp32, CPU) has one value per row of the last
+    dimension, i.e. ``shape[:-1]`` flattened; statistics of an empty tensor or of a tensor without any
+    finite value are NaN.
+
+    >>> s = TensorStats.of(torch.tensor([[3.0, 4.0], [float("nan"), 1.0]]))
+    >>> (s.max, s.nan, s.per_token_rms.tolist()[0])
+    (4.0, 1, 3.535533905029297)
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    min: float
+    max: float
+    mean: float
+    rms: float
+    absmax: float
+    nan: int
+    inf: int
+    per_token_rms: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, per_token: bool = True) -> TensorStats:
+        """Statistics of ``tensor`` with one host synchronisation (two when it holds NaN/Inf)."""
+        if tensor.device.type != "cpu":
+            return cls._of(tensor, per_token)
+        # A handful of small reductions per module: on a busy CPU every multi-threaded op waits at a
+        # thread barrier, and those waits, not the arithmetic, dominated the stats-mode overhead.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return cls._of(tensor, per_token)
+        finally:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def _of(cls, tensor: torch.Tensor, per_token: bool) -> TensorStats:
+        t = tensor.detach()
+        shape, dtype = tuple(t.shape), dtype_name(t.dtype)
+        if t.numel() == 0:
+            nan_ = float("nan")
+            return cls(shape, dtype, nan_, nan_, nan_, nan_, nan_, 0, 0, None)
+        x = t.float() if t.dtype != torch.float64 else t
+        rows = x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)  # [tokens, last]
+        # Fast path: aminmax propagates NaN/Inf, so finite extremes prove the tensor is finite and
+        # the plain sums are the finite sums; only otherwise do we pay for masks.
+        lo, hi = torch.aminmax(rows)
+        row_sq = torch.linalg.vector_norm(rows, dim=-1).square()
+        summary = torch.stack([lo, hi, rows.sum(), row_sq.sum()]).tolist()
+        if all(math.isfinite(v) for v in summary):
+            n_nan = n_inf = 0
+            count = rows.numel()
+            lo_v, hi_v, total, total_sq = summary
+            row_count = torch.full((rows.shape[0],), rows.shape[1], dtype=rows.dtype, device=rows.device)
+        else:
+            rows = rows.double()  # rare path; fp64 also rescues sums of squares that overflowed fp32
+            finite = torch.isfinite(rows)
+            zeroed = torch.where(finite, rows, 0.0)
+            row_count = finite.sum(-1).to(rows.dtype)
+            row_sq = zeroed.square().sum(-1)
+            big = torch.finfo(rows.dtype).max
+            packed = torch.stack([
+                torch.isnan(rows).sum().to(rows.dtype), finite.sum().to(rows.dtype),
+                torch.where(finite, rows, big).min(), torch.where(finite, rows, -big).max(),
+                zeroed.sum(), row_sq.sum(),
+            ]).tolist()
+            n_nan, count = int(packed[0]), int(packed[1])
+            n_inf = rows.numel() - count - n_nan
+            lo_v, hi_v, total, total_sq = packed[2:]
+            if count == 0:
+                lo_v = hi_v = total = total_sq = float("nan")
+        mean = total / count if count else float("nan")
+        rms = math.sqrt(total_sq / count) if count else float("nan")
+        per_token_rms = None
+        if per_token and t.dim() > 0:
+            per_token_rms = (row_sq / row_count).sqrt().float().cpu()
+        return cls(shape, dtype, float(lo_v), float(hi_v), float(mean), float(rms),
+                   float(max(abs(lo_v), abs(hi_v))), n_nan, n_inf, per_token_rms)
+
+    def _to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "min": self.min, "max": self.max,
+                "mean": self.mean, "rms": self.rms, "absmax": self.absmax, "nan": self.nan, "inf": self.inf}
+
+
+@dataclass
+class Call:
+    """One completed call of one module: its tensor leaves (or their statistics).
+
+    ``orig_dtypes`` maps a leaf to the dtype the model produced when ``record(dtype=...)`` cast it on
+    capture; comparisons use it for the noise floor and ULPs. A leaf not listed kept its dtype.
+
+    >>> c = Call("mlp", 0, 0, {"output": torch.ones(2), "input.0": torch.zeros(2)})
+    >>> list(c.outputs), list(c.inputs), c.output.tolist()
+    (['output'], ['input.0'], [1.0, 1.0])
+    """
+
+    module: str
+    index: int
+    order: int
+    tensors: dict[str, torch.Tensor | TensorStats]
+    orig_dtypes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> dict[str, torch.Tensor | TensorStats]:
+        """The output leaves ("output", "output.0", "output.logits", ...)."""
+        return {k: v for k, v in self.tensors.items() if k == "output" or k.startswith("output.")}
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor | TensorStats]:
+        """The input leaves ("input.0", "input.hidden_states", ...), captured with ``inputs=True``."""
+        return {k: v for k, v in self.tensors.items() if k.startswith("input.")}
+
+    @property
+    def output(self) -> torch.Tensor | TensorStats:
+        """The primary output: leaf "output" if the module returned one tensor, else the first output leaf."""
+        outs = self.outputs
+        if not outs:
+            raise ParityKitError(
+                f"call {self.index} of module {self.module!r} has no tensor output "
+                "(it returned None or only non-tensor objects); use call.inputs or another module"
+            )
+        return outs.get("output", next(iter(outs.values())))
+
+    def orig_dtype(self, leaf: str) -> str:
+        """Dtype name of ``leaf`` as the model produced it (before any cast on capture)."""
+        if leaf in self.orig_dtypes:
+            return self.orig_dtypes[leaf]
+        value = self.tensors[leaf]
+        return value.dtype if isinstance(value, TensorStats) else dtype_name(value.dtype)
+
+
+class Recording:
+    """Captured calls of a model, in completion order; see :func:`parity_kit.record`.
+
+    >>> rec = Recording("tensors", [Call("a", 0, 0, {"output": torch.ones(2)}),
+    ...                             Call("a", 1, 1, {"output": torch.zeros(2)})])
+    >>> rec.names, len(rec["a"]), rec["a"][1].output.tolist()
+    (['a'], 2, [0.0, 0.0])
+    """
+
+    def __init__(self, mode: Mode, calls: list[Call] | None = None, metadata: dict[str, Any] | None = None):
+        if mode not in ("tensors", "stats"):
+            raise ParityKitError(f"unknown recording mode {mode!r}; use 'tensors' or 'stats'")
+        self.mode: Mode = mode
+        self.calls: list[Call] = list(calls or [])
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    @property
+    def names(self) -> list[str]:
+        """Unique module names in order of first completion."""
+        return list(dict.fromkeys(c.module for c in self.calls))
+
+    def __getitem__(self, name: str) -> list[Call]:
+        found = [c for c in self.calls if c.module == name]
+        if not found:
+            close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.5)
+            hint = f"; close names: {close}" if close else f"; recorded names start with {self.names[:5]}"
+            raise ParityKitError(f"module {name!r} is not in this recording{hint}")
+        return found
+
+    def __contains__(self, name: object) -> bool:
+        return any(c.module == name for c in self.calls)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def __iter__(self) -> Iterator[Call]:
+        return iter(self.calls)
+
+    def __repr__(self) -> str:
+        return f"Recording(mode={self.mode!r}, calls={len(self.calls)}, modules={len(self.names)})"
+
+    def nbytes(self) -> int:
+        """Bytes held by the captured tensors (statistics count their per-token vectors)."""
+        total = 0
+        for call in self.calls:
+            for v in call.tensors.values():
+                t = v.per_token_rms if isinstance(v, TensorStats) else v
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the recording to folder ``path`` (``index.json`` + ``tensors.safetensors``), atomically.
+
+        The folder is built next to ``path`` and renamed into place, so a reader never sees a half
+        written recording. An existing recording at ``path`` is replaced; any other existing,
+        non-empty folder is refused.
+
+        >>> import tempfile
+        >>> rec = Recording("tensors", [Call("a", 0, 0, {"output": torch.ones(2, dtype=torch.bfloat16)})])
+        >>> back = Recording.load(rec.save(tempfile.mkdtemp() + "/rec"))
+        >>> back["a"][0].output.dtype
+        torch.bfloat16
+        """
+        from safetensors.torch import save_file
+
+        target = Path(path)
+        if target.exists() and not (target / INDEX_FILE).exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ParityKitError(
+                f"{target} exists and is not a parity_kit recording; pick a new path or delete it first"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            tensors: dict[str, torch.Tensor] = {}
+            calls_json = []
+            for call in self.calls:
+                leaves: dict[str, Any] = {}
+                for leaf, value in call.tensors.items():
+                    key = f"{call.order}:{leaf}"
+                    if isinstance(value, TensorStats):
+                        entry = {"kind": "stats", **value._to_json()}
+                        if value.per_token_rms is not None:
+                            tensors[key] = value.per_token_rms.contiguous()
+                            entry["per_token_rms"] = key
+                    else:
+                        tensors[key] = value.detach().cpu().contiguous()
+                        entry = {"kind": "tensor", "key": key, "shape": list(value.shape),
+                                 "dtype": dtype_name(value.dtype)}
+                    entry["orig_dtype"] = call.orig_dtype(leaf)
+                    leaves[leaf] = entry
+                calls_json.append({"module": call.module, "index": call.index, "order": call.order,
+                                   "leaves": leaves})
+            save_file(tensors, tmp / TENSOR_FILE)
+            index = {
+                "format": FORMAT_NAME, "version": FORMAT_VERSION, "mode": self.mode,
+                "metadata": self.metadata, "calls": calls_json,
+                "tensor_file": {"name": TENSOR_FILE, "bytes": (tmp / TENSOR_FILE).stat().st_size,
+                                "sha256": _sha256(tmp / TENSOR_FILE)},
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1, default=str, allow_nan=True), "utf-8")
+            _replace_folder(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Recording:
+        """Read a recording written by :meth:`save`; verifies size and SHA-256 of the tensor file.
+
+        Raises ParityKitError for a path that is not a recording and for truncated or corrupted files.
+
+        >>> Recording.load("/nonexistent")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        parity_kit.errors.ParityKitError: /nonexistent is not a parity_kit recording ...
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        index_path, tensor_path = folder / INDEX_FILE, folder / TENSOR_FILE
+        if not index_path.is_file():
+            raise ParityKitError(
+                f"{folder} is not a parity_kit recording (no {INDEX_FILE}); pass the folder that "
+                "Recording.save() wrote"
+            )
+        try:
+            index = json.loads(index_path.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ParityKitError(
+                f"{index_path} is corrupted or truncated ({e}); re-create the recording"
+            ) from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
+            raise ParityKitError(f"{index_path} is not a parity_kit recording index; pass a folder written by Recording.save()")
+        if index.get("version") != FORMAT_VERSION:
+            raise ParityKitError(
+                f"{folder} has recording format version {index.get('version')}, this parity_kit reads "
+                f"version {FORMAT_VERSION}; re-create it with this version"
+            )
+        expected = index.get("tensor_file", {})
+        if not tensor_path.is_file():
+            raise ParityKitError(f"{folder} lacks {TENSOR_FILE}; the recording is incomplete, re-create it")
+        size = tensor_path.stat().st_size
+        if size != expected.get("bytes") or _sha256(tensor_path) != expected.get("sha256"):
+            raise ParityKitError(
+                f"{tensor_path} is truncated or corrupted ({size} bytes, index expects "
+                f"{expected.get('bytes')} bytes and a matching SHA-256); re-create the recording"
+            )
+        try:
+            stored = load_file(tensor_path)
+            calls = [_call_from_json(c, stored) for c in index["calls"]]
+            return cls(index["mode"], calls, index.get("metadata", {}))
+        except (SafetensorError, KeyError, TypeError, ValueError) as e:
+            raise ParityKitError(f"{folder} is corrupted ({type(e).__name__}: {e}); re-create the recording") from None
+
+
+def _call_from_json(entry: dict[str, Any], stored: dict[str, torch.Tensor]) -> Call:
+    tensors: dict[str, torch.Tensor | TensorStats] = {}
+    orig: dict[str, str] = {}
+    for leaf, info in entry["leaves"].items():
+        if info["kind"] == "stats":
+            ptr = stored[info["per_token_rms"]] if "per_token_rms" in info else None
+            tensors[leaf] = TensorStats(tuple(info["shape"]), info["dtype"], info["min"], info["max"],
+                                        info["mean"], info["rms"], info["absmax"], info["nan"], info["inf"], ptr)
+        else:
+            tensor = stored[info["key"]]
+            if list(tensor.shape) != info["shape"] or tensor.dtype != _torch_dtype(info["dtype"]):
+                raise ValueError(f"tensor {info['key']} does not match its index entry")
+            tensors[leaf] = tensor
+        if info["orig_dtype"] != info["dtype"]:
+            orig[leaf] = info["orig_dtype"]
+    return Call(entry["module"], entry["index"], entry["order"], tensors, orig)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename folder ``new`` to ``target``; an existing target is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_llama, hook_counts
+from torch import nn
+
+import parity_kit as pk
+from parity_kit.capture import parse_bytes
+from parity_kit.errors import ParityKitError
+from parity_kit.recording import TensorStats
+
+
+class TwiceLinear(nn.Module):
+    """Calls the same sub-module twice in one forward, and modifies its activation in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        h = self.proj(x)
+        first = h.clone()
+        h.mul_(0)  # in place: a capture that aliased h would now see zeros
+        out = self.proj(first)
+        return {"out": out, "skip": None, "pair": (first, out * 2)}
+
+
+def test_llama_outputs_inputs_and_metadata(tiny_llama, input_ids):
+    with pk.record(tiny_llama, "*", inputs=True) as rec:
+        logits = tiny_llama(input_ids).logits
+    assert rec.mode == "tensors"
+    assert rec.names[0] == "model.embed_tokens" and rec.names[-1] == "lm_head"
+    # completion order: children before their parent
+    assert rec.names.index("model.layers.0.self_attn.q_proj") < rec.names.index("model.layers.0.self_attn")
+    attn = rec["model.layers.0.self_attn"][0]
+    assert "output.0" in attn.outputs and "input.hidden_states" in attn.inputs
+    assert "input.position_embeddings.0" in attn.inputs  # nested kwargs tuple
+    torch.testing.assert_close(rec["lm_head"][0].output, logits, rtol=0, atol=0)
+    # the q_proj input is the normed hidden state produced by input_layernorm
+    torch.testing.assert_close(rec["model.layers.0.self_attn.q_proj"][0].inputs["input.0"],
+                               rec["model.layers.0.input_layernorm"][0].output, rtol=0, atol=0)
+    meta = rec.metadata
+    assert meta["model_class"] == "LlamaForCausalLM" and meta["dtype"] == "fp32" and meta["device"] == "cpu"
+    assert meta["input_shapes"] == {"input.0": [1, 8]}
+    assert "created" in meta and "environment" in meta
+    assert [c.order for c in rec] == list(range(len(rec)))
+
+
+def test_gpt2_and_bert_output_types(tiny_gpt2, tiny_bert, input_ids):
+    with pk.record(tiny_gpt2, ["transformer", "transformer.h.*.attn", "lm_head"]) as rec:
+        tiny_gpt2(input_ids)
+    top = rec["transformer"][0]
+    assert "output.last_hidden_state" in top.outputs  # a ModelOutput; the cache leaf is skipped
+    assert all(isinstance(v, torch.Tensor) for v in top.tensors.values())
+    assert rec["transformer.h.1.attn"][0].output.shape == (1, 8, 32)
+    with pk.record(tiny_bert, ["encoder", "pooler"]) as rec:
+        out = tiny_bert(input_ids)
+    torch.testing.assert_close(rec["encoder"][0].tensors["output.last_hidden_state"], out.last_hidden_state)
+    assert rec["pooler"][0].output.shape == (1, 32)
+
+
+def test_module_called_twice_and_no_aliasing():
+    torch.manual_seed(0)
+    model = TwiceLinear()
+    x = torch.randn(2, 4)
+    with pk.record(model, [""], inputs=True) as rec_root, pk.record(model, "proj") as rec:
+        out = model(x, scale=torch.ones(1))
+    calls = rec["proj"]
+    assert [c.index for c in calls] == [0, 1]
+    expected_first = model.proj(x)
+    torch.testing.assert_close(calls[0].output, expected_first)  # clone survived the in-place mul_
+    assert calls[0].output.abs().sum() > 0
+    root = rec_root[""][0]
+    assert set(root.tensors) == {"output.out", "output.pair.0", "output.pair.1", "input.0", "input.scale"}
+    torch.testing.assert_close(root.tensors["output.out"], out["out"])
+
+
+def test_generate_records_every_decode_step(tiny_llama, input_ids):
+    with pk.record(tiny_llama, ["model.layers.1.mlp", "lm_head"]) as rec:
+        generated = tiny_llama.generate(input_ids, max_new_tokens=4, do_sample=False)
+    steps = rec["model.layers.1.mlp"]
+    assert generated.shape[1] == input_ids.shape[1] + 4
+    assert [c.index for c in steps] == [0, 1, 2, 3]
+    assert steps[0].output.shape[1] == input_ids.shape[1]  # prefill
+    assert all(c.output.shape[1] == 1 for c in steps[1:])  # one token per step with the KV cache
+    # greedy token of each step is the argmax of the recorded logits
+    for i, call in enumerate(rec["lm_head"]):
+        assert call.output[0, -1].argmax().item() == generated[0, input_ids.shape[1] + i].item()
+
+
+def test_hooks_removed_after_exception_in_forward(tiny_llama, input_ids):
+    before = hook_counts(tiny_llama)
+
+    def boom(module, args, output):
+        raise RuntimeError("injected failure")
+
+    handle = tiny_llama.model.layers[1].mlp.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        with pk.record(tiny_llama, "*", inputs=True):
+            tiny_llama(input_ids)
+    handle.remove()
+    assert hook_counts(tiny_llama) == before
+
+
+def test_memory_budget_raises_and_removes_hooks(tiny_llama, input_ids):
+    before = hook_counts(tiny_llama)
+    with pytest.raises(ParityKitError, match=r"memory_budget .*captured .* so far, this tensor needs .*mode='stats'"):
+        with pk.record(tiny_llama, "*", memory_budget="4KiB"):
+            tiny_llama(input_ids)
+    assert hook_counts(tiny_llama) == before
+    with pk.record(tiny_llama, "*", memory_budget=None) as rec:
+        tiny_llama(input_ids)
+    assert rec.nbytes() > 4096
+
+
+def test_budget_counts_cast_dtype():
+    model = nn.Linear(4, 256)
+    x = torch.randn(1, 4)
+    with pk.record(model, [""], dtype="fp16", memory_budget=512):  # 256 fp16 values = 512 bytes: fits
+        model(x)
+    with pytest.raises(ParityKitError):
+        with pk.record(model, [""], memory_budget=512):  # 256 fp32 values = 1024 bytes
+            model(x)
+
+
+def test_device_and_dtype_cast_keep_original_dtype(tiny_llama, input_ids):
+    model = build_tiny_llama(dtype=torch.bfloat16)
+    with pk.record(model, "model.layers.0.mlp", dtype="fp32") as rec:
+        model(input_ids)
+    call = rec["model.layers.0.mlp"][0]
+    assert call.output.dtype == torch.float32
+    assert call.orig_dtype("output") == "bf16"
+    assert rec.metadata["dtype"] == "bf16"
+
+
+def test_stats_mode(tiny_llama, input_ids):
+    with pk.record(tiny_llama, "model.layers.*", mode="stats") as rec_s:
+        tiny_llama(input_ids)
+    with pk.record(tiny_llama, "model.layers.*", mode="tensors") as rec_t:
+        tiny_llama(input_ids)
+    assert rec_s.names == rec_t.names
+    for cs, ct in zip(rec_s, rec_t):
+        for leaf, t in ct.tensors.items():
+            s = cs.tensors[leaf]
+            assert isinstance(s, TensorStats) and s.shape == tuple(t.shape) and s.dtype == "fp32"
+            t64 = t.double()
+            assert s.min == pytest.approx(t64.min().item(), abs=1e-6)
+            assert s.max == pytest.approx(t64.max().item(), abs=1e-6)
+            assert s.mean == pytest.approx(t64.mean().item(), rel=1e-4, abs=1e-6)
+            assert s.rms == pytest.approx(t64.square().mean().sqrt().item(), rel=1e-5)
+            assert s.absmax == pytest.approx(t64.abs().max().item(), rel=1e-6)
+            assert s.nan == 0 and s.inf == 0
+            expected = t64.reshape(-1, t.shape[-1]).square().mean(-1).sqrt()
+            torch.testing.assert_close(s.per_token_rms.double(), expected, rtol=1e-5, atol=1e-7)
+    assert rec_s.nbytes() < rec_t.nbytes() / 10
+
+
+def test_stats_ignore_nonfinite_values():
+    t = torch.tensor([[1.0, float("nan"), -3.0], [float("inf"), 2.0, float("-inf")], [float("nan")] * 3])
+    s = TensorStats.of(t)
+    assert (s.nan, s.inf) == (4, 2)
+    assert (s.min, s.max, s.absmax) == (-3.0, 2.0, 3.0)
+    assert s.mean == pytest.approx(0.0)
+    assert s.rms == pytest.approx(((1 + 9 + 4) / 3) ** 0.5)
+    ptr = s.per_token_rms.tolist()
+    assert ptr[0] == pytest.approx(5.0**0.5) and ptr[1] == pytest.approx(2.0) and ptr[2] != ptr[2]
+    s16 = TensorStats.of(torch.tensor([65504.0, 65504.0], dtype=torch.float16))
+    assert s16.rms == pytest.approx(65504.0, rel=1e-6) and s16.dtype == "fp16"  # no fp16 overflow
+    huge = TensorStats.of(torch.tensor([1e30, -1e30]))  # squares overflow fp32: the fp64 path takes over
+    assert huge.rms == pytest.approx(1e30, rel=1e-6) and huge.nan == huge.inf == 0
+
+
+def test_select_modules_patterns(tiny_llama):
+    names = lambda spec: [n for n, _ in pk.select_modules(tiny_llama, spec)]  # noqa: E731
+    assert "" not in names("*")
+    assert names("model.layers.*.mlp") == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert names(r"re:model\.layers\.\d+\.self_attn\.[qk]_proj") == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]
+    assert names(["lm_head", "model.norm"]) == ["model.norm", "lm_head"]
+    assert names([""]) == [""]
+    assert names(nn.Linear)[0] == "model.layers.0.self_attn.q_proj" and len(names(nn.Linear)) == 15
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    assert len(names((LlamaRMSNorm, nn.Embedding))) == 6
+
+
+def test_pattern_without_match_suggests_close_names(tiny_llama):
+    with pytest.raises(ParityKitError, match=r"matched no module; close names: .*model\.layers\.0\.mlp"):
+        pk.select_modules(tiny_llama, "model.layer.0.mlpp")
+    with pytest.raises(ParityKitError, match="lm_head"):
+        with pk.record(tiny_llama, ["lm_head", "lm_heads"]):
+            pass
+    with pytest.raises(ParityKitError, match="classes in this model"):
+        pk.select_modules(tiny_llama, nn.Conv1d)
+    with pytest.raises(ParityKitError, match="not a valid regular expression"):
+        pk.select_modules(tiny_llama, "re:(")
+
+
+def test_bad_arguments():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ParityKitError, match="mode="):
+        with pk.record(model, [""], mode="tensor"):
+            pass
+    with pytest.raises(ParityKitError, match="memory_budget"):
+        parse_bytes("lots")
+    if not torch.cuda.is_available():
+        with pytest.raises(ParityKitError, match="CUDA is not available"):
+            with pk.record(model, [""], device="cuda"):
+                pass
+    assert parse_bytes("500MB") == 500 * 10**6 and parse_bytes("4GiB") == 4 * 2**30 and parse_bytes(7) == 7

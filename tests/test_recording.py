@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+
+import parity_kit as pk
+from parity_kit.errors import ParityKitError
+from parity_kit.recording import Call, Recording, TensorStats
+
+
+def _assert_bit_exact(a: Recording, b: Recording) -> None:
+    assert a.mode == b.mode and len(a) == len(b)
+    for ca, cb in zip(a, b):
+        assert (ca.module, ca.index, ca.order) == (cb.module, cb.index, cb.order)
+        assert list(ca.tensors) == list(cb.tensors)
+        for leaf in ca.tensors:
+            x, y = ca.tensors[leaf], cb.tensors[leaf]
+            assert ca.orig_dtype(leaf) == cb.orig_dtype(leaf)
+            if isinstance(x, TensorStats):
+                assert x._to_json() == y._to_json()
+                assert (x.per_token_rms is None) == (y.per_token_rms is None)
+                if x.per_token_rms is not None:
+                    assert torch.equal(x.per_token_rms, y.per_token_rms)
+            else:
+                assert x.dtype == y.dtype and x.shape == y.shape
+                # compare bit patterns, so NaN payloads and -0.0 count too
+                assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_bit_exact(tmp_path, input_ids, dtype):
+    model = build_tiny_llama(dtype=dtype)
+    with pk.record(model, "*", inputs=True) as rec:
+        model(input_ids)
+    back = Recording.load(rec.save(tmp_path / "rec"))
+    _assert_bit_exact(rec, back)
+    assert back.metadata["model_class"] == "LlamaForCausalLM"
+    assert back.metadata["input_shapes"] == {"input.0": [1, 8]}
+
+
+def test_round_trip_special_values_and_cast(tmp_path):
+    special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 6e-8, 1e-40])
+    rec = Recording("tensors", [
+        Call("a", 0, 0, {"output": special.to(torch.float16), "output.1": special.to(torch.bfloat16)}),
+        Call("a", 1, 1, {"output": special.clone(), "input.ids": torch.arange(5)}, {"output": "bf16"}),
+    ], {"note": "x"})
+    back = Recording.load(rec.save(tmp_path / "r"))
+    _assert_bit_exact(rec, back)
+    assert back["a"][1].orig_dtype("output") == "bf16" and back["a"][1].orig_dtype("input.ids") == "int64"
+
+
+def test_stats_recording_round_trip(tmp_path, tiny_llama, input_ids):
+    with pk.record(tiny_llama, "model.layers.0.*", mode="stats", inputs=True) as rec:
+        tiny_llama(input_ids)
+    back = Recording.load(rec.save(tmp_path / "s"))
+    _assert_bit_exact(rec, back)
+    assert back.mode == "stats"
+
+
+def test_save_replaces_recording_but_not_other_folders(tmp_path):
+    rec1 = Recording("tensors", [Call("a", 0, 0, {"output": torch.ones(3)})])
+    rec2 = Recording("tensors", [Call("b", 0, 0, {"output": torch.zeros(2)})])
+    target = tmp_path / "rec"
+    rec1.save(target)
+    rec2.save(target)
+    assert Recording.load(target).names == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec"]  # no temp folders left behind
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ParityKitError, match="not a parity_kit recording"):
+        rec1.save(other)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def _saved(tmp_path):
+    rec = Recording("tensors", [Call("a", 0, 0, {"output": torch.randn(64, 16)})])
+    return rec.save(tmp_path / "rec")
+
+
+def test_not_a_recording(tmp_path):
+    with pytest.raises(ParityKitError, match="not a parity_kit recording"):
+        Recording.load(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ParityKitError, match="not a parity_kit recording"):
+        Recording.load(tmp_path)
+    with pytest.raises(ParityKitError, match="not a parity_kit recording"):
+        Recording.load(tmp_path / "missing")
+
+
+def test_truncated_tensor_file(tmp_path):
+    path = _saved(tmp_path)
+    data = (path / "tensors.safetensors").read_bytes()
+    (path / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ParityKitError, match="truncated or corrupted"):
+        Recording.load(path)
+
+
+def test_corrupted_tensor_file_same_size(tmp_path):
+    path = _saved(tmp_path)
+    data = bytearray((path / "tensors.safetensors").read_bytes())
+    data[-7] ^= 0xFF
+    (path / "tensors.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ParityKitError, match="truncated or corrupted"):
+        Recording.load(path)
+
+
+def test_truncated_or_inconsistent_index(tmp_path):
+    path = _saved(tmp_path)
+    text = (path / "index.json").read_text()
+    (path / "index.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ParityKitError, match="corrupted or truncated"):
+        Recording.load(path)
+    index = json.loads(text)
+    index["calls"][0]["leaves"]["output"]["shape"] = [1, 2]
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ParityKitError, match="corrupted"):
+        Recording.load(path)
+
+
+def test_missing_tensor_file(tmp_path):
+    path = _saved(tmp_path)
+    (path / "tensors.safetensors").unlink()
+    with pytest.raises(ParityKitError, match="incomplete"):
+        Recording.load(path)
+
+
+def test_lookup_errors_and_output():
+    rec = Recording("tensors", [Call("model.layers.0.mlp", 0, 0, {"input.0": torch.ones(1)})])
+    with pytest.raises(ParityKitError, match="close names"):
+        rec["model.layers.0.mlpp"]
+    with pytest.raises(ParityKitError, match="no tensor output"):
+        rec["model.layers.0.mlp"][0].output
+    with pytest.raises(ParityKitError, match="mode"):
+        Recording("fast")
