@@ -1,4 +1,4 @@
-"""The ``parity-kit`` command: ``env``, ``demo``, ``train``, ``convert``.
+"""The ``parity-kit`` command: ``env``, ``demo``, ``train``, ``convert``, ``report``.
 
 Each subcommand imports what it needs when it runs, so a module that is missing or broken only
 affects its own subcommand (``parity-kit env`` keeps working).
@@ -18,9 +18,11 @@ from .errors import ParityKitError
 
 _CONVERTERS = {
     # direction -> (module, function)
-    "internlm2-llama": ("parity_kit.models.convert", "convert_internlm2_to_llama"),
-    "rwkv7-fla": ("parity_kit.models.rwkv7_convert", "convert_rwkv7_to_fla"),
+    "internlm2-to-llama": ("parity_kit.models.convert", "convert_internlm2_to_llama"),
+    "rwkv7-to-fla": ("parity_kit.models.rwkv7_convert", "convert_rwkv7_to_fla"),
 }
+# the spellings of earlier versions keep working
+_CONVERTER_ALIASES = {"internlm2-llama": "internlm2-to-llama", "rwkv7-fla": "rwkv7-to-fla"}
 
 
 def _load(module: str, function: str, command: str) -> Callable[..., Any]:
@@ -72,17 +74,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_rows(rows: Sequence[Sequence[Any]]) -> None:
+    """A conversion plan, one tensor per line: ``source -> target shape``."""
+    for source, target, shape in rows:
+        print(f"{source} -> {target} {tuple(shape)}")
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
-    module, function = _CONVERTERS[args.direction]
+    direction = _CONVERTER_ALIASES.get(args.direction, args.direction)
+    module, function = _CONVERTERS[direction]
     convert = _load(module, function, "convert")
     kwargs: dict[str, Any] = {"overwrite": args.overwrite}
     if args.dry_run:
-        if args.direction != "internlm2-llama":
-            raise ParityKitError(f"--dry-run is only supported for internlm2-llama, not {args.direction}")
+        if direction != "internlm2-to-llama":
+            raise ParityKitError(f"--dry-run is only supported for internlm2-to-llama, not {direction}")
         kwargs["dry_run"] = True
     result = convert(args.src, args.dst, **kwargs)
-    if result is not None:
+    if args.dry_run:
+        _print_rows(result)
+    elif isinstance(result, list):
+        print(f"wrote {args.dst} ({len(result)} tensors)")
+    elif result is not None:
         print(result)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .bugreport import make_report, parse_cli_value
+
+    parameters = {name: parse_cli_value(value) for name, value in args.parameters or []}
+    files = make_report(args.notebook, args.out, hide_code=args.hide_code, execute=not args.no_execute,
+                        parameters=parameters)
+    rows = [("notebook", files.executed), ("html", files.html), *(("findings", f) for f in files.findings),
+            ("recordings", files.archive)]
+    for kind, path in rows:
+        print(f"{kind:<10}  {path if path is not None else '(none written)'}")
+    if files.error is not None:
+        print(f"parity-kit report: the notebook failed: {files.error}\n"
+              f"its executed copy and HTML above show where; fix it and run again", file=sys.stderr)
+        return 1
+    if not files.findings:
+        print("parity-kit report: note: the notebook wrote no findings file (its last cell should call "
+              "pk.write_findings)", file=sys.stderr)
     return 0
 
 
@@ -117,12 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     convert = sub.add_parser("convert", help="convert a checkpoint folder between layouts")
-    convert.add_argument("direction", choices=sorted(_CONVERTERS))
+    convert.add_argument("direction", choices=[*_CONVERTERS, *_CONVERTER_ALIASES],
+                         help="internlm2-to-llama or rwkv7-to-fla (older spellings internlm2-llama, rwkv7-fla also work)")
     convert.add_argument("src", type=Path)
     convert.add_argument("dst", type=Path)
-    convert.add_argument("--dry-run", action="store_true", help="check and report without writing (internlm2-llama)")
+    convert.add_argument("--dry-run", action="store_true", help="print the planned tensors (source -> target shape) without writing (internlm2-to-llama)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination folder")
     convert.set_defaults(func=_cmd_convert)
+
+    report = sub.add_parser("report", help="run a notebook headless and gather HTML, findings and recordings to attach")
+    report.add_argument("notebook", type=Path, help="the notebook, e.g. a copy of notebooks/05_bug_report.ipynb")
+    report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
+    report.add_argument("--hide-code", action="store_true", help="leave the input cells out of the HTML")
+    report.add_argument("--no-execute", action="store_true", help="the notebook is already executed: only export it")
+    report.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                        help="set a parameter of the notebook's parameters cell (repeatable); VALUE is a Python "
+                             "literal or plain text")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -11,6 +11,21 @@ drift apart.
 >>> panel.click()
 >>> panel.results
 ['tiny-rwkv7 in bf16']
+
+**One call for a story notebook**: :func:`story_panel` builds the standard pickers from the
+notebook's own parameters and adds a plain control for every other knob. A story's interactive cell
+is then::
+
+    def explore(p):            # p: the widget values + p["progress"](fraction, message)
+        result = run_story(model=p["model"], dtype=p["dtype"], ...)   # the same package call as the static cells
+        return [result.table, result.figure]                        # shown in the panel, replacing old results
+
+    if interactive:
+        display(pk.ui.story_panel(explore, model=model, dtype=dtype, device=device,
+                                  attn_implementation="eager", prompt=prompt, threshold=threshold))
+
+Load models through :data:`MODELS` (``pk.ui.MODELS.load(name, dtype, device, attn)``) so that
+re-running with another knob does not reload the weights.
 """
 
 from __future__ import annotations
@@ -32,6 +47,8 @@ from .errors import ParityKitError
 RunFunction = Callable[[dict[str, Any]], Any]
 
 DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp64")
+# labels such as "candidate dtype" would be cut off at ipywidgets' default description width
+_WIDE_LABEL = {"description_width": "initial"}
 LOCAL_FOLDER = "local folder…"
 
 
@@ -89,7 +106,8 @@ def dtype_choice(default: str, label: str = "dtype", choices: Sequence[str] = DT
     'dtype'
     """
     value = dtype_name(parse_dtype(default))
-    return Field(label, lambda: widgets.Dropdown(options=list(choices), value=value, description=label))
+    return Field(label, lambda: widgets.Dropdown(options=list(choices), value=value, description=label,
+                                                 style=_WIDE_LABEL))
 
 
 def device_choice(default: str = "cpu") -> Field:
@@ -259,29 +277,41 @@ def _display_bundle(obj: Any) -> dict[str, Any]:
 
 
 class ModelCache:
-    """Loaded models kept by (name, dtype, device, attention implementation), least recently used evicted.
+    """Loaded models kept by (name, dtype, device, attention implementation, extra options), least
+    recently used evicted.
 
-    >>> cache = ModelCache(max_models=2)
-    >>> len(cache)
-    0
+    >>> cache = ModelCache(max_models=2, loader=lambda name, **kw: (name, kw["dtype"]))
+    >>> cache.load("m", "bf16") is cache.load("m", "bfloat16"), len(cache)
+    (True, 1)
     """
 
     def __init__(self, max_models: int = 4, loader: Callable[..., Any] | None = None):
         self.max_models = max_models
         self._loader = loader
-        self._entries: OrderedDict[tuple[str, str, str, str | None], Any] = OrderedDict()
+        self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        """Forget every cached model (frees their memory once nothing else refers to them)."""
+        self._entries.clear()
+
     def load(self, name: str, dtype: str = "fp32", device: str = "cpu",
-             attn_implementation: str | None = None, **kwargs: Any) -> Any:
-        """``pk.models.load`` with caching; returns ``(model, tokenizer)``."""
-        key = (name, dtype_name(parse_dtype(dtype)), str(device), attn_implementation)
+             attn_implementation: str | None = None, *, loader: Callable[..., Any] | None = None,
+             **kwargs: Any) -> Any:
+        """``pk.models.load`` with caching; returns ``(model, tokenizer)``.
+
+        ``loader`` replaces the cache's loader for this call (e.g. a builder of a model made from a
+        config); ``kwargs`` go to the loader and are part of the cache key.
+        """
+        options = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+        key = (name, dtype_name(parse_dtype(dtype)), str(device), attn_implementation, options)
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        loader = self._loader
+        if loader is None:
+            loader = self._loader
         if loader is None:
             from .models import load as loader
         loaded = loader(name, dtype=dtype, device=device, attn_implementation=attn_implementation, **kwargs)
@@ -293,6 +323,47 @@ class ModelCache:
 
 MODELS = ModelCache()
 """The process-wide cache the story panels use."""
+
+
+def story_panel(
+    run: RunFunction,
+    *,
+    model: str | None = None,
+    dtype: str | None = None,
+    ref_dtype: str | None = None,
+    device: str | None = None,
+    attn_implementation: str | None = None,
+    extra_models: Sequence[str] = (),
+    title: str = "Run the analysis",
+    **knobs: Any,
+) -> ControlPanel:
+    """A :class:`ControlPanel` with the standard pickers for the parameters a story passes, plus one
+    plain control per other knob (bool → checkbox, int/float → number box, str → text box).
+
+    ``model`` → model picker (built-ins, ``extra_models``, a local-folder box), ``dtype`` /
+    ``ref_dtype`` → dtype pickers (candidate / reference), ``device`` → cpu and every CUDA device,
+    ``attn_implementation`` → eager / sdpa. Parameters left ``None`` get no control.
+
+    >>> panel = story_panel(lambda p: f"{p['model']} {p['dtype']} {p['prompt']}",
+    ...                     model="tiny-rwkv7", dtype="bf16", prompt="hello")
+    >>> panel.set(dtype="fp16"); panel.click(); panel.results
+    ['tiny-rwkv7 fp16 hello']
+    """
+    fields: dict[str, Field | Any] = {}
+    if model is not None:
+        from .models import BUILTINS
+
+        fields["model"] = model_choice(model, choices=[*extra_models, *BUILTINS])
+    if ref_dtype is not None:
+        fields["ref_dtype"] = dtype_choice(ref_dtype, label="reference dtype")
+    if dtype is not None:
+        fields["dtype"] = dtype_choice(dtype, label="candidate dtype" if ref_dtype is not None else "dtype")
+    if device is not None:
+        fields["device"] = device_choice(device)
+    if attn_implementation is not None:
+        fields["attn_implementation"] = attention_choice(attn_implementation)
+    fields.update(knobs)
+    return ControlPanel(run, fields=fields, title=title)
 
 
 def show_all(objects: Iterable[Any]) -> None:

@@ -62,8 +62,35 @@ def test_subcommand_whose_module_is_missing_names_it():
 
 
 def test_convert_dry_run_only_for_internlm2(tmp_path, capsys):
-    assert cli.main(["convert", "rwkv7-fla", str(tmp_path / "a"), str(tmp_path / "b"), "--dry-run"]) == 2
-    assert "--dry-run is only supported" in capsys.readouterr().err
+    for direction in ("rwkv7-to-fla", "rwkv7-fla"):
+        assert cli.main(["convert", direction, str(tmp_path / "a"), str(tmp_path / "b"), "--dry-run"]) == 2
+        assert "--dry-run is only supported for internlm2-to-llama" in capsys.readouterr().err
+
+
+def _internlm2_folder(folder: Path) -> Path:
+    from parity_kit.models.internlm2 import InternLM2Config, InternLM2ForCausalLM
+
+    config = InternLM2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=1, bias=False)
+    InternLM2ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("direction", ["internlm2-to-llama", "internlm2-llama"])
+def test_convert_dry_run_prints_one_row_per_line(tmp_path, direction):
+    src = _internlm2_folder(tmp_path / "src")
+    done = run_cli("convert", direction, str(src), str(tmp_path / "dst"), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "model.layers.0.attention.wqkv.weight -> model.layers.0.self_attn.q_proj.weight (16, 16)" in lines
+    assert "model.layers.0.attention.wqkv.weight -> model.layers.0.self_attn.k_proj.weight (4, 16)" in lines
+    assert all(" -> " in line for line in lines) and len(lines) >= 10
+    assert not (tmp_path / "dst").exists()
+
+
+def test_convert_help_names_the_new_directions():
+    done = run_cli("convert", "--help")
+    assert "internlm2-to-llama" in done.stdout and "rwkv7-to-fla" in done.stdout
 
 
 def test_parser_rejects_unknown_command():

@@ -119,3 +119,80 @@ def test_model_cache_keys_and_eviction():
     assert len(cache) == 2 and len(calls) == 3
     cache.load("m", "bf16")
     assert len(calls) == 4, "the least recently used entry was evicted"
+
+
+# ------------------------------------------------------------------------------ the quickstart's panel
+def _quickstart_panel(**overrides):
+    from parity_kit.bugreport import FROM_CONFIG_LLAMA, quickstart_panel
+
+    settings = dict(model=FROM_CONFIG_LLAMA, seq_len=6, modules="re:model\\.layers\\.\\d+$", smoke=True)
+    return quickstart_panel(**{**settings, **overrides})
+
+
+def test_quickstart_panel_reruns_with_a_new_candidate_dtype():
+    panel = _quickstart_panel()
+    assert panel.values()["ref_dtype"] == "fp32" and panel.values()["dtype"] == "bf16"
+    panel.click()
+    assert panel.error is None, panel.error
+    conclusion, table, *figures = panel.results
+    assert set(table["cand_dtype"]) == {"bf16"} and len(figures) == 2 and isinstance(figures[0], Figure)
+    bf16_error = table["rel_rms"].max()
+
+    panel.set(dtype="fp16")
+    panel.click()
+    conclusion, table, *figures = panel.results
+    assert set(table["cand_dtype"]) == {"fp16"} and "fp16" in conclusion
+    assert 0 < table["rel_rms"].max() < bf16_error, "fp16 keeps 3 more mantissa bits than bf16"
+    kinds = [set(o["data"]) for o in panel.output.outputs]
+    assert kinds[1] >= {"text/html"} and all("image/png" in k for k in kinds[2:])
+    assert "fp16" in panel.output.outputs[1]["data"]["text/html"]
+
+    panel.set(dtype="fp32")
+    panel.click()
+    assert (panel.results[1]["rel_rms"] == 0).all(), "the same weights in the same dtype agree exactly"
+
+
+def test_quickstart_panel_uses_the_model_cache():
+    from parity_kit.ui import MODELS
+
+    MODELS.clear()
+    panel = _quickstart_panel()
+    panel.click()
+    assert len(MODELS) == 2, "reference and candidate"
+    panel.set(threshold=0.5)
+    panel.click()
+    assert len(MODELS) == 2 and panel.error is None
+
+
+def test_quickstart_panel_says_when_a_builtin_model_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("PARITY_KIT_DATA", str(tmp_path))
+    panel = _quickstart_panel()
+    panel.set(model="tiny-internlm2")
+    panel.click()
+    assert panel.results == []
+    assert "built-in model 'tiny-internlm2' has no files" in panel.error and "parity-kit train" in panel.error
+    assert "parity-kit train" in panel.status.value
+    panel.set(model="/nonexistent/checkpoint")
+    panel.click()
+    assert "does not exist" in panel.error
+
+
+def test_quickstart_panel_reports_a_bad_knob():
+    panel = _quickstart_panel(seq_len=0)
+    panel.click()
+    assert "seq_len=0" in panel.error and not panel.button.disabled
+
+
+def test_story_panel_builds_standard_pickers_and_knobs():
+    from parity_kit.ui import story_panel
+
+    seen = []
+    panel = story_panel(lambda p: seen.append(dict(p)) or "ok", model="tiny-rwkv7", dtype="bf16", device="cpu",
+                        attn_implementation="sdpa", prompt="hi", max_new_tokens=8, extra_models=["mine"])
+    assert list(panel.controls) == ["model", "dtype", "device", "attn_implementation", "prompt", "max_new_tokens"]
+    assert "mine" in panel.controls["model"].children[0].options
+    panel.set(model="mine", max_new_tokens=3)
+    panel.click()
+    assert {k: v for k, v in seen[0].items() if k != "progress"} == {
+        "model": "mine", "dtype": "bf16", "device": "cpu", "attn_implementation": "sdpa", "prompt": "hi",
+        "max_new_tokens": 3}
