@@ -18,7 +18,6 @@ True
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -602,39 +601,6 @@ def _zip_recordings(recordings: Sequence[Path], root: Path, archive: Path) -> Pa
     return archive
 
 
-_REMOTE_SCRIPT = re.compile(r"<script\b[^>]*\bsrc=[\"']?https?://[^>]*>.*?</script>", re.S | re.I)
-
-
-def export_attachable_html(ipynb_path: str | os.PathLike[str], html_path: str | os.PathLike[str],
-                           hide_code: bool = False) -> Path:
-    """:func:`parity_kit.report.export_html` made fully self-contained for attaching: saved widget state
-    (whose renderer would be fetched from a CDN) is dropped, and the remote ``<script src=https://…>``
-    tags of nbconvert's template (require.js, MathJax) are removed — figures are embedded PNGs, so
-    nothing else is needed to read the page offline.
-
-    >>> import nbformat, tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")]), d / "a.ipynb")
-    >>> "src=" in export_attachable_html(d / "a.ipynb", d / "a.html").read_text()
-    False
-    """
-    import nbformat
-
-    from .io import atomic_write
-    from .report import export_html
-
-    src = Path(ipynb_path)
-    nb = nbformat.read(src, as_version=4)
-    if "widgets" in nb.metadata:
-        del nb.metadata["widgets"]
-        nbformat.write(nb, src)
-    out = export_html(src, html_path, hide_code=hide_code)
-    page = _REMOTE_SCRIPT.sub("", out.read_text(encoding="utf-8"))
-    with atomic_write(out) as f:
-        f.write(page)
-    return out
-
-
 def make_report(
     notebook: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] = "reports",
@@ -646,7 +612,7 @@ def make_report(
 ) -> ReportFiles:
     """Run a notebook headless (papermill, ``interactive=False``, ``reports_dir=out_dir``) and gather what
     to attach to a bug report in ``out_dir``: the executed copy, a self-contained HTML
-    (:func:`export_attachable_html`: figures embedded, code hidden with ``hide_code``), the findings JSON the run wrote and ``<name>.recordings.zip`` of the
+    (:func:`parity_kit.report.export_html`: figures embedded, code hidden with ``hide_code``), the findings JSON the run wrote and ``<name>.recordings.zip`` of the
     recordings it saved. ``execute=False`` takes an already executed notebook as it is.
 
     A failing notebook still gets its executed copy and HTML (they show the error); ``error`` says what failed.
@@ -660,7 +626,8 @@ def make_report(
 
     import nbformat
 
-    from .demo import _error_summary, _this_interpreter_as_python3
+    from .demo import execute_notebook
+    from .report import export_html
 
     src = Path(notebook)
     if not src.is_file():
@@ -680,26 +647,9 @@ def make_report(
             raise ParityKitError(
                 f"{src} has no cell tagged 'parameters', so its settings cannot be injected; in JupyterLab open the "
                 "first code cell's property inspector and add the tag 'parameters' (or pass --no-execute)")
-        import papermill
-        from papermill.exceptions import PapermillExecutionError
-
         injected = {"interactive": False, "reports_dir": str(out), **(parameters or {})}
-        partial_copy = out / f".{src.stem}.running.ipynb"
         started = time.time()
-        try:
-            with _this_interpreter_as_python3():
-                papermill.execute_notebook(str(src), str(partial_copy), parameters=injected,
-                                           cwd=str(src.parent.resolve()), kernel_name="python3", progress_bar=progress)
-        except PapermillExecutionError as e:
-            error = _error_summary(e)
-        except Exception as e:  # kernel died, bad parameter, ...: still keep what ran
-            error = _error_summary(e)
-        except BaseException:
-            partial_copy.unlink(missing_ok=True)
-            raise
-        if not partial_copy.exists():
-            raise ParityKitError(f"{src} could not be executed: {error}")
-        os.replace(partial_copy, executed)
+        error = execute_notebook(src, executed, injected, progress=progress)
         reports_dir: Path | None = Path(injected["reports_dir"]).expanduser()
         if not reports_dir.is_absolute():
             reports_dir = (src.parent / reports_dir).resolve()
@@ -711,7 +661,7 @@ def make_report(
             shutil.copyfile(src, executed)
         reports_dir = _notebook_reports_dir(nb, src.resolve())
         since = _run_started(nb)
-    export_attachable_html(executed, html, hide_code=hide_code)
+    export_html(executed, html, hide_code=hide_code)
 
     findings, recordings = _artifacts(reports_dir, since) if reports_dir is not None else ([], [])
     copied = []

@@ -103,6 +103,35 @@ def _error_summary(exc: BaseException) -> str:
     return f"{ename}: {evalue}".strip().splitlines()[0]
 
 
+def execute_notebook(
+    notebook: Path, executed: Path, parameters: dict[str, object], *, progress: bool = True
+) -> str | None:
+    """Run ``notebook`` with papermill into ``executed``; return None, or a one-line summary of the error.
+
+    The executed copy is written even when a cell fails (it shows the error) and appears only once
+    the run has ended, so a reader never sees a half-run notebook. Runs in the notebook's folder with
+    this interpreter as the ``python3`` kernel.
+    """
+    import papermill
+
+    partial = executed.parent / f".{executed.stem}.running.ipynb"
+    error: str | None = None
+    try:
+        with _this_interpreter_as_python3():
+            papermill.execute_notebook(str(notebook), str(partial), parameters=parameters,
+                                       cwd=str(notebook.parent.resolve()), kernel_name="python3",
+                                       progress_bar=progress)
+    except Exception as e:  # a failing cell, a dead kernel, a bad parameter: report it, keep what ran
+        error = _error_summary(e)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    if not partial.exists():
+        raise ParityKitError(f"{notebook} could not be executed: {error}")
+    os.replace(partial, executed)
+    return error
+
+
 def run_notebook(
     notebook: Path, reports_dir: Path, *, smoke: bool = False, progress: bool = True
 ) -> NotebookResult:
@@ -114,9 +143,6 @@ def run_notebook(
     >>> r.status  # doctest: +SKIP
     'ok'
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     reports_dir.mkdir(parents=True, exist_ok=True)
     name = notebook.stem
     executed = reports_dir / f"{name}.ipynb"
@@ -124,32 +150,15 @@ def run_notebook(
     findings = reports_dir / f"{name}.findings.json"
     # A findings file left from an earlier run must not pass for this run's result.
     findings.unlink(missing_ok=True)
-    partial = reports_dir / f".{name}.running.ipynb"
     start = time.perf_counter()
-    error: str | None = None
+    parameters = {"interactive": False, "smoke": smoke, "reports_dir": str(reports_dir.resolve())}
     try:
-        with _this_interpreter_as_python3():
-            papermill.execute_notebook(
-                str(notebook),
-                str(partial),
-                parameters={"interactive": False, "smoke": smoke, "reports_dir": str(reports_dir.resolve())},
-                cwd=str(notebook.parent),
-                kernel_name="python3",
-                progress_bar=progress,
-            )
-    except PapermillExecutionError as e:
-        error = _error_summary(e)
-    except Exception as e:  # kernel died, notebook unreadable, ...: report it and go on with the others
-        error = _error_summary(e)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        error = execute_notebook(notebook, executed, parameters, progress=progress)
+    except ParityKitError as e:  # not even an executed copy: report it and go on with the others
+        runtime = time.perf_counter() - start
+        return NotebookResult(name, "failed", runtime, str(e), None, None, None)
+    export_html(executed, html)
     runtime = time.perf_counter() - start
-    if partial.exists():
-        os.replace(partial, executed)
-        export_html(executed, html)
-    else:
-        executed = html = None  # type: ignore[assignment]
     if error is not None:
         return NotebookResult(name, "failed", runtime, error, executed, html, None)
     if not findings.exists():

@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import os
+import re
 import platform
 import subprocess
 import sys
@@ -280,19 +281,25 @@ def read_findings(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+_REMOTE_SCRIPT = re.compile(r"<script\b[^>]*\bsrc=[\"']?https?://[^>]*>.*?</script>", re.S | re.I)
+
+
 def export_html(
     ipynb_path: str | os.PathLike[str], html_path: str | os.PathLike[str], hide_code: bool = False
 ) -> Path:
     """Render a notebook (with its outputs) to a self-contained HTML file, atomically.
 
-    Figures are embedded as base64 PNG, so the HTML can be attached to a bug report on its own.
-    ``hide_code=True`` leaves out the input cells and shows only outputs and markdown.
+    Figures are embedded as base64 PNG; saved widget state (whose renderer would come from a CDN) and
+    the template's remote ``<script src=https://…>`` tags (require.js, MathJax) are left out, so the
+    page reads offline and can be attached to a bug report on its own. ``hide_code=True`` leaves out
+    the input cells and shows only outputs and markdown.
 
     >>> import nbformat, tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Hi")]), d / "a.ipynb")
-    >>> "Hi" in export_html(d / "a.ipynb", d / "a.html").read_text()
-    True
+    >>> page = export_html(d / "a.ipynb", d / "a.html").read_text()
+    >>> "Hi" in page, "src='http" in page or 'src="http' in page
+    (True, False)
     """
     import nbformat
     from nbconvert import HTMLExporter
@@ -304,9 +311,10 @@ def export_html(
         raise ParityKitError(f"no notebook at {src}; check the path") from None
     except Exception as e:  # nbformat raises several unrelated types for unreadable files
         raise ParityKitError(f"{src} is not a readable notebook ({type(e).__name__}: {e})") from None
+    nb.metadata.pop("widgets", None)
     exporter = HTMLExporter(embed_images=True, exclude_input=hide_code, exclude_input_prompt=hide_code)
     body, _ = exporter.from_notebook_node(nb)
     out = Path(html_path)
     with atomic_write(out) as f:
-        f.write(body)
+        f.write(_REMOTE_SCRIPT.sub("", body))
     return out
