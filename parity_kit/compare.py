@@ -9,13 +9,18 @@ section below these.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
 from . import metrics as M
+from .capture import parse_bytes
+from .dtypes import parse_dtype
 from .errors import ParityKitError
 from .mapping import MappingTarget, ModuleMapping
 from .recording import Call, Recording, TensorStats
@@ -79,6 +84,8 @@ def compare(
     strict: bool = False,
     tensors: str | Sequence[str] = "outputs",
     floor_tolerance: float = 2.0,
+    device: str | torch.device | None = None,
+    chunk_bytes: int | str | None = "1GiB",
 ) -> pd.DataFrame:
     """Compare two tensors-mode recordings, aligned by (module through ``mapping``, call index, leaf).
 
@@ -91,6 +98,15 @@ def compare(
     rel_rms / floor and ``verdict`` judges rel_rms against ``floor_tolerance × floor``.
     ``nonfinite`` counts NaN/Inf values in the candidate tensor.
 
+    Every pair is reduced once (all metrics from one set of fp64 reductions, see
+    :func:`parity_kit.metrics.pair_reductions`) on ``device`` (default: where the reference tensor
+    lives, so GPU-resident recordings are compared on their GPU), queued without waiting, and the
+    results of all pairs are read back together. Tensors that must move to ``device`` are streamed
+    pair by pair; after every ``chunk_bytes`` moved the queued results are read back, so device memory
+    stays bounded by one pair's working set plus what is queued. (Environment variable
+    ``PARITY_KIT_COMPILE=1`` runs the CUDA reductions through ``torch.compile``: experimental, see
+    benchmarks/results/compare_throughput_h200.json.)
+
     >>> import torch
     >>> from parity_kit.recording import Call, Recording
     >>> a = Recording("tensors", [Call("m", 0, 0, {"output": torch.tensor([1.0, 2.0])})])
@@ -102,9 +118,18 @@ def compare(
     _require_tensors(cand, "candidate")
     mm = ModuleMapping.coerce(mapping)
     keep = _leaf_filter(tensors)
+    target_device = torch.device(device) if device is not None else None
+    if target_device is not None and target_device.type == "cuda" and not torch.cuda.is_available():
+        raise ParityKitError(f"device={str(target_device)!r} but CUDA is not available here; use device='cpu' or None")
+    try:
+        chunk = parse_bytes(chunk_bytes)
+    except ParityKitError:
+        raise ParityKitError(f"chunk_bytes={chunk_bytes!r} is not understood; use bytes (int), '1GiB', '256MB' "
+                             "or None (read all results back once)") from None
     cand_calls: dict[tuple[str, int], Call] = {(c.module, c.index): c for c in cand.calls}
     used: set[tuple[str, int, str]] = set()
     rows: list[dict[str, Any]] = []
+    jobs: list[_Job] = []
 
     for call in ref.calls:
         targets = mm.targets(call.module)
@@ -116,7 +141,7 @@ def compare(
                                  tuple(ref_t.shape), call.orig_dtype(leaf)))
                 continue
             for target in targets:
-                rows.append(_compare_leaf(call, leaf, ref_t, target, cand_calls, used, floor_tolerance))
+                rows.append(_compare_leaf(call, leaf, ref_t, target, cand_calls, used, floor_tolerance, jobs))
 
     for call in cand.calls:
         for leaf, cand_t in call.tensors.items():
@@ -124,6 +149,7 @@ def compare(
                 rows.append(_row(None, call.module, call.module, call.index, leaf, "missing in reference",
                                  tuple(cand_t.shape), None, call.orig_dtype(leaf)))
 
+    _run_jobs(jobs, target_device, chunk, floor_tolerance)
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["order"] = table["order"].astype("Int64")
     table["nonfinite"] = table["nonfinite"].astype("int64")
@@ -140,16 +166,17 @@ def compare(
 
 def _compare_leaf(call: Call, leaf: str, ref_t: torch.Tensor, target: MappingTarget,
                   cand_calls: dict[tuple[str, int], Call], used: set[tuple[str, int, str]],
-                  tolerance: float) -> dict[str, Any]:
+                  tolerance: float, jobs: list[_Job]) -> dict[str, Any]:
     ref_dtype = call.orig_dtype(leaf)
     name = _target_name(target)
     other = cand_calls.get((target.cand, call.index))
-    if other is None or leaf not in other.tensors:
+    cand_leaf = _matching_leaf(leaf, other) if other is not None else None
+    if cand_leaf is None:
         return _row(call.order, call.module, name, call.index, leaf, "missing in candidate",
                     tuple(ref_t.shape), ref_dtype)
-    used.add((target.cand, call.index, leaf))
-    cand_t = other.tensors[leaf]
-    cand_dtype = other.orig_dtype(leaf)
+    used.add((target.cand, call.index, cand_leaf))
+    cand_t = other.tensors[cand_leaf]
+    cand_dtype = other.orig_dtype(cand_leaf)
     if target.transform is not None and _is_output(leaf):
         try:
             ref_t = target.transform(ref_t)
@@ -167,17 +194,124 @@ def _compare_leaf(call: Call, leaf: str, ref_t: torch.Tensor, target: MappingTar
         return row
     row = _row(call.order, call.module, name, call.index, leaf, "ok", tuple(ref_t.shape), ref_dtype, cand_dtype)
     if ref_t.is_floating_point() and cand_t.is_floating_point():
-        values = M.all_metrics(ref_t, cand_t, dtype=cand_dtype)
-    else:  # integer leaves (token ids, positions): exact values, so no floor and no ULP unit
-        values = {**M.all_metrics(ref_t.double(), cand_t.double()), "max_ulp": math.nan, "floor": 0.0}
-    floor = values.pop("floor")
+        jobs.append(_Job(row, ref_t, cand_t, parse_dtype(cand_dtype)))
+        return row
+    # integer leaves (token ids, positions): exact values, so no floor and no ULP unit
+    values = {**M.all_metrics(ref_t.double(), cand_t.double()), "max_ulp": math.nan, "floor": 0.0,
+              "nonfinite": _nonfinite(cand_t)}
+    _fill(row, values, tolerance)
+    return row
+
+
+def _fill(row: dict[str, Any], values: dict[str, float], tolerance: float) -> None:
+    if _same_or_wider_candidate(row["ref_dtype"], row["cand_dtype"]):
+        # rounding the reference to the candidate's dtype changes nothing, yet each run rounded its
+        # own result: judge against one rounding in that dtype instead of a floor of zero
+        values = {**values, "floor": M.nominal_floor(row["cand_dtype"])}
+    floor = values["floor"]
     row.update(values)
-    row["floor"] = floor
     rel = values["rel_rms"]
     row["floor_ratio"] = (rel / floor if floor > 0 else (0.0 if rel == 0 else math.inf)) if not math.isnan(rel) else math.nan
     row["verdict"] = M.verdict(rel, floor, tolerance)
-    row["nonfinite"] = _nonfinite(cand_t)
-    return row
+    row["nonfinite"] = int(values["nonfinite"])
+
+
+def _matching_leaf(leaf: str, other: Call) -> str | None:
+    """The candidate's leaf for a reference leaf: the same name, or, for the primary output, the other
+    side's primary output when one implementation returns a tensor and the other a tuple
+    (InternLM2's attention returns ``output``, Llama's ``(output.0, weights)``)."""
+    if leaf in other.tensors:
+        return leaf
+    primary = {"output", "output.0"}
+    if leaf in primary:
+        return next((name for name in ("output", "output.0") if name in other.tensors), None)
+    return None
+
+
+def _same_or_wider_candidate(ref_dtype: Any, cand_dtype: Any) -> bool:
+    """True for floating dtypes where the candidate's is at least as precise as the reference's."""
+    try:
+        ref, cand = parse_dtype(ref_dtype), parse_dtype(cand_dtype)
+    except ParityKitError:  # integer leaves and missing rows
+        return False
+    return torch.finfo(ref).eps >= torch.finfo(cand).eps
+
+
+@dataclass
+class _Job:
+    """A comparable floating pair whose metrics are still to be computed into ``row``."""
+
+    row: dict[str, Any]
+    ref: torch.Tensor | None
+    cand: torch.Tensor | None
+    dtype: torch.dtype
+
+
+_compiled_reductions: Callable[..., torch.Tensor] | None = None
+_compile_failed = False
+
+
+def _reduce(ref: torch.Tensor, cand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`metrics.pair_reductions`, through torch.compile on CUDA when PARITY_KIT_COMPILE=1."""
+    global _compiled_reductions, _compile_failed
+    # opt-in: on the H200 (torch 2.11) the compiled kernel gave wrong max_abs values and no speed-up
+    if ref.is_cuda and not _compile_failed and os.environ.get("PARITY_KIT_COMPILE", "0") == "1":
+        try:
+            if _compiled_reductions is None:
+                _compiled_reductions = torch.compile(M.pair_reductions, dynamic=True)
+            return _compiled_reductions(ref.reshape(-1), cand.reshape(-1), dtype)
+        except Exception as e:  # a missing compiler or an unsupported op: the eager path gives the same numbers
+            _compile_failed = True
+            warnings.warn(f"torch.compile of the comparison kernels failed ({type(e).__name__}: {e}); "
+                          "comparing eagerly (same results, slower)", RuntimeWarning, stacklevel=3)
+    return M.pair_reductions(ref, cand, dtype)
+
+
+class _Reducer:
+    """Queues the reduction of each pair where it should run; reads the results back in batches.
+
+    ``device`` None reduces a pair where its reference tensor lives. After ``chunk`` bytes were moved
+    to the device the queued results are read back (one transfer per device), which bounds what is
+    queued; otherwise everything is read back once, by :meth:`finish`.
+    """
+
+    def __init__(self, device: torch.device | None, chunk: int | None, tolerance: float):
+        self.device, self.chunk, self.tolerance = device, chunk, tolerance
+        self.queued: list[tuple[_Job, torch.Tensor]] = []
+        self.moved = 0
+
+    def add(self, job: _Job) -> None:
+        where = self.device if self.device is not None else job.ref.device
+        ref_t, cand_t = job.ref, job.cand
+        if ref_t.device != where:
+            self.moved += ref_t.numel() * ref_t.element_size()
+            ref_t = ref_t.to(where, non_blocking=True)
+        if cand_t.device != where:
+            self.moved += cand_t.numel() * cand_t.element_size()
+            cand_t = cand_t.to(where, non_blocking=True)
+        values = _reduce(ref_t, cand_t, job.dtype)
+        job.ref = job.cand = None  # the queued reduction keeps what it needs: let the tensors go
+        self.queued.append((job, values))
+        if self.chunk is not None and self.moved >= self.chunk:
+            self.finish()
+
+    def finish(self) -> None:
+        by_device: dict[torch.device, list[tuple[_Job, torch.Tensor]]] = {}
+        for job, values in self.queued:
+            by_device.setdefault(values.device, []).append((job, values))
+        for items in by_device.values():
+            table = torch.stack([v for _, v in items]).cpu().tolist()  # one transfer per device
+            for (job, _), values in zip(items, table):
+                _fill(job.row, M.metrics_from_reductions(values), self.tolerance)
+        self.queued.clear()
+        self.moved = 0
+
+
+def _run_jobs(jobs: list[_Job], device: torch.device | None, chunk: int | None, tolerance: float) -> None:
+    reducer = _Reducer(device, chunk, tolerance)
+    for job in jobs:
+        reducer.add(job)
+    reducer.finish()
 
 
 # ---------------------------------------------------------------------------------------- table queries

@@ -220,6 +220,7 @@ def internlm2_to_llama(config: Any) -> ModuleMapping:
         (f"{layer}.attention_norm", f"{new}.input_layernorm"),
         (f"{layer}.ffn_norm", f"{new}.post_attention_layernorm"),
         ("model.norm", "model.norm"),
+        ("model.rotary_emb", "model.rotary_emb"),  # our InternLM2 shares one rotary module, like Llama
         ("output", "lm_head"),
     ])
     for part in ("q", "k", "v"):

@@ -31,7 +31,8 @@ from .dtypes import DtypeLike, parse_dtype
 from .errors import ParityKitError
 
 __all__ = ["max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp",
-           "representability_floor", "all_metrics", "verdict"]
+           "representability_floor", "all_metrics", "verdict", "pair_reductions",
+           "metrics_from_reductions", "REDUCTIONS"]
 
 _BITS_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
               torch.float32: torch.int32, torch.float64: torch.int64}
@@ -179,7 +180,8 @@ def representability_floor(ref: torch.Tensor, dtype: DtypeLike) -> float:
     """The rel_rms that rounding ``ref`` to ``dtype`` already causes (0 if ``ref`` is already in it).
 
     An error near this floor is what the candidate dtype cannot avoid; much above it points at a bug
-    or an unstable computation.
+    or an unstable computation. Comparing two runs of the *same* dtype, this is 0; use
+    :func:`nominal_floor` there (``compare`` does).
 
     >>> representability_floor(torch.tensor([1.0, 1.0 + 2**-12]), "fp16") > 0
     True
@@ -189,6 +191,18 @@ def representability_floor(ref: torch.Tensor, dtype: DtypeLike) -> float:
     if not r.is_floating_point():
         return 0.0
     return rel_rms(r, r.to(target))
+
+
+def nominal_floor(dtype: DtypeLike) -> float:
+    """The rel_rms of one rounding to ``dtype`` under the uniform-error model: ``eps / (2·√3)``.
+
+    Two runs in the same dtype (fp16 original vs fp16 converted) each rounded their own exact result
+    at least once, so this is their floor (fp16: 2.8e-4, bf16: 2.3e-3, fp32: 3.4e-8).
+
+    >>> f"{nominal_floor('bf16'):.2e}"
+    '2.26e-03'
+    """
+    return torch.finfo(parse_dtype(dtype)).eps / (2 * math.sqrt(3))
 
 
 def all_metrics(ref: torch.Tensor, x: torch.Tensor, dtype: DtypeLike | None = None) -> dict[str, float]:
@@ -228,3 +242,96 @@ def verdict(value: float, floor: float, tolerance: float = 2.0) -> str:
         return "within floor"
     ratio = value / floor if floor > 0 else math.inf
     return f"above floor ×{'inf' if math.isinf(ratio) else _two_significant(ratio)}"
+
+
+# ---------------------------------------------------------------------------------------- fused form
+# The fused form computes every metric of one pair from a single set of reductions, on the device the
+# tensors live on and without host synchronisation, so that a comparison can queue all its pairs and
+# read the results back once. ``metrics_from_reductions`` applies the conventions above to them.
+REDUCTIONS = ("max_abs", "sum_abs", "sum_d2", "sum_r2", "sum_c2", "dot", "kept", "bad", "nonfinite",
+              "ulp", "ulp_bad", "ulp_ok", "floor_err", "floor_r2", "floor_bad")
+
+
+def _finite_split(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(both finite, broken): broken marks positions where a non-finite value is not matched by the
+    same non-finite value in the other tensor."""
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    ok = fa & fb
+    agree = ~fa & ~fb & ((a == b) | (torch.isnan(a) & torch.isnan(b)))
+    return ok, ~(ok | agree)
+
+
+def pair_reductions(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The sums, maxima and counts every metric of ``(ref, x)`` derives from, as fp64 ``[len(REDUCTIONS)]``
+    on the tensors' device; ``dtype`` is the ULP unit and floor dtype. Queues work without waiting.
+
+    >>> v = pair_reductions(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]), torch.float32)
+    >>> metrics_from_reductions(v.tolist())["rel_rms"]
+    0.1
+    """
+    r, c = ref.detach().reshape(-1), x.detach().reshape(-1)
+    if r.numel() == 0:
+        return torch.zeros(len(REDUCTIONS), dtype=torch.float64, device=r.device)
+    r64, c64 = r.double(), c.double()
+    ok, bad = _finite_split(r64, c64)
+    rz, cz = torch.where(ok, r64, 0.0), torch.where(ok, c64, 0.0)
+    d = cz - rz
+    ad = d.abs()
+    # ULPs are counted on both tensors rounded to the unit's dtype
+    rt, ct = r.to(dtype), c.to(dtype)
+    ok_t, bad_t = _finite_split(rt, ct)
+    a, b = _ordered_ints(torch.where(ok_t, rt, 0)), _ordered_ints(torch.where(ok_t, ct, 0))
+    opposite = (a < 0) != (b < 0)
+    dist = torch.where(opposite, (a.double() - b.double()).abs(), (a - b).abs().double())
+    # the floor: the reference against itself rounded to the dtype
+    q = rt.double()
+    ok_f, bad_f = _finite_split(r64, q)
+    rf = torch.where(ok_f, r64, 0.0)
+    e = torch.where(ok_f, q, 0.0) - rf
+    return torch.stack([
+        ad.max(), ad.sum(), (d * d).sum(), (rz * rz).sum(), (cz * cz).sum(), (rz * cz).sum(),
+        (ok | bad).sum().double(), bad.sum().double(), (~torch.isfinite(c64)).sum().double(),
+        dist.max(), bad_t.sum().double(), ok_t.sum().double(),
+        (e * e).sum(), (rf * rf).sum(), bad_f.sum().double(),
+    ])
+
+
+def _ratio_rms(err: float, norm: float) -> float:
+    if norm == 0.0:
+        return 0.0 if err == 0.0 else math.inf
+    return math.sqrt(err / norm)
+
+
+def metrics_from_reductions(values: list[float]) -> dict[str, float]:
+    """:func:`all_metrics` (plus ``nonfinite``, the candidate's NaN/Inf count) from :func:`pair_reductions`.
+
+    >>> v = pair_reductions(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]), torch.float32).tolist()
+    >>> metrics_from_reductions(v)["max_abs"]
+    0.5
+    """
+    v = dict(zip(REDUCTIONS, values))
+    out: dict[str, float] = {}
+    if v["bad"]:
+        out.update(max_abs=math.inf, mean_abs=math.inf, rel_rms=math.inf, cosine=math.nan, sqnr_db=-math.inf)
+    else:
+        kept = v["kept"]
+        out["max_abs"] = v["max_abs"] if kept else 0.0
+        out["mean_abs"] = v["sum_abs"] / kept if kept else 0.0
+        out["rel_rms"] = _ratio_rms(v["sum_d2"], v["sum_r2"])
+        nr, nc = math.sqrt(v["sum_r2"]), math.sqrt(v["sum_c2"])
+        if nr == 0.0 and nc == 0.0:
+            out["cosine"] = 1.0
+        elif nr == 0.0 or nc == 0.0:
+            out["cosine"] = 0.0
+        else:
+            out["cosine"] = max(-1.0, min(1.0, v["dot"] / (nr * nc)))
+        if v["sum_d2"] == 0.0:
+            out["sqnr_db"] = math.inf
+        elif v["sum_r2"] == 0.0:
+            out["sqnr_db"] = -math.inf
+        else:
+            out["sqnr_db"] = 10.0 * math.log10(v["sum_r2"] / v["sum_d2"])
+    out["max_ulp"] = math.inf if v["ulp_bad"] else (v["ulp"] if v["ulp_ok"] else 0.0)
+    out["floor"] = math.inf if v["floor_bad"] else _ratio_rms(v["floor_err"], v["floor_r2"])
+    out["nonfinite"] = int(v["nonfinite"])
+    return out

@@ -150,3 +150,59 @@ def test_per_token_error(input_ids):
     assert ((cos.values > 0.9) & (cos.values <= 1.0)).all()
     with pytest.raises(ParityKitError, match="no module with leaf"):
         pk.per_token_error(ref, cand, tensor="output.7")
+
+
+def _straightforward(ref: Recording, cand: Recording) -> dict[tuple[str, int, str], dict[str, float]]:
+    """Each metric computed separately by parity_kit.metrics, pair by pair (the reference computation)."""
+    from parity_kit import metrics as M
+
+    out = {}
+    cand_calls = {(c.module, c.index): c for c in cand.calls}
+    for call in ref.calls:
+        for leaf, r in call.outputs.items():
+            c = cand_calls[(call.module, call.index)].tensors[leaf]
+            dtype = cand_calls[(call.module, call.index)].orig_dtype(leaf)
+            out[(call.module, call.index, leaf)] = M.all_metrics(r, c, dtype=dtype)
+    return out
+
+
+def test_device_and_chunked_comparison_equal_the_straightforward_metrics(input_ids):
+    ref_model, cand_model = build_tiny_llama(), build_tiny_llama(dtype=torch.bfloat16)
+    with pk.record(ref_model, "*") as ref:
+        ref_model(input_ids)
+    with pk.record(cand_model, "*") as cand:
+        cand_model(input_ids)
+    expected = _straightforward(ref, cand)
+    default = pk.compare(ref, cand)
+    for table in (default, pk.compare(ref, cand, device="cpu", chunk_bytes=1), pk.compare(ref, cand, chunk_bytes=None)):
+        assert list(table["module"]) == list(default["module"]) and (table["status"] == "ok").all()
+        for row in table.itertuples():
+            want = expected[(row.module, row.call, row.tensor)]
+            for metric in ("max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp", "floor"):
+                got = getattr(row, metric)
+                assert got == pytest.approx(want[metric], rel=1e-12, abs=1e-300), (row.module, metric)
+    with pytest.raises(ParityKitError, match="chunk"):
+        pk.compare(ref, cand, chunk_bytes="lots")
+
+
+def test_same_dtype_runs_are_judged_against_one_rounding():
+    torch.manual_seed(0)
+    ref_t = torch.randn(4, 64).to(torch.float16)
+    close = (ref_t.double() * (1 + 1e-4 * torch.randn(4, 64, dtype=torch.float64))).to(torch.float16)
+    far = (ref_t.double() * (1 + 3e-2 * torch.randn(4, 64, dtype=torch.float64))).to(torch.float16)
+    ref = Recording("tensors", [Call("m", 0, 0, {"output": ref_t})])
+    for cand_t, expected in ((close, "within floor"), (far, "above floor")):
+        cand = Recording("tensors", [Call("m", 0, 0, {"output": cand_t})])
+        row = pk.compare(ref, cand).iloc[0]
+        assert row["floor"] == pytest.approx(torch.finfo(torch.float16).eps / (2 * math.sqrt(3)))
+        assert row["verdict"].startswith(expected)
+
+
+def test_primary_output_pairs_a_tensor_with_a_tuple():
+    t = torch.randn(2, 3)
+    ref = Recording("tensors", [Call("attn", 0, 0, {"output": t})])
+    cand = Recording("tensors", [Call("attn", 0, 0, {"output.0": t.clone(), "output.1": torch.ones(2)})])
+    table = pk.compare(ref, cand)
+    ok = table[table["status"] == "ok"]
+    assert len(ok) == 1 and ok.iloc[0]["rel_rms"] == 0.0
+    assert table[table["status"] == "missing in reference"]["tensor"].tolist() == ["output.1"]
