@@ -170,6 +170,40 @@ def perplexity_with_errorbars(results: Sequence[Any], *, title: str | None = Non
     return fig
 
 
+def bos_effect_by_context_length(sweep: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Perplexity change from dropping the BOS against the context length (in words), one line per
+    model, with the paired bootstrap 95% interval as error bars. Expects columns ``model,
+    context_words, ppl_diff, ci_low, ci_high`` (one row per model and length).
+
+    >>> s = pd.DataFrame({"model": ["m", "m"], "context_words": [2, 8], "ppl_diff": [3.0, 0.1],
+    ...                   "ci_low": [2.0, -0.2], "ci_high": [4.0, 0.4]})
+    >>> type(bos_effect_by_context_length(s)).__name__
+    'Figure'
+    """
+    missing = {"model", "context_words", "ppl_diff", "ci_low", "ci_high"} - set(sweep.columns)
+    if missing or sweep.empty:
+        raise ParityKitError(f"the sweep frame lacks columns {sorted(missing)} or rows; build one row per model "
+                             "and context length from paired_comparison results")
+    fig = Figure(figsize=(7.0, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    for name, part in sweep.groupby("model", sort=False):
+        part = part.sort_values("context_words")
+        x = part["context_words"].to_numpy(float)
+        y = part["ppl_diff"].to_numpy(float)
+        err = np.vstack([y - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - y])
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=4, label=str(name))
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ticks = sorted(sweep["context_words"].unique())
+    ax.set_xticks(ticks, [str(int(t)) for t in ticks])
+    ax.set_xlabel("context length (last words kept before the target)")
+    ax.set_ylabel("perplexity without BOS − with BOS")
+    ax.set_title(title or "BOS effect on the last word by context length (paired 95% interval)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 # --- end evaluation (story 04) ---
 
 
