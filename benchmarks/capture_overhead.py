@@ -1,12 +1,20 @@
-"""Capture overhead on CPU: time of a forward with capture / time of a plain forward, same run.
+"""Capture overhead: time of a forward with capture / time of a plain forward, same run.
 
-Model: LlamaForCausalLM, random init, 8 layers, hidden 1024, intermediate 2816, 16 heads, fp32;
-input: 1 × 512 tokens; every module hooked. Configurations are interleaved round by round (so load
-from other processes hits them alike); each figure is the median over the repeats after a warm-up.
+CPU (default): LlamaForCausalLM, random init, 8 layers, hidden 1024, intermediate 2816, 16 heads,
+fp32; input 1 × 512 tokens; every module hooked. Configurations are interleaved round by round (so
+load from other processes hits them alike); each figure is the median over the repeats after a warm-up.
 
     .venv/bin/python benchmarks/capture_overhead.py [--repeats 5] [--threads 2]
 
 Writes benchmarks/results/capture_overhead_cpu.json.
+
+CUDA (``--device cuda``): a 7B-shaped Llama (32 layers, hidden 4096, intermediate 11008, 32 heads,
+vocab 32000), bf16, random weights initialised on the GPU, batch 1 × 512 and × 2048 tokens, every
+module hooked. Each configuration's time is the whole ``with record(...)`` block (forward, and the
+wait for queued reductions/copies at its end), timed with CUDA events after a warm-up; median of
+``--repeats`` interleaved rounds.
+
+    python benchmarks/capture_overhead.py --device cuda --repeats 10 --out $OUT/capture_overhead_h200.json
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.model_debugging_utils import model_addition_debugger_context
+try:  # only the CPU comparison uses it
+    from transformers.model_debugging_utils import model_addition_debugger_context
+except ImportError:
+    model_addition_debugger_context = None
 
 import parity_kit as pk
 
@@ -53,7 +64,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--token-counts", type=int, nargs="+", default=[512, 2048])
     args = parser.parse_args()
+    if args.device == "cuda":
+        main_cuda(args)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -140,6 +156,110 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for name in configs:
         print(f"{name:32s} {medians[name]:7.3f} s  {ratios[name]:5.2f}x")
+    print(f"wrote {args.out}")
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "parity_kit": pk.__version__}
+
+
+def main_cuda(args: argparse.Namespace) -> None:
+    torch.set_num_threads(4)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):  # random init directly on the GPU, in bf16
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    n_hooked = len(pk.select_modules(model, "*"))
+    sizes: dict[str, int] = {}
+
+    def noop_hooks(ids: torch.Tensor) -> None:
+        handles = [m.register_forward_hook(lambda *a: None) for _, m in pk.select_modules(model, "*")]
+        try:
+            model(ids)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def capture(mode: str, device: str, **kw: object) -> Callable[[torch.Tensor], None]:
+        def run(ids: torch.Tensor) -> None:
+            with pk.record(model, "*", mode=mode, device=device, memory_budget=None, **kw) as rec:
+                model(ids)
+            sizes[f"{mode}_{device}"] = rec.nbytes()
+        return run
+
+    configs: dict[str, Callable[[torch.Tensor], None]] = {
+        "plain": lambda ids: model(ids),
+        "noop_hooks": noop_hooks,
+        "stats": capture("stats", "cpu"),
+        "stats_in_hook": capture("stats", "cpu", stats_batch=0),
+        "tensors_gpu": capture("tensors", "cuda"),
+        "tensors_cpu": capture("tensors", "cpu"),
+    }
+    results: dict[str, object] = {}
+    for tokens in args.token_counts:
+        ids = torch.randint(0, config.vocab_size, (1, tokens), device="cuda")
+        times: dict[str, list[float]] = {name: [] for name in configs}
+        peak: dict[str, float] = {}
+        with torch.no_grad():
+            for name, fn in configs.items():  # warm-up: kernels, allocator and pinned-host caches
+                torch.cuda.reset_peak_memory_stats()
+                for _ in range(2):
+                    fn(ids)
+                torch.cuda.synchronize()
+                peak[name] = torch.cuda.max_memory_allocated() / 2**30
+            for round_ in range(args.repeats):
+                for name, fn in configs.items():
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda.synchronize()
+                    start.record()
+                    fn(ids)
+                    end.record()
+                    end.synchronize()
+                    times[name].append(start.elapsed_time(end) / 1000)
+                print(f"{tokens} tokens round {round_}: " + ", ".join(f"{n} {t[-1]*1e3:.1f}ms" for n, t in times.items()),
+                      flush=True)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        ratios = {name: medians[name] / medians["plain"] for name in configs}
+        results[str(tokens)] = {
+            "seconds_median": medians, "seconds_all": times, "ratio_to_plain": ratios,
+            "peak_gpu_memory_gib_warmup": peak, "bytes_captured_per_pass": dict(sizes),
+            "meets_target": {"stats": ratios["stats"] <= 1.3, "tensors_gpu": ratios["tensors_gpu"] <= 1.5,
+                             "tensors_cpu": ratios["tensors_cpu"] <= 3.0},
+        }
+        for name in configs:
+            print(f"{tokens:5d} {name:16s} {medians[name]*1e3:8.2f} ms  {ratios[name]:5.2f}x", flush=True)
+        del ids
+    out = {
+        "command": " ".join(["python", *sys.argv]),
+        "device": torch.cuda.get_device_name(0),
+        "versions": _versions(),
+        "model": {"class": "LlamaForCausalLM", "layers": 32, "hidden": 4096, "intermediate": 11008, "heads": 32,
+                  "vocab": 32000, "dtype": "bf16", "attn_implementation": model.config._attn_implementation,
+                  "hooked_modules": n_hooked, "batch": 1},
+        "timing": "CUDA events around the whole record block (forward + end-of-block wait), median of "
+                  f"{args.repeats} interleaved rounds after 2 warm-up passes per configuration",
+        "configurations": {
+            "noop_hooks": "a forward hook that does nothing on every module",
+            "stats": "mode='stats', default stats_batch='auto' (batched reductions, per-token rms on)",
+            "stats_in_hook": "mode='stats', stats_batch=0 (each tensor reduced in its hook, one host sync each)",
+            "tensors_gpu": "mode='tensors', device='cuda' (a copy of every output kept on the GPU)",
+            "tensors_cpu": "mode='tensors', device='cpu' (pinned host buffers, side-stream copies)",
+        },
+        "targets": {"stats": 1.3, "tensors_gpu": 1.5, "tensors_cpu": 3.0},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

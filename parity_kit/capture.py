@@ -20,13 +20,14 @@ from torch import nn
 
 from .dtypes import DtypeLike, dtype_name, parse_dtype
 from .errors import ParityKitError
-from .recording import Call, Recording, TensorStats
+from .recording import Call, Recording, StatsBatch, TensorStats
 
 ModuleSpec = str | Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...]
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _MAX_DEPTH = 8
+_AUTO_STATS_BATCH = 2**30
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -139,25 +140,106 @@ def _leaves(obj: Any, prefix: str, depth: int = 0) -> Iterator[tuple[str, torch.
             yield from _leaves(value, f"{prefix}.{i}", depth + 1)
 
 
+class _Slot:
+    """Placeholder for statistics whose reduction is deferred to a batch; filled when it resolves."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: TensorStats | None = None
+
+
 class _Capturer:
-    """The hook callbacks of one ``record()`` block; writes into ``recording``."""
+    """The hook callbacks of one ``record()`` block; writes into ``recording``.
+
+    Hooks never wait for the device: statistics of CUDA tensors are reduced in batches
+    (:class:`StatsBatch`) and tensors bound for host memory are copied on a side stream; ``finish()``
+    waits once, when the block ends.
+    """
 
     def __init__(self, recording: Recording, device: torch.device, dtype: torch.dtype | None,
-                 budget: int | None, per_token: bool):
+                 budget: int | None, per_token: bool, stats_batch: int | None, defer_cpu: bool):
         self.rec, self.device, self.dtype, self.budget, self.per_token = recording, device, dtype, budget, per_token
         self.stored = 0
         self.counts: dict[str, int] = {}
         # inputs are captured before forward runs (the model may modify them in place) and kept
         # until the matching output hook; a stack per module handles re-entrant calls
         self.pending: dict[str, list[tuple[dict, dict]]] = {}
+        self.stats_batch, self.defer_cpu = stats_batch, defer_cpu
+        self.deferred: list[tuple[_Slot, torch.Tensor, int | None, str]] = []
+        self.deferred_bytes = 0
+        self.inflight: list[tuple[StatsBatch, list[_Slot]]] = []
+        self.copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    # ------------------------------------------------------------------ statistics
+    def defer(self, t: torch.Tensor) -> bool:
+        return self.stats_batch is not None and (t.is_cuda or self.defer_cpu) and t.numel() > 0
+
+    def defer_stats(self, t: torch.Tensor, label: str) -> _Slot:
+        slot = _Slot()
+        # an inference-mode tensor has no version counter, so in-place changes cannot be detected
+        version = None if t.is_inference() else t._version
+        self.deferred.append((slot, t.detach(), version, label))
+        self.deferred_bytes += t.numel() * t.element_size()
+        if self.deferred_bytes >= self.stats_batch:
+            self.flush()
+        return slot
+
+    def flush(self) -> None:
+        """Queue the reduction of the deferred tensors; resolve the batch before it (double buffering)."""
+        if self.deferred:
+            slots, tensors, versions, labels = (list(x) for x in zip(*self.deferred))
+            self.inflight.append((StatsBatch(tensors, self.per_token, versions, labels), slots))
+            self.deferred, self.deferred_bytes = [], 0
+        while len(self.inflight) > 1:
+            self.resolve_oldest()
+
+    def resolve_oldest(self) -> None:
+        batch, slots = self.inflight.pop(0)
+        for slot, stats in zip(slots, batch.result()):
+            slot.value = stats
+
+    # ------------------------------------------------------------------ tensors
+    def offload(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Copy a CUDA tensor into pinned host memory on a side stream, without waiting for it."""
+        # a private device copy first: the model may overwrite ``t`` in place before the side stream
+        # gets to it, and the copy is cheap next to the transfer
+        private = t.detach().to(dtype=dtype, copy=True)
+        stream = self.copy_streams.get(t.device)
+        if stream is None:
+            stream = self.copy_streams[t.device] = torch.cuda.Stream(t.device)
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        host = torch.empty(private.shape, dtype=dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(private, non_blocking=True)
+        # the caching allocator must not hand ``private`` out again before the side stream read it
+        private.record_stream(stream)
+        return host
+
+    def finish(self) -> None:
+        """Wait for queued copies and reductions and put the statistics into the recording's calls."""
+        for stream in self.copy_streams.values():
+            stream.synchronize()
+        self.flush()
+        while self.inflight:
+            self.resolve_oldest()
+        if self.rec.mode == "stats":
+            for call in self.rec.calls:
+                for leaf, value in call.tensors.items():
+                    if isinstance(value, _Slot):
+                        call.tensors[leaf] = value.value
 
     def grab(self, leaves: Iterator[tuple[str, torch.Tensor]], name: str) -> tuple[dict, dict]:
-        tensors: dict[str, torch.Tensor | TensorStats] = {}
+        tensors: dict[str, Any] = {}
         orig: dict[str, str] = {}
         for leaf, t in leaves:
             if self.rec.mode == "stats":
-                tensors[leaf] = TensorStats.of(t, self.per_token)
+                if self.defer(t):
+                    tensors[leaf] = self.defer_stats(t, f"module {name!r} leaf {leaf!r}")
+                else:
+                    tensors[leaf] = TensorStats.of(t, self.per_token)
                 continue
+            # only an explicit dtype= casts, and only floating tensors: never a silent down-cast
             dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
             need = t.numel() * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else t.element_size())
             if self.budget is not None and self.stored + need > self.budget:
@@ -167,8 +249,11 @@ class _Capturer:
                     f"{_format_bytes(need)}; use mode='stats', a narrower modules= pattern, device='cpu', "
                     "or raise memory_budget"
                 )
-            # copy=True: never alias a tensor the model may later modify in place
-            tensors[leaf] = t.detach().to(device=self.device, dtype=dtype, copy=True)
+            if t.is_cuda and self.device.type == "cpu":
+                tensors[leaf] = self.offload(t, dtype)
+            else:
+                # copy=True: never alias a tensor the model may later modify in place
+                tensors[leaf] = t.detach().to(device=self.device, dtype=dtype, copy=True)
             self.stored += need
             if dtype != t.dtype:
                 orig[leaf] = dtype_name(t.dtype)
@@ -203,13 +288,41 @@ def _model_metadata(model: nn.Module) -> dict[str, Any]:
         "input_shapes": None,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    meta["environment"] = _environment()
+    return meta
+
+
+_STATIC_ENVIRONMENT: dict[str, Any] | None = None
+
+
+def _environment() -> dict[str, Any] | None:
+    """The environment capsule, with its slow static part (package versions, git state: about 20 ms)
+    computed once per process and the torch flags that code can change read afresh each time."""
+    global _STATIC_ENVIRONMENT
     try:
         from .report import environment_capsule
     except ImportError:  # report.py is optional for capture
-        meta["environment"] = None
-    else:
-        meta["environment"] = environment_capsule()
-    return meta
+        return None
+    if _STATIC_ENVIRONMENT is None:
+        _STATIC_ENVIRONMENT = environment_capsule()
+        return dict(_STATIC_ENVIRONMENT)
+    cap = dict(_STATIC_ENVIRONMENT)
+    sdpa = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled", None)
+            for name in ("flash", "mem_efficient", "math", "cudnn")}
+    cap.update({
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        **{f"sdpa_{name}": (bool(fn()) if fn is not None else None) for name, fn in sdpa.items()},
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "default_dtype": dtype_name(torch.get_default_dtype()),
+        "torch_initial_seed": torch.initial_seed(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+    })
+    return cap
 
 
 @contextmanager
@@ -223,14 +336,26 @@ def record(
     dtype: DtypeLike | None = None,
     memory_budget: int | str | None = "4GiB",
     per_token: bool = True,
+    stats_batch: int | str | None = "auto",
 ) -> Iterator[Recording]:
     """Record every call of the selected modules while the block runs.
 
     ``mode="tensors"`` keeps detached copies of every tensor leaf of the outputs (and of the inputs
-    with ``inputs=True``), moved to ``device`` and, for floating tensors, cast to ``dtype`` (the
-    original dtype is remembered per leaf). ``memory_budget`` caps the bytes kept; crossing it raises
-    ParityKitError. ``mode="stats"`` keeps only :class:`TensorStats` per leaf (``per_token`` adds the
-    per-row rms). Calls are stored in completion order, so a parent module follows its children.
+    with ``inputs=True``), moved to ``device`` and, for floating tensors, cast to ``dtype`` only when
+    ``dtype`` is given (the original dtype is remembered per leaf). ``memory_budget`` caps the bytes
+    kept, counted as each copy is scheduled; crossing it raises ParityKitError. CUDA tensors bound for
+    ``device="cpu"`` go into pinned host memory through a side stream, so the forward does not wait for
+    the transfers; the block's end waits for them once.
+
+    ``mode="stats"`` keeps only :class:`TensorStats` per leaf (``per_token`` adds the per-row rms, at
+    no extra cost in the batched path). With ``stats_batch="auto"`` the statistics of CUDA tensors are
+    reduced in batches: a hook only keeps a reference to the output, and once the referenced outputs
+    reach 1 GiB (or the block ends) they are reduced together with a few kernels and no host
+    synchronisation inside the forward; CPU tensors are reduced in their hook. An int or size string
+    ("256MiB") sets the batch size and batches CPU tensors too; ``0`` or None reduces each tensor in
+    its hook (one host synchronisation per tensor on CUDA; use it for models that modify module
+    outputs in place, which the batched path detects and refuses). Statistics are complete when the
+    block ends. Calls are stored in completion order, so a parent module follows its children.
 
     >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     >>> with record(m, "*", mode="stats") as rec:
@@ -247,8 +372,18 @@ def record(
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ParityKitError(f"device={str(target)!r} but CUDA is not available here; use device='cpu'")
+    if stats_batch == "auto":
+        batch_bytes, defer_cpu = _AUTO_STATS_BATCH, False
+    else:
+        try:
+            batch_bytes = parse_bytes(stats_batch) or None
+        except ParityKitError:
+            raise ParityKitError(
+                f"stats_batch={stats_batch!r} is not understood; use 'auto', bytes (int), '256MiB', or 0"
+            ) from None
+        defer_cpu = True
     rec = Recording(mode, metadata=_model_metadata(model))
-    capturer = _Capturer(rec, target, cast, parse_bytes(memory_budget), per_token)
+    capturer = _Capturer(rec, target, cast, parse_bytes(memory_budget), per_token, batch_bytes, defer_cpu)
 
     def root_shapes(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if rec.metadata["input_shapes"] is None:
@@ -257,6 +392,7 @@ def record(
             }
 
     handles = []
+    failed = False
     try:
         handles.append(model.register_forward_pre_hook(root_shapes, with_kwargs=True))
         for name, module in selected:
@@ -264,7 +400,16 @@ def record(
                 handles.append(module.register_forward_pre_hook(capturer.pre_hook(name), with_kwargs=True))
             handles.append(module.register_forward_hook(capturer.forward_hook(name, inputs), with_kwargs=True))
         yield rec
+    except BaseException:
+        failed = True
+        raise
     finally:
         for handle in handles:
             handle.remove()
         capturer.pending.clear()
+        try:
+            capturer.finish()
+        except Exception:
+            if not failed:
+                raise
+            # the block's own exception is the one to report; the partial recording stays as it is

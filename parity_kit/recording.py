@@ -134,6 +134,124 @@ class TensorStats:
                 "mean": self.mean, "rms": self.rms, "absmax": self.absmax, "nan": self.nan, "inf": self.inf}
 
 
+class StatsBatch:
+    """Statistics of many tensors, reduced together: a few kernels per group of rows, one transfer.
+
+    Tensors are grouped by (device, dtype, last dimension); each group's rows are concatenated and
+    reduced once (row norms and sums with fp32 accumulation, fp64 for fp64 tensors; row min/max),
+    so the cost is a handful of launches per group instead of per tensor. On CUDA the reductions and
+    the copy of their results into pinned host memory are queued without waiting: nothing blocks
+    until :meth:`result`. The per-tensor totals are then summed in fp64 on the host. A tensor whose
+    totals are not finite (NaN/Inf present, or squares that overflowed fp32) is recomputed exactly by
+    :meth:`TensorStats.of`, which is why the tensors are held until :meth:`result`.
+
+    ``versions`` (optional, one per tensor) are the tensors' ``_version`` counters when they were
+    produced; a tensor modified in place since then raises ParityKitError instead of yielding
+    statistics of values the module never returned.
+
+    >>> batch = StatsBatch([torch.tensor([[3.0, 4.0]]), torch.arange(4.0)])
+    >>> [(s.max, round(s.rms, 6)) for s in batch.result()]
+    [(4.0, 3.535534), (3.0, 1.870829)]
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], per_token: bool = True,
+                 versions: list[int | None] | None = None, labels: list[str] | None = None):
+        self.tensors = [t.detach() for t in tensors]
+        self.per_token = per_token
+        self.versions = versions
+        self.labels = labels
+        self._check_versions()
+        self._groups: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
+        for i, t in enumerate(self.tensors):
+            if t.numel():
+                last = t.shape[-1] if t.dim() else 1
+                self._groups.setdefault((t.device, t.dtype, last), []).append(i)
+        self._host: dict[torch.device, torch.Tensor] = {}
+        self._layout: list[tuple[torch.device, int, list[int], list[int]]] = []  # device, start, members, rows
+        self._event: dict[torch.device, Any] = {}
+        packed_by_device: dict[torch.device, list[torch.Tensor]] = {}
+        starts: dict[torch.device, int] = {}
+        for (device, _, last), members in self._groups.items():
+            rows = [self.tensors[i].reshape(-1, last) for i in members]  # [rows_i, last]
+            counts = [r.shape[0] for r in rows]
+            block = torch.cat(rows) if len(rows) > 1 else rows[0]  # [R, last]
+            if not block.is_floating_point():
+                block = block.float()
+            acc = torch.float64 if block.dtype == torch.float64 else torch.float32
+            lo, hi = torch.aminmax(block, dim=-1)
+            packed = torch.stack([torch.linalg.vector_norm(block, dim=-1, dtype=acc),
+                                  block.sum(-1, dtype=acc), lo.to(acc), hi.to(acc)])  # [4, R]
+            start = starts.get(device, 0)
+            self._layout.append((device, start, members, counts))
+            starts[device] = start + packed.numel()
+            packed_by_device.setdefault(device, []).append(packed.double().reshape(-1))
+        for device, parts in packed_by_device.items():
+            flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if device.type == "cuda":
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                self._event[device] = event
+                self._host[device] = host
+            else:
+                self._host[device] = flat.cpu()
+
+    def _check_versions(self) -> None:
+        if self.versions is None:
+            return
+        for i, (t, v) in enumerate(zip(self.tensors, self.versions)):
+            if v is not None and t._version != v:
+                what = self.labels[i] if self.labels else f"tensor {i}"
+                raise ParityKitError(
+                    f"{what} was modified in place after its module returned it, so its statistics "
+                    "cannot be deferred; pass stats_batch=0 to record() to reduce each output inside its hook"
+                )
+
+    def ready(self) -> bool:
+        """Whether the queued reductions have finished (always True for CPU tensors)."""
+        return all(event.query() for event in self._event.values())
+
+    def result(self) -> list[TensorStats]:
+        """The statistics, in the order of the tensors given; waits for the queued reductions."""
+        import numpy as np
+
+        for event in self._event.values():
+            event.synchronize()
+        out: list[TensorStats | None] = [None] * len(self.tensors)
+        for i, t in enumerate(self.tensors):
+            if not t.numel():
+                out[i] = TensorStats.of(t, self.per_token)
+        for device, start, members, counts in self._layout:
+            n_rows = sum(counts)
+            block = self._host[device][start:start + 4 * n_rows].numpy().reshape(4, n_rows)
+            norm, sums, lo, hi = block
+            bounds = np.cumsum([0, *counts[:-1]])
+            total_sq = np.add.reduceat(norm * norm, bounds)
+            total = np.add.reduceat(sums, bounds)
+            lo_t, hi_t = np.minimum.reduceat(lo, bounds), np.maximum.reduceat(hi, bounds)
+            finite = np.isfinite(total_sq) & np.isfinite(total) & np.isfinite(lo_t) & np.isfinite(hi_t)
+            last = self.tensors[members[0]].shape[-1] if self.tensors[members[0]].dim() else 1
+            token_rms = (norm / math.sqrt(last)).astype(np.float32)
+            for k, i in enumerate(members):
+                t = self.tensors[i]
+                if not finite[k]:
+                    if self.versions is not None:
+                        self._check_versions()
+                    out[i] = TensorStats.of(t, self.per_token)  # exact masked path, rare
+                    continue
+                count = t.numel()
+                per_token_rms = None
+                if self.per_token and t.dim() > 0:
+                    a = int(bounds[k])
+                    per_token_rms = torch.from_numpy(token_rms[a:a + counts[k]].copy())
+                out[i] = TensorStats(tuple(t.shape), dtype_name(t.dtype), float(lo_t[k]), float(hi_t[k]),
+                                     float(total[k] / count), math.sqrt(total_sq[k] / count),
+                                     float(max(abs(lo_t[k]), abs(hi_t[k]))), 0, 0, per_token_rms)
+        self.tensors = []  # the statistics are final: let the tensors go
+        return out  # type: ignore[return-value]
+
+
 @dataclass
 class Call:
     """One completed call of one module: its tensor leaves (or their statistics).

@@ -209,3 +209,47 @@ def test_bad_arguments():
             with pk.record(model, [""], device="cuda"):
                 pass
     assert parse_bytes("500MB") == 500 * 10**6 and parse_bytes("4GiB") == 4 * 2**30 and parse_bytes(7) == 7
+
+
+def _stats_equal(a: pk.Recording, b: pk.Recording) -> None:
+    assert [(c.module, c.index, c.order, list(c.tensors)) for c in a] == \
+        [(c.module, c.index, c.order, list(c.tensors)) for c in b]
+    for ca, cb in zip(a, b):
+        for leaf, x in ca.tensors.items():
+            y = cb.tensors[leaf]
+            assert isinstance(x, TensorStats) and isinstance(y, TensorStats)
+            assert (x.shape, x.dtype, x.nan, x.inf) == (y.shape, y.dtype, y.nan, y.inf)
+            for f in ("min", "max", "mean", "rms", "absmax"):
+                assert getattr(x, f) == pytest.approx(getattr(y, f), rel=1e-5, abs=1e-6)
+            torch.testing.assert_close(x.per_token_rms, y.per_token_rms, rtol=1e-5, atol=1e-7)
+
+
+def test_batched_stats_equal_per_hook_stats(tiny_llama, input_ids):
+    # 1 KiB batches: many flushes inside the forward, each resolving the batch before it
+    with pk.record(tiny_llama, "*", mode="stats", inputs=True, stats_batch="1KiB") as batched:
+        tiny_llama(input_ids)
+    with pk.record(tiny_llama, "*", mode="stats", inputs=True, stats_batch=0) as direct:
+        tiny_llama(input_ids)
+    _stats_equal(batched, direct)
+    assert all(isinstance(v, TensorStats) for c in batched for v in c.tensors.values())
+
+
+def test_batched_stats_detect_outputs_modified_in_place():
+    model = TwiceLinear()
+    with pytest.raises(ParityKitError, match="modified in place.*stats_batch=0"):
+        with pk.record(model, "proj", mode="stats", stats_batch="1GiB"):
+            model(torch.ones(2, 4))
+    assert all(n == (0, 0, 0) for n in hook_counts(model).values())
+    with pk.record(model, "proj", mode="stats", stats_batch=0) as rec:  # the in-hook path handles it
+        model(torch.ones(2, 4))
+    assert len(rec) == 2
+    with pytest.raises(ParityKitError, match="stats_batch"):
+        with pk.record(model, "proj", mode="stats", stats_batch="some"):
+            pass
+
+
+def test_capture_never_down_casts_without_dtype():
+    model = nn.Sequential(nn.Linear(4, 4).double(), nn.Linear(4, 4).double().half().double())
+    with pk.record(model, "*") as rec:
+        model(torch.ones(2, 4, dtype=torch.float64))
+    assert all(c.output.dtype == torch.float64 and not c.orig_dtypes for c in rec)

@@ -133,3 +133,34 @@ def test_monotonic_under_growing_error(values, seed):
         assert all(u < v for u, v in zip(vals, vals[1:])), (metric.__name__, vals)
     sq = [M.sqnr_db(ref, x) for x in series]
     assert all(u > v for u, v in zip(sq, sq[1:]))
+
+
+def _same(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or a == pytest.approx(b, rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_reductions_equal_the_separate_metrics(seed):
+    g = torch.Generator().manual_seed(seed)
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        (torch.randn(64, generator=g), torch.randn(64, generator=g), torch.float32),
+        (torch.randn(8, 16, generator=g).bfloat16(), torch.randn(8, 16, generator=g).bfloat16(), torch.bfloat16),
+        (torch.randn(50, generator=g).double(), torch.randn(50, generator=g).half(), torch.float16),
+        (T([1.0, -2.0, 3.0]), T([1.0, -2.0, 3.0]), torch.float32),
+        (T([0.0, 0.0]), T([0.0, 1.0]), torch.float32),
+        (T([0.0, 0.0]), T([0.0, 0.0]), torch.float32),
+        (T([1.0, nan, inf, 2.0]), T([1.5, nan, inf, 2.0]), torch.float32),    # agreeing non-finite values
+        (T([1.0, 2.0]), T([1.0, inf]), torch.float32),                        # broken candidate
+        (T([1.0, -inf]), T([1.0, inf]), torch.float32),
+        (T([1e5, -3.0]), T([1e5, -3.0001]), torch.float16),                   # overflows the ULP dtype
+        (torch.empty(0), torch.empty(0), torch.float32),
+    ]
+    for ref, x, dtype in cases:
+        expected = M.all_metrics(ref, x, dtype=dtype)
+        got = M.metrics_from_reductions(M.pair_reductions(ref, x, dtype).tolist())
+        for key, value in expected.items():
+            assert _same(got[key], value), (key, got[key], value, ref, x)
+        assert got["nonfinite"] == int((~torch.isfinite(x.double())).sum())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -136,3 +137,50 @@ def test_lookup_errors_and_output():
         rec["model.layers.0.mlp"][0].output
     with pytest.raises(ParityKitError, match="mode"):
         Recording("fast")
+
+
+def _assert_stats_close(a: TensorStats, b: TensorStats) -> None:
+    assert (a.shape, a.dtype, a.nan, a.inf) == (b.shape, b.dtype, b.nan, b.inf)
+    for field_ in ("min", "max", "mean", "rms", "absmax"):
+        x, y = getattr(a, field_), getattr(b, field_)
+        assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-5, abs=1e-6), field_
+    assert (a.per_token_rms is None) == (b.per_token_rms is None)
+    if a.per_token_rms is not None:
+        assert a.per_token_rms.dtype == torch.float32 and a.per_token_rms.shape == b.per_token_rms.shape
+        torch.testing.assert_close(a.per_token_rms, b.per_token_rms, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_stats_batch_equals_one_by_one():
+    from parity_kit.recording import StatsBatch
+
+    g = torch.Generator().manual_seed(0)
+    with_nan = torch.randn(3, 5, generator=g)
+    with_nan[1, 2], with_nan[2, 0], with_nan[0, 4] = float("nan"), float("inf"), float("-inf")
+    tensors = [
+        torch.randn(2, 3, 8, generator=g),                       # same group as the next one
+        torch.randn(4, 8, generator=g) * 100,
+        torch.randn(5, 8, generator=g).bfloat16(),               # other dtype, same width
+        torch.randn(6, generator=g).half(),
+        torch.randn(3, 4, generator=g).double(),
+        torch.tensor(2.5),                                       # 0-d
+        torch.empty(0, 8),                                       # empty
+        torch.arange(12).reshape(3, 4),                          # integer
+        with_nan,
+        torch.full((2, 3), 3e38),                                # squares overflow fp32
+        torch.full((2, 3), float("nan")),                        # nothing finite
+    ]
+    for per_token in (True, False):
+        batched = StatsBatch(tensors, per_token).result()
+        assert len(batched) == len(tensors)
+        for t, got in zip(tensors, batched):
+            _assert_stats_close(got, TensorStats.of(t, per_token))
+
+
+def test_stats_batch_refuses_tensor_modified_in_place():
+    from parity_kit.recording import StatsBatch
+
+    t = torch.ones(2, 3)
+    version = t._version
+    t.add_(1)
+    with pytest.raises(ParityKitError, match="modified in place.*stats_batch=0"):
+        StatsBatch([t], versions=[version], labels=["module 'm' leaf 'output'"])

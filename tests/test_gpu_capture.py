@@ -1,0 +1,169 @@
+"""Capture on accelerate-dispatched models (CPU here) and the CUDA fast paths (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import build_tiny_llama, hook_counts
+from torch import nn
+
+import parity_kit as pk
+from parity_kit.recording import TensorStats
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _tensors_equal(a: pk.Recording, b: pk.Recording) -> None:
+    assert [(c.module, c.index, list(c.tensors)) for c in a] == [(c.module, c.index, list(c.tensors)) for c in b]
+    for ca, cb in zip(a, b):
+        for leaf, x in ca.tensors.items():
+            y = cb.tensors[leaf]
+            assert x.dtype == y.dtype and x.device == y.device
+            assert torch.equal(x.cpu(), y.cpu()), (ca.module, leaf)
+
+
+def test_hooks_coexist_with_accelerate_disk_offload(tmp_path, input_ids):
+    from accelerate import dispatch_model
+
+    plain = build_tiny_llama(layers=2)
+    offloaded = build_tiny_llama(layers=2)
+    # layer 1 and the head live on disk and are loaded by accelerate's hooks at each forward
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    offloaded = dispatch_model(offloaded, device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    assert offloaded.model.layers[1].mlp.down_proj.weight.device.type == "meta"
+    with torch.no_grad(), pk.record(plain, "*") as ref:
+        plain(input_ids)
+    with torch.no_grad(), pk.record(offloaded, "*") as got:
+        offloaded(input_ids)
+    _tensors_equal(got, ref)
+    assert len(got["model.layers.1.mlp.down_proj"]) == 1
+    table = pk.compare(ref, got)
+    assert (table["status"] == "ok").all() and (table["max_abs"] == 0).all()
+    # accelerate's own hooks stay, ours are gone
+    assert hasattr(offloaded.model.layers[1], "_hf_hook")
+    assert all(n == (0, 0, 0) for n in hook_counts(offloaded).values())
+
+
+def test_random_dispatched_model_records(input_ids):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from parity_kit.multigpu import random_dispatched
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model, plan = random_dispatched(model, {"cpu": "1GiB"}, dtype="fp32", std=0.5)
+    assert not any(p.is_meta for p in model.parameters())
+    assert 0.4 < float(model.model.layers[0].mlp.up_proj.weight.std()) < 0.6
+    with torch.no_grad(), pk.record(model, "*", mode="stats") as rec:
+        model(input_ids)
+    assert rec["lm_head"][0].output.nan == 0 and rec["lm_head"][0].output.rms > 0
+
+
+# ---------------------------------------------------------------------------------------- CUDA only
+@cuda
+def test_offload_to_pinned_host_memory_equals_plain_copy(input_ids):
+    model = build_tiny_llama(dtype=torch.bfloat16).cuda()
+    ids = input_ids.cuda()
+    with torch.no_grad(), pk.record(model, "*", inputs=True, device="cpu") as rec:
+        model(ids)
+    with torch.no_grad(), pk.record(model, "*", inputs=True, device="cuda") as on_gpu:
+        model(ids)
+    for a, b in zip(rec, on_gpu):
+        for leaf, x in a.tensors.items():
+            assert x.device.type == "cpu" and x.is_pinned()
+            assert torch.equal(x, b.tensors[leaf].cpu()), (a.module, leaf)
+            assert x.dtype == b.tensors[leaf].dtype  # no silent down-cast
+    cast = None
+    with torch.no_grad(), pk.record(model, "model.layers.0.mlp", device="cpu", dtype="fp32") as cast:
+        model(ids)
+    assert cast.calls[0].output.dtype == torch.float32 and cast.calls[0].orig_dtypes == {"output": "bf16"}
+
+
+def _sync_warnings(fn) -> int:
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@cuda
+def test_no_host_synchronisation_inside_hooks():
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 8)).cuda().eval()
+    x = torch.randn(16, 64, device="cuda")
+
+    for mode, device in (("stats", "cpu"), ("tensors", "cpu"), ("tensors", "cuda")):
+        with torch.no_grad(), pk.record(model, "*", mode=mode, device=device, memory_budget=None) as rec:
+            torch.cuda.set_sync_debug_mode("error")  # any synchronising call in a hook raises
+            try:
+                model(x)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert len(rec) == 4
+    llama = build_tiny_llama(dtype=torch.bfloat16).cuda()
+    ids = torch.tensor([[1, 5, 9, 13]], device="cuda")
+
+    def plain() -> None:
+        with torch.no_grad():
+            llama(ids)
+
+    base = _sync_warnings(plain)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), pk.record(llama, "*", mode="stats") as rec:
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                llama(ids)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    inside = sum("synchroniz" in str(w.message) for w in caught)
+    assert inside == base  # the model's own synchronisations only, none added by the hooks
+    assert all(isinstance(v, TensorStats) for c in rec for v in c.tensors.values())
+
+
+@cuda
+def test_cuda_stats_equal_cpu_stats(input_ids):
+    model = build_tiny_llama()
+    with torch.no_grad(), pk.record(model, "*", mode="stats") as on_cpu:
+        model(input_ids)
+    model.cuda()
+    with torch.no_grad(), pk.record(model, "*", mode="stats") as on_gpu:
+        model(input_ids.cuda())
+    for a, b in zip(on_gpu, on_cpu):
+        for leaf, x in a.tensors.items():
+            y = b.tensors[leaf]
+            assert x.nan == y.nan and x.inf == y.inf
+            assert x.rms == pytest.approx(y.rms, rel=1e-4, abs=1e-6)
+            assert x.max == pytest.approx(y.max, rel=1e-4, abs=1e-6)
+
+
+@cuda
+def test_compare_on_gpu_equals_cpu(input_ids):
+    ref_m, cand_m = build_tiny_llama().cuda(), build_tiny_llama(dtype=torch.bfloat16).cuda()
+    ids = input_ids.cuda()
+    with torch.no_grad(), pk.record(ref_m, "*", device="cuda") as ref:
+        ref_m(ids)
+    with torch.no_grad(), pk.record(cand_m, "*", device="cuda") as cand:
+        cand_m(ids)
+    on_gpu = pk.compare(ref, cand)
+    cpu_ref = pk.Recording("tensors", [pk.Call(c.module, c.index, c.order, {k: v.cpu() for k, v in c.tensors.items()})
+                                       for c in ref])
+    cpu_cand = pk.Recording("tensors", [pk.Call(c.module, c.index, c.order, {k: v.cpu() for k, v in c.tensors.items()})
+                                        for c in cand])
+    on_cpu = pk.compare(cpu_ref, cpu_cand)
+    streamed = pk.compare(cpu_ref, cpu_cand, device="cuda", chunk_bytes="4KiB")
+    for table in (on_gpu, streamed):
+        for col in ("max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp", "floor"):
+            torch.testing.assert_close(torch.tensor(table[col].to_numpy(float)),
+                                       torch.tensor(on_cpu[col].to_numpy(float)), rtol=1e-12, atol=1e-300,
+                                       equal_nan=True)
