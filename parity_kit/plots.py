@@ -549,6 +549,7 @@ def local_vs_propagated_waterfall(table: pd.DataFrame, metric: str = "rel_rms", 
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title or f"local vs propagated {metric} (execution order)")
     return fig
+# --- end precision (story 02) ---
 
 
 # --- prefill (story 03) ---

@@ -163,7 +163,8 @@ def wkv_chunk(
     path (``chunk_dplr_delta_rule``): cumulative decays, exponentials and every accumulation stay in
     fp32, but these tensors are rounded to the low dtype where FLA stores them so: the decayed
     ``r e^{Γ}``, ``k e^{Γ_L-Γ}``, ``a e^{Γ_{i-1}}``, ``b e^{Γ_L-Γ}`` and the factors of the intra-chunk
-    products; ``A_qk`` and ``A_qb`` (``A_ab``, ``A_ak`` stay fp32 as in FLA); the inverse
+    products (when the low dtype's range can hold them: fp16's cannot at chunk 64, so there they stay
+    fp32 — FLA avoids the overflow with sub-chunk gating); ``A_qk`` and ``A_qb`` (``A_ab``, ``A_ak`` stay fp32 as in FLA); the inverse
     ``(I - A_ab)^{-1}`` and the WY factors ``w = T·(a e^{Γ_{i-1}})``, ``u = (T A_ak) V`` built from it;
     the state entering each chunk as it is read for the output and the pseudo-values (the carried
     state itself stays fp32); the pseudo-values X. A "dot product in the low dtype" is modelled as
@@ -218,10 +219,15 @@ def wkv_chunk(
     tril = torch.ones(length, length, dtype=torch.bool, device=r.device).tril()
     strict = tril.clone().fill_diagonal_(False)
 
-    q_centred = rnd(rc * torch.exp(gamma - centre))
-    a_centred = rnd(ac * torch.exp(gamma_prev - centre))
-    k_centred = rnd(kc * torch.exp(centre - gamma))
-    b_centred = rnd(bc * torch.exp(centre - gamma))
+    # The centred factors reach e^{±|Σw|/2} (about e^19 at chunk 64), beyond fp16's range (6.5e4);
+    # FLA keeps its factors small with sub-chunk gating. Where the low dtype cannot hold them, keep
+    # the factors in fp32 and round only the bounded products (A_qk, A_qb), so fp16 stays finite.
+    wide_enough = intermediate_dtype is None or torch.finfo(intermediate_dtype).max >= float(torch.exp(span)) * 1e3
+    rnd_factor = rnd if wide_enough else (lambda x: x)
+    q_centred = rnd_factor(rc * torch.exp(gamma - centre))
+    a_centred = rnd_factor(ac * torch.exp(gamma_prev - centre))
+    k_centred = rnd_factor(kc * torch.exp(centre - gamma))
+    b_centred = rnd_factor(bc * torch.exp(centre - gamma))
     # [B, H, C, L, N] @ [B, H, C, N, L] -> [B, H, C, L, L]
     a_qk = rnd((q_centred @ k_centred.transpose(-1, -2)).masked_fill(~tril, 0))
     a_qb = rnd((q_centred @ b_centred.transpose(-1, -2)).masked_fill(~tril, 0))
