@@ -622,6 +622,36 @@ def model_variant(
     return model.eval(), tokenizer
 
 
+def case_study(
+    model: str,
+    *,
+    dtype: DtypeLike = "fp16",
+    reference_dtype: DtypeLike = "fp32",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+    prompt: str = "who are you",
+    max_new_tokens: int = 128,
+    trust_remote_code: bool = False,
+) -> LockstepResult:
+    """One model in ``dtype`` against itself in ``reference_dtype``, greedy, on one chat prompt.
+
+    The story-01 panel's analysis: models come from the shared cache (``pk.ui.MODELS``), so changing
+    only the prompt or the token budget does not reload weights.
+
+    >>> r = case_study("tiny-internlm2", dtype="fp16", max_new_tokens=4)
+    >>> r.labels
+    ('tiny-internlm2 fp32', 'tiny-internlm2 fp16')
+    """
+    from .ui import MODELS
+
+    low, high = dtype_name(parse_dtype(dtype)), dtype_name(parse_dtype(reference_dtype))
+    reference, tokenizer = MODELS.load(model, high, device, attn_implementation, trust_remote_code=trust_remote_code)
+    candidate, _ = MODELS.load(model, low, device, attn_implementation, trust_remote_code=trust_remote_code)
+    chat = chat_prompt_for(prompt, tokenizer)
+    return lockstep_greedy(reference.eval(), candidate.eval(), chat, max_new_tokens=max_new_tokens,
+                           ref_tokenizer=tokenizer, labels=(f"{model} {high}", f"{model} {low}"), progress=False)
+
+
 def standard_pairs(
     original: str,
     converted: str,

@@ -447,3 +447,33 @@ def test_conclusion_names_the_factor_the_numbers_point_to():
     nothing = _fake_stats({("original fp16 vs fp32 (eager)", "dtype", "eager", "fp16 vs fp32"): 0.0})
     text, _ = gen.conclude_divergence(stats=nothing, **common)
     assert "does not show the effect" in text
+
+
+def test_story_panel_runs_the_case_study_and_shows_errors():
+    from matplotlib.figure import Figure
+
+    import parity_kit as pk
+
+    seen = []
+
+    def explore(p):
+        result = gen.case_study(p["model"], dtype=p["dtype"], reference_dtype=p["ref_dtype"], device=p["device"],
+                                attn_implementation=p["attn_implementation"], prompt=p["prompt"],
+                                max_new_tokens=p["max_new_tokens"])
+        seen.append(result)
+        return [result, pk.plots.lockstep_margins(result), result.steps]
+
+    panel = pk.ui.story_panel(explore, model="tiny-internlm2", extra_models=["tiny-internlm2-llama"], dtype="fp16",
+                              ref_dtype="fp32", device="cpu", attn_implementation="eager", prompt="who are you",
+                              max_new_tokens=6)
+    panel.click()
+    assert panel.error is None
+    result, fig, steps = panel.results
+    assert result.labels == ("tiny-internlm2 fp32", "tiny-internlm2 fp16") and isinstance(fig, Figure)
+    assert len(steps) == 6
+    panel.set(model="tiny-internlm2-llama", dtype="bf16", attn_implementation="sdpa", max_new_tokens=3)
+    panel.click()
+    assert panel.error is None and seen[-1].labels == ("tiny-internlm2-llama fp32", "tiny-internlm2-llama bf16")
+    panel.set(max_new_tokens=0)
+    panel.click()
+    assert panel.results == [] and "max_new_tokens" in panel.error
