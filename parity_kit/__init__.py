@@ -36,7 +36,8 @@ _EXPORTS: dict[str, str] = {
     "environment_capsule": "report", "diff_capsules": "report", "write_findings": "report",
     "read_findings": "report", "export_html": "report",
     # subpackages / helper modules
-    "models": "models", "plots": "plots", "recurrence": "recurrence", "ui": "ui",
+    "models": "models", "plots": "plots", "recurrence": "recurrence", "ui": "ui", "prefill": "prefill",
+    "generation": "generation", "evaluation": "evaluation", "precision": "precision", "bugreport": "bugreport",
 }
 
 __all__ = ["ParityKitError", "__version__", *_EXPORTS]

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
+import parity_kit as pk
 from parity_kit.errors import ParityKitError
 from parity_kit.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from parity_kit.paths import data_dir
 from parity_kit import prefill
 from parity_kit.prefill import (
-    FLA_MODES, OUR_MODES, boundary_positions, capture_wkv_inputs, compare_prefill, fla_unavailable_reason,
-    lastword_by_mode, model_mode_comparison, prefill_then_decode, run_mode, sweep,
+    FLA_MODES, OUR_MODES, REPORTED_FIGURES, boundary_positions, capture_wkv_inputs, chunk_size_table, compare_prefill,
+    conclude_prefill, decode_comparison, error_pivot, explore, fla_unavailable_reason, lastword_by_mode, length_table,
+    model_mode_comparison, prefill_then_decode, reported_vs_measured, run_mode, state_growth, stored_kernel_figures,
+    stored_kernel_table, story_plan, sweep,
 )
 from parity_kit.recurrence import random_wkv_inputs
 
@@ -218,3 +223,198 @@ def test_prefill_plots_from_harness_tables():
         plots.prefill_error_vs_length(res.summary.drop(columns=["reference"]))
     with pytest.raises(ParityKitError, match="no measured rows"):
         plots.prefill_state_at_boundaries(res.boundaries, reference="nonexistent")
+
+
+# ----------------------------------------------------------------------------------------------- story 03 helpers
+
+T_STORY = 512
+
+
+def harness_rows(dtype: str, rel: dict[str, tuple[float, float]], direct: tuple[float, float] = (0.5, 0.02),
+                 T: int = T_STORY, nonfinite: tuple[str, ...] = ()) -> list[dict]:
+    """Summary rows as compare_prefill writes them: ``rel[mode] = (output rel_rms, state rel_rms)`` against fp64,
+    ``direct`` the chunk_low vs recurrent max_abs; modes in ``nonfinite`` carry NaN and a failure status."""
+    rows = []
+    for mode, (out, state) in rel.items():
+        for tensor, value in (("output", out), ("state", state)):
+            bad = mode in nonfinite
+            rows.append({"mode": mode, "dtype": dtype, "reference": "fp64", "T": T, "chunk_size": 64, "tensor": tensor,
+                         "max_abs": 10 * value, "mean_abs": value, "rel_rms": math.nan if bad else value,
+                         "status": f"non-finite values in the {tensor}" if bad else "ok"})
+    for tensor, value in zip(("output", "state"), direct):
+        rows.append({"mode": "chunk_low", "dtype": dtype, "reference": "recurrent", "T": T, "chunk_size": 64,
+                     "tensor": tensor, "max_abs": value, "mean_abs": value / 10, "rel_rms": value / 100, "status": "ok"})
+    return rows
+
+
+def story_rel(chunk_low: float, chunk_fp32: float, recurrent: float = 1e-3) -> dict[str, tuple[float, float]]:
+    return {"reference_rounded": (5e-4, 4e-4), "recurrent_fp32_state": (recurrent, 2e-3),
+            "recurrent_low_state": (4 * recurrent, 8e-3), "chunk_fp32": (chunk_fp32, 3e-3),
+            "chunk_low": (chunk_low, 6e-3)}
+
+
+def lastword_table(dtypes=("bf16",), z: float = 0.5, failed: tuple[str, ...] = ()) -> pd.DataFrame:
+    rows = [{"dtype": "fp64", "mode": "reference", "ppl": 20.0, "z": math.nan, "n": 24, "status": "ok"}]
+    for i, d in enumerate(dtypes):
+        for j, mode in enumerate(("recurrent_fp32_state", "chunk_low")):
+            bad = f"{d} {mode}" in failed
+            rows.append({"dtype": d, "mode": mode, "ppl": math.nan if bad else 20.0 + i + j,
+                         "z": math.nan if bad else z * (1 + j), "n": 24, "status": "non-finite logits" if bad else "ok"})
+    return pd.DataFrame(rows)
+
+
+def model_summary(dtypes=("bf16",)) -> pd.DataFrame:
+    return pd.DataFrame([{"dtype": d, "mode": m, "tensor": t, "layer": None, "rel_rms": 1e-3 * (i + 1)}
+                         for i, d in enumerate(dtypes) for m in ("recurrent_fp32_state", "chunk_low")
+                         for t in ("logits", "wkv output")])
+
+
+def conclude(lengths: list[dict], *, dtypes=("bf16",), lastword=None, stored=None, output_rms: float = 2.0):
+    return conclude_prefill(pd.DataFrame(lengths), lastword if lastword is not None else lastword_table(dtypes),
+                            model_summary(dtypes), stored if stored is not None else pd.DataFrame(),
+                            dtypes=list(dtypes), seq_len=T_STORY, output_rms=output_rms)
+
+
+def test_conclusion_recommends_low_precision_chunk_when_it_is_close_to_recurrent():
+    text, figures = conclude(harness_rows("bf16", story_rel(chunk_low=1.2e-3, chunk_fp32=1.05e-3)))
+    assert "For bf16 prefill use chunk mode even with bf16 intermediates (FLA-like; 1.20x the recurrent error)" in text
+    assert "keep the decode state in fp32 (a bf16 state is 4.0x worse on the state)" in text
+    k = f"bf16_T{T_STORY}_"
+    assert figures[k + "chunk_low_output_rel_rms"] == 1.2e-3 and figures[k + "floor_output_rel_rms"] == 5e-4
+    assert figures[k + "chunk_low_vs_recurrent_output_max_abs"] == 0.5
+    assert figures[k + "direct_output_max_over_output_rms"] == 0.25  # 0.5 / output rms 2.0
+    assert figures["reported_198_output_max"] == REPORTED_FIGURES[0][3]
+    assert "against 1.0 and 0.043 reported in FLA #198" in text
+    assert figures["lastword_n"] == 24 and figures["lastword_modes_nonfinite"] == 0
+    assert figures["logits_bf16_chunk_low_rel_rms"] == 1e-3
+    assert "largest last-word |z| of any finite mode is 1.00" in text
+    assert not any(key.startswith("stored_h200") for key in figures)
+
+
+def test_conclusion_flips_to_fp32_intermediates_then_to_recurrent():
+    text, _ = conclude(harness_rows("bf16", story_rel(chunk_low=3e-3, chunk_fp32=1.1e-3)))
+    assert "For bf16 prefill use chunk mode with fp32 intermediates (1.10x the recurrent error), not bf16 " \
+           "intermediates (3.00x)" in text
+    text, figures = conclude(harness_rows("bf16", story_rel(chunk_low=3e-3, chunk_fp32=2e-3)))
+    assert "For bf16 prefill use the recurrent form with an fp32 state (chunk is 2.00x worse" in text
+    assert figures[f"bf16_T{T_STORY}_chunk_fp32_output_rel_rms"] == 2e-3
+
+
+def test_conclusion_names_an_overflowing_chunk_mode_per_dtype():
+    rows = (harness_rows("fp16", story_rel(chunk_low=1e-3, chunk_fp32=1.1e-3), nonfinite=("chunk_low",))
+            + harness_rows("bf16", story_rel(chunk_low=1.1e-3, chunk_fp32=1e-3)))
+    lastword = lastword_table(("fp16", "bf16"), failed=("fp16 chunk_low",))
+    text, figures = conclude(rows, dtypes=("fp16", "bf16"), lastword=lastword)
+    assert "chunk with fp16 intermediates did not produce finite values (overflow): do not use it in fp16" in text
+    assert "not fp16 intermediates (they overflow)" in text
+    assert "For bf16 prefill use chunk mode even with bf16 intermediates" in text
+    assert math.isnan(figures[f"fp16_T{T_STORY}_chunk_low_output_rel_rms"])
+    assert "non-finite logits in: fp16 chunk_low" in text and figures["lastword_modes_nonfinite"] == 1
+    assert text.index("For fp16") < text.index("For bf16")  # the chosen dtype leads
+
+
+def test_conclusion_adds_stored_gpu_figures_when_present():
+    stored = []
+    for d, scale in (("bf16", 1.0), ("fp16", 0.1), ("fp32", 0.001)):
+        for mode, factor in (("fla_chunk", 2.0), ("fla_fused_recurrent", 1.0)):
+            for tensor in ("output", "state"):
+                stored.append({"mode": mode, "dtype": d, "reference": "fp64", "T": 4096, "tensor": tensor,
+                               "max_abs": 0.4 * scale * factor, "mean_abs": 0.02, "rel_rms": 3e-3 * scale * factor,
+                               "status": "ok"})
+    stored += [{"mode": "fla_chunk", "dtype": "bf16", "reference": "recurrent", "T": 4096, "tensor": t,
+                "max_abs": v, "mean_abs": v / 10, "rel_rms": v / 100, "status": "ok"}
+               for t, v in (("output", 0.5), ("state", 0.02))]
+    text, figures = conclude(harness_rows("bf16", story_rel(1.2e-3, 1e-3)), stored=pd.DataFrame(stored))
+    assert figures["stored_h200_bf16_T4096_fla_chunk_output_rel_rms"] == 6e-3
+    assert figures["stored_h200_fp32_T4096_fla_fused_recurrent_state_max_abs"] == 0.4 * 0.001
+    assert figures["stored_h200_bf16_T4096_fla_chunk_vs_fused_state_max"] == 0.02
+    assert "output rel_rms 6.00e-03 vs 3.00e-03 for fused_recurrent_rwkv7 (2.00x)" in text
+    assert "FLA's own kernels on the H200 (stored, T=4096): 0.5 and 0.02." in text
+
+
+def test_story_plan_smoke_shrinks_and_orders_dtypes():
+    plan = story_plan("bfloat16", [256, 4096], smoke=True, device="cpu")
+    assert plan.dtypes == ["bf16", "fp16"] and plan.lengths == [128, 256] and plan.longest == 256
+    assert plan.modes == list(OUR_MODES) and plan.lastword_limit == 24
+    full = story_plan("fp16", [512, 2048], smoke=False, device="cpu")
+    assert full.dtypes == ["fp16", "bf16"] and full.longest == 2048 and full.lastword_limit is None
+    assert "not run here" in full.describe(64, 16, 64)
+    with pytest.raises(ParityKitError, match="lengths"):
+        story_plan("bf16", [], smoke=True, device="cpu")
+
+
+def test_state_growth_reads_first_middle_and_last_boundary():
+    rows = [{"mode": m, "dtype": "bf16", "reference": "fp64_rounded", "tensor": "state", "position": p,
+             "max_abs": p * f} for m, f in (("chunk_low", 2.0), ("recurrent_fp32_state", 1.0)) for p in (256, 0, 64, 192, 128)]
+    rows.append({"mode": "chunk_low", "dtype": "fp16", "reference": "fp64_rounded", "tensor": "state", "position": 64,
+                 "max_abs": 99.0})
+    growth = state_growth(pd.DataFrame(rows), "bf16")
+    assert growth.loc["chunk_low"].tolist() == [128.0, 256.0, 512.0]
+    assert growth.loc["recurrent_fp32_state", "last boundary"] == 256.0
+    with pytest.raises(ParityKitError, match="no state rows"):
+        state_growth(pd.DataFrame(rows), "fp32")
+
+
+def test_reported_vs_measured_lines_up_bf16_rows_of_each_source():
+    lengths = pd.DataFrame(harness_rows("bf16", story_rel(1.2e-3, 1e-3), T=1024))
+    side = reported_vs_measured(lengths, pd.DataFrame(), ["bf16", "fp16"])
+    ours = side[side["source"] == "this run (CPU, ours)"]
+    assert len(side) == len(REPORTED_FIGURES) + len(ours)
+    assert ours["comparison"].tolist() == ["chunk_low vs recurrent", "chunk_low vs fp64", "recurrent_fp32_state vs fp64"]
+    direct = ours.iloc[0]
+    assert (direct["output max"], direct["state max"]) == (0.5, 0.02)
+    assert reported_vs_measured(lengths, pd.DataFrame(), ["fp16"])["source"].eq("this run (CPU, ours)").sum() == 0
+
+
+def test_stored_kernel_figures_read_missing_and_corrupt(tmp_path):
+    assert not stored_kernel_figures(tmp_path / "none.json").found
+    rows = [{"mode": "fla_chunk", "dtype": "bf16", "reference": r, "T": 1024, "tensor": t, "max_abs": 0.1,
+             "mean_abs": 0.01, "rel_rms": 1e-3, "status": s}
+            for r in ("fp64", "fp64_rounded") for t in ("output", "state") for s in ("ok", "skipped: no GPU")]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"command": "python wkv_kernels.py", "environment": {"gpu": "x"},
+                                "errors": {"summary": rows}}))
+    stored = stored_kernel_figures(good)
+    assert stored.found and stored.command == "python wkv_kernels.py" and len(stored.summary) == 4
+    table = stored_kernel_table(stored.summary, "bf16")
+    assert table.index.tolist() == [(1024, "fla_chunk")] and table.shape == (1, 8)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"command": "x"}))
+    with pytest.raises(ParityKitError, match="not a wkv_kernels benchmark result"):
+        stored_kernel_figures(bad)
+
+
+def test_table_builders_on_a_small_run():
+    x = random_wkv_inputs(1, 64, 1, 8, dtype=torch.float64, seed=7)
+    long = compare_prefill(x, dtypes=("bf16",), modes=("chunk_low", "recurrent_fp32_state"), chunk_size=16)
+    lengths = length_table(long.summary, x, [32, 64], dtypes=["bf16"], modes=["chunk_low", "recurrent_fp32_state"],
+                           chunk_size=16)
+    # the long run is reused, not recomputed, and the shorter prefix is added
+    pd.testing.assert_frame_equal(lengths[lengths["T"] == 64].reset_index(drop=True), long.summary)
+    assert set(lengths["T"]) == {32, 64}
+    pivot = error_pivot(long.summary)
+    assert pivot.loc[("bf16", "chunk_low"), ("max_abs", "recurrent", "output")] > 0
+    chunks = chunk_size_table(x, 64, [16, 32], dtypes=["bf16"], modes=[*OUR_MODES])
+    assert "recurrent_low_state" not in set(chunks["mode"]) and set(chunks["chunk_size"]) == {16, 32}
+    decode = decode_comparison(x, 48, dtype="bf16", chunk_size=16)
+    assert set(decode["prefill_mode"]) == {"chunk_low", "chunk_fp32"} and (decode["prefill_tokens"] == 36).all()
+
+
+def test_story_panel_runs_explore_with_the_chosen_dtype_and_chunk_size():
+    from matplotlib.figure import Figure
+
+    panel = pk.ui.story_panel(lambda p: explore(**p), dtype="bf16", device="cpu", chunk_size=64, seq_len=64, heads=2,
+                              head_dim=8, title="prefill modes")
+    panel.set(dtype="fp16", chunk_size=16)
+    panel.click()
+    assert panel.error is None
+    table, fig_position, fig_boundaries = panel.results
+    assert isinstance(table, pd.DataFrame) and isinstance(fig_position, Figure) and isinstance(fig_boundaries, Figure)
+    assert set(table.index.get_level_values("dtype")) == {"fp16"}
+    assert set(table.index.get_level_values("mode")) == {*OUR_MODES, "reference_rounded"}
+    # the chunk size reached the harness: one state point per boundary 0, 16, 32, 48, 64
+    xs = fig_boundaries.axes[0].get_lines()[0].get_xdata()
+    assert list(xs) == [0, 16, 32, 48, 64]
+    panel.set(seq_len=0)
+    panel.click()
+    assert panel.results == [] and "seq_len" in panel.error
