@@ -82,7 +82,7 @@ SPECS: dict[str, ModelSpec] = {
             "attn_implementation": "eager", "tie_word_embeddings": False, **_SPECIAL_IDS,
         },
         tokenizer_adds_bos=True,
-        settings=TrainSettings(steps=150, batch_size=8, lr=3e-3, warmup_steps=20),
+        settings=TrainSettings(steps=420, batch_size=8, lr=3e-3, warmup_steps=20),
     ),
     "tiny-rwkv7": ModelSpec(
         model_type="rwkv7",
