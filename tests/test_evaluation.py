@@ -19,6 +19,7 @@ from parity_kit.errors import ParityKitError
 from parity_kit.evaluation import (
     LastWordItem,
     LastWordResult,
+    PairedComparison,
     evaluate_lastword,
     load_lastword_items,
     mean_stderr,
@@ -515,3 +516,177 @@ def test_evaluation_plots_return_figures(tok_plain, llama):
     assert isinstance(plots.bos_effect_by_context_length(sweep), Figure)
     with pytest.raises(ParityKitError, match="lacks columns"):
         plots.bos_effect_by_context_length(sweep.drop(columns="ci_low"))
+
+
+# ------------------------------------------------------------------------------------ the BOS story's analyses
+
+
+def test_reported_gap_in_stderr_divides_by_the_reference_stderr():
+    from parity_kit.evaluation import reported_gap_in_stderr
+
+    gap = reported_gap_in_stderr({"ppl_without_bos": 5.0, "ppl_with_bos": 4.25, "ppl_reference": 4.0,
+                                  "stderr_reference": 0.5})
+    assert gap == {"real_case_in_stderr": pytest.approx(2.0), "real_case_fixed_in_stderr": pytest.approx(0.5)}
+    with pytest.raises(ParityKitError, match="lack"):
+        reported_gap_in_stderr({"ppl_without_bos": 5.0})
+    with pytest.raises(ParityKitError, match="not positive"):
+        reported_gap_in_stderr({"ppl_without_bos": 5.0, "ppl_with_bos": 4.0, "ppl_reference": 4.0,
+                                "stderr_reference": 0.0})
+
+
+def _positions(first_mean: float, first_stderr: float, target: list[tuple[int, float, int]]) -> pd.DataFrame:
+    rows = [{"axis": "from_start", "position": 1, "mean": first_mean, "stderr": first_stderr, "n_docs": 5},
+            {"axis": "from_start", "position": 2, "mean": 9.0, "stderr": 1.0, "n_docs": 5},
+            {"axis": "from_target", "position": -1, "mean": 9.0, "stderr": 1.0, "n_docs": 5}]
+    rows += [{"axis": "from_target", "position": p, "mean": m, "stderr": 0.1, "n_docs": n} for p, m, n in target]
+    return pd.DataFrame(rows)
+
+
+def test_bos_position_effect_weights_target_positions_by_documents():
+    from parity_kit.evaluation import bos_position_effect
+
+    effect = bos_position_effect(_positions(0.6, 0.2, [(0, 0.1, 3), (1, 0.5, 1)]))
+    assert effect["first_position"] == 1 and effect["first_position_nats"] == pytest.approx(0.6)
+    assert effect["first_position_z"] == pytest.approx(3.0)
+    assert effect["target_nats_per_token"] == pytest.approx((0.1 * 3 + 0.5 * 1) / 4)  # context rows (−1) left out
+    assert bos_position_effect(_positions(0.6, 0.0, [(0, 0.1, 3)]))["first_position_z"] == 0.0
+    assert bos_position_effect(_positions(0.6, math.nan, [(0, 0.1, 3)]))["first_position_z"] == 0.0
+    with pytest.raises(ParityKitError, match="no 'from_start' rows"):
+        bos_position_effect(_positions(0.6, 0.2, []))
+
+
+def _comparison(ppl_diff: float, z: float, flagged: bool, **extra: float) -> PairedComparison:
+    stats = {"ppl_diff": ppl_diff, "ppl_diff_in_a_stderr": ppl_diff / 2.0, "mean_ll_diff": -ppl_diff / 40,
+             "mean_ll_diff_stderr": 0.01, "z": z, "ppl_diff_ci_low": ppl_diff - 0.5, "ppl_diff_ci_high": ppl_diff + 0.5,
+             "acc_diff": 0.0, "acc_diff_stderr": 0.01, **extra}
+    return PairedComparison(table=pd.DataFrame({"statistic": list(stats), "value": list(stats.values())}),
+                            flagged=flagged, verdict="constructed", stats=stats)
+
+
+def test_bos_factor_table_puts_both_suspects_side_by_side():
+    from parity_kit.evaluation import bos_factor_table
+
+    table = bos_factor_table({"m": _comparison(3.0, 6.0, True)}, {"m": _comparison(-0.2, 0.5, False)},
+                             ref_dtype="fp32", cand_dtype="fp16")
+    assert table["factor"].tolist() == ["no BOS (fp32)", "fp16 (with BOS)"]
+    assert table["ppl_diff"].tolist() == [3.0, -0.2] and table["paired_z"].tolist() == [6.0, 0.5]
+    assert table["in_one_run_stderr"].tolist() == [1.5, -0.1] and table["flagged"].tolist() == [True, False]
+    assert table["ci_low"].tolist() == [2.5, -0.7]
+    with pytest.raises(ParityKitError, match="no precision comparison"):
+        bos_factor_table({"m": _comparison(3.0, 6.0, True)}, {}, ref_dtype="fp32", cand_dtype="fp16")
+
+
+def test_bos_activation_summary_reads_the_last_layer():
+    from parity_kit.evaluation import bos_activation_summary
+
+    view = pd.DataFrame([[9.0, 9.0, 9.0, 9.0], [0.4, 0.1, 0.3, 0.2]], index=["layers.0", "layers.1"])
+    summary = bos_activation_summary({"a": view, "b": view * 2})
+    assert list(summary.index) == ["a", "b"] and list(summary.columns) == ["first position", "last position", "median"]
+    assert summary.loc["a"].tolist() == pytest.approx([0.4, 0.2, 0.25])
+    assert summary.loc["b", "median"] == pytest.approx(0.5)
+    with pytest.raises(ParityKitError, match="empty"):
+        bos_activation_summary({"a": pd.DataFrame()})
+
+
+def _story(bos: PairedComparison, precision: PairedComparison, *, first_z: float = 1.0,
+           sweep_z: tuple[float, ...] = (1.0, 2.0), sweep_flagged: tuple[bool, ...] = (False, False),
+           sweep_diff: tuple[float, ...] = (0.5, 0.25)) -> tuple[str, dict]:
+    from parity_kit.evaluation import conclude_bos_story
+
+    with_bos = LastWordResult.from_loglikelihoods([-3.0, -3.5, -2.5, -3.2], n_bootstrap=50, label="with")
+    without = LastWordResult.from_loglikelihoods([-3.1, -3.6, -2.6, -3.3], n_bootstrap=50, label="without")
+    low = LastWordResult.from_loglikelihoods([-3.0, -3.5, -2.5, -3.25], n_bootstrap=50, label="low")
+    results = {("m-1", "fp32", True): with_bos, ("m-1", "fp32", False): without, ("m-1", "bf16", True): low}
+    effect = {"first_position": 1, "first_position_nats": 0.25 * first_z, "first_position_z": first_z,
+              "target_nats_per_token": 0.002}
+    sweep = pd.DataFrame({"model": ["m-1", "m-1", "other"], "context_words": [2, 8, 2],
+                          "ppl_diff": [*sweep_diff, 99.0], "ci_low": [d - 1 for d in sweep_diff] + [98.0],
+                          "ci_high": [d + 1 for d in sweep_diff] + [100.0], "z": [*sweep_z, 99.0],
+                          "flagged": [*sweep_flagged, True]})
+    acts = pd.DataFrame({"first position": [0.3], "last position": [0.01], "median": [0.05]}, index=["m-1"])
+    return conclude_bos_story(results, {"m-1": bos}, {"m-1": precision}, {"m-1": effect}, sweep, acts,
+                              ref_dtype="fp32", cand_dtype="bf16", leading_figures={"n_documents": 4})
+
+
+def test_conclusion_says_bos_matters_when_only_bos_is_flagged():
+    text, figures = _story(_comparison(2.0, 5.0, True), _comparison(0.5, 1.0, False), first_z=4.0)
+    assert text.startswith("m-1: without BOS the last-word perplexity goes from")
+    assert "a real effect, higher without BOS." in text and "not distinguishable from zero." in text
+    assert "The missing BOS matters more than precision (4× its perplexity change)." in text
+    assert "Where it acts: at text position 1 a missing BOS changes the loss by +1 nats (z = 4.0)" in text
+    assert "Even with contexts cut to 2 words the missing BOS does not change" in text
+    assert figures["m_1_bos_flagged"] == 1 and figures["m_1_precision_flagged"] == 0
+    assert figures["m_1_bos_ppl_diff"] == 2.0 and figures["m_1_precision_z"] == 1.0
+
+
+def test_conclusion_flips_to_precision_when_precision_moves_the_score_more():
+    text, figures = _story(_comparison(-0.5, -3.5, True), _comparison(2.0, 8.0, True))
+    assert "a real effect, lower without BOS." in text
+    assert "Precision moves the score more than the missing BOS (4× its perplexity change)." in text
+    assert "The missing BOS matters more" not in text
+    assert figures["m_1_bos_flagged"] == 1 and figures["m_1_precision_flagged"] == 1
+    assert figures["m_1_precision_ppl_diff"] == 2.0
+
+
+def test_conclusion_with_neither_factor_and_an_early_only_bos_effect():
+    text, figures = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False), first_z=5.0)
+    assert "no detectable effect." in text and "Neither factor moves the last-word score" in text
+    assert "The model does notice the missing BOS, but only early" in text and "recovers before the last word" in text
+    quiet, _ = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False), first_z=1.0)
+    assert "The model hardly uses the BOS at all" in quiet and "only early" not in quiet
+
+
+def test_conclusion_names_the_clearest_flagged_context_cut():
+    text, figures = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False),
+                           sweep_z=(-4.0, -7.0), sweep_flagged=(True, True), sweep_diff=(-3.0, -12.5))
+    assert ("The clearest cut is the last 8 words: the last-word perplexity is lower without BOS "
+            "(-12.5, paired z = -7.0") in text
+    assert "misleads the model more than a missing one; 2 of 2 cuts are flagged." in text
+    text, _ = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False),
+                     sweep_z=(6.0, 1.0), sweep_flagged=(True, False), sweep_diff=(4.0, 0.1))
+    assert "The clearest cut is the last 2 words" in text and "relies on the BOS; 1 of 2 cuts are flagged." in text
+    assert figures["m_1_ctx8_z"] == -7.0 and figures["m_1_ctx8_flagged"] == 1 and figures["m_1_ctx2_ci_low"] == -4.0
+
+
+def test_conclusion_figures_hold_every_number_the_text_quotes():
+    text, figures = _story(_comparison(2.0, 5.0, True), _comparison(0.5, 1.0, False))
+    assert list(figures)[0] == "n_documents" and figures["n_documents"] == 4
+    assert {"m_1_fp32_bos_ppl", "m_1_fp32_nobos_ppl_stderr", "m_1_bf16_bos_acc", "m_1_first_position_z",
+            "m_1_target_nats_per_token", "m_1_act_last_layer_first_position",
+            "m_1_act_last_layer_last_position"} <= set(figures)
+    assert 99.0 not in figures.values()  # the sweep rows of another model stay out
+    assert figures["m_1_act_last_layer_last_position"] == 0.01 and figures["m_1_first_position_z"] == 1.0
+    assert f"{figures['m_1_fp32_bos_ppl']:.4g}" in text and f"{figures['m_1_fp32_nobos_ppl']:.4g}" in text
+    assert json.loads(json.dumps(figures, default=float))["m_1_bos_z"] == 5.0
+
+
+def test_conclusion_refuses_a_model_with_missing_measurements():
+    from parity_kit.evaluation import conclude_bos_story
+
+    with pytest.raises(ParityKitError, match="no precision comparison, no position effect"):
+        conclude_bos_story({}, {"m": _comparison(1.0, 1.0, False)}, {}, {}, pd.DataFrame({"model": []}),
+                           pd.DataFrame(), ref_dtype="fp32", cand_dtype="bf16")
+
+
+def test_compare_with_and_without_bos_and_the_context_sweep(tok_plain, llama):
+    from parity_kit.evaluation import bos_context_sweep, compare_with_and_without_bos
+
+    items = load_lastword_items(_items(8))
+    with_bos, without, test = compare_with_and_without_bos(llama, tok_plain, items, n_bootstrap=20,
+                                                           n_paired_bootstrap=50, label="llama fp32")
+    assert (with_bos.label, without.label) == ("llama fp32 with BOS", "llama fp32 without BOS")
+    assert with_bos.config["prepend_bos"] and not without.config["prepend_bos"]
+    assert test["ppl_diff"] == pytest.approx(without.ppl - with_bos.ppl)
+    assert test.stats == paired_comparison(with_bos, without, n_bootstrap=50).stats
+
+    sweep = bos_context_sweep(llama, tok_plain, items, [2, 5], name="llama", n_bootstrap=30)
+    assert sweep["context_words"].tolist() == [2, 5] and set(sweep["model"]) == {"llama"}
+    short = [LastWordItem(" ".join(it.context.split()[-2:]), it.target) for it in items]
+    manual = [evaluate_lastword(llama, tok_plain, short, prepend_bos=b, n_bootstrap=30, progress=False)
+              for b in (True, False)]
+    row = sweep.iloc[0]
+    assert row["ppl_with_bos"] == manual[0].ppl and row["ppl_without_bos"] == manual[1].ppl
+    assert row["z"] == paired_comparison(*manual, n_bootstrap=30)["z"]
+    assert sweep.iloc[1]["ppl_with_bos"] != row["ppl_with_bos"]  # the cut really changes the documents
+    with pytest.raises(ParityKitError, match="positive word counts"):
+        bos_context_sweep(llama, tok_plain, items, [0], name="llama")
