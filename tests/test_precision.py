@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from conftest import build_tiny_llama, hook_counts
@@ -10,7 +12,25 @@ from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.precision import BisectionResult, run_in_dtype
+from parity_kit.evaluation import LastWordResult
+from parity_kit.precision import (
+    BisectionResult,
+    ClassSweepSummary,
+    LocalErrorSummary,
+    conclude_groupnorm_precision,
+    first_above_floor_text,
+    groupnorm_fix_variants,
+    held_out_input_ids,
+    join_sweeps,
+    kinds_present,
+    logits_error_table,
+    measure_variants,
+    modules_ending_with,
+    primary_outputs,
+    run_in_dtype,
+    summarise_class_sweep,
+    summarise_local_errors,
+)
 
 
 class NaiveNorm(nn.Module):
@@ -309,3 +329,285 @@ def test_plots_take_real_sweep_and_bisection_results(pair):
         pk.plots.class_sweep(table.drop(columns=["n_modules"]))
     with pytest.raises(ParityKitError):
         pk.plots.bisection_curve(table)
+
+
+
+# ------------------------------------------------------------------------------------------ story 02 helpers
+class RecordingTokenizer:
+    """Characters as token ids; remembers the text it was given."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        assert not add_special_tokens  # the BOS token comes from held_out_input_ids, never from the tokenizer
+        self.texts.append(text)
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_held_out_input_ids_takes_the_last_documents_after_the_evaluated_ones():
+    items = [SimpleNamespace(context=f"doc{i} ", target=str(i)) for i in range(10)]  # 6 characters each
+    tok = RecordingTokenizer()
+    ids = held_out_input_ids(items, tok, skip=3, seq_len=200)
+    assert ids[0] == 0 and "".join(map(chr, ids[1:])) == tok.texts[-1]
+    assert tok.texts[-1] == " ".join(f"doc{i} {i}" for i in range(9, 2, -1))  # newest first, none of the first 3
+    # 8 × 2 = 16 characters: the walk stops at the third document (18 characters), the ids at 2 tokens
+    assert held_out_input_ids(items, tok, skip=0, seq_len=2) == [0, ord("d")]
+    assert tok.texts[-1] == "doc9 9 doc8 8 doc7 7"
+    assert held_out_input_ids(items, tok, skip=0, seq_len=4, bos_id=5)[0] == 5
+    with pytest.raises(ParityKitError, match="lower n_items"):
+        held_out_input_ids(items, tok, skip=10, seq_len=64)
+    with pytest.raises(ParityKitError, match="seq_len >= 2"):
+        held_out_input_ids(items, tok, skip=0, seq_len=1)
+
+
+def test_logits_error_table_judges_each_run_against_its_floor():
+    ref = torch.randn(4, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noisy = (ref + 0.05 * torch.randn(4, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    table = logits_error_table({"fp64": ref, "fp32": ref.float(), "bf16": noisy.bfloat16()}, dtype="bf16",
+                               reference_dtype="fp32")
+    assert table[["run", "reference"]].values.tolist() == [["bf16", "fp32"], ["bf16", "fp64"], ["fp32", "fp64"]]
+    assert table.loc[0, "rel_rms"] == pytest.approx(pk.metrics.rel_rms(ref.float(), noisy.bfloat16()))
+    assert table.loc[0, "floor"] == pytest.approx(pk.metrics.representability_floor(ref.float(), torch.bfloat16))
+    assert table.loc[0, "floor_ratio"] == pytest.approx(table.loc[0, "rel_rms"] / table.loc[0, "floor"])
+    assert table.loc[0, "verdict"].startswith("above floor")  # 5% noise is far above bf16 rounding
+    assert table.loc[2, "verdict"] == "within floor" and table.loc[2, "rel_rms"] < 1e-7
+    rounded = logits_error_table({"fp64": ref, "fp32": ref.float(), "bf16": ref.bfloat16()}, dtype="bf16",
+                                 reference_dtype="fp32")
+    assert rounded.loc[0, "verdict"] == "within floor"
+    with pytest.raises(ParityKitError, match=r"no run named \['fp64'\]"):
+        logits_error_table({"fp32": ref.float(), "bf16": ref.bfloat16()}, dtype="bf16", reference_dtype="fp32")
+
+
+def layer_rows() -> pd.DataFrame:
+    modules = ["model.layers.0.attn.wkv", "model.layers.0.attn.g_norm", "model.layers.0.attn.g_norm",
+               "model.layers.0.attn", "model.layers.0", "model.norm"]
+    return pd.DataFrame({
+        "order": range(6), "module": modules, "tensor": ["output", "output", "output.1", "output.0", "output", "output"],
+        "rel_rms": [1e-3, 5e-3, 9e-1, 6e-3, 7e-3, 8e-3], "floor_ratio": [1.0, 3.0, 50.0, 4.0, 5.0, 6.0],
+        "verdict": ["within floor", "above floor ×3", "above floor ×50", "above floor ×4", "above floor ×5",
+                    "above floor ×6"],
+    })
+
+
+def test_layer_table_helpers_pick_primary_outputs_kinds_and_the_first_module_above_its_floor():
+    primary = primary_outputs(layer_rows())
+    assert primary["tensor"].tolist() == ["output", "output", "output.0", "output", "output"]
+    assert kinds_present(primary) == ["(block)", "attn", "attn.wkv", "attn.g_norm"]
+    assert kinds_present(primary, kinds=["ffn", "attn"]) == ["attn"]
+    assert modules_ending_with(primary)["rel_rms"].tolist() == [5e-3]
+    assert first_above_floor_text(primary) == ("first module (execution order) whose error is above 2x its own "
+                                               "floor: model.layers.0.attn.g_norm (0.005, above floor ×3)")
+    assert first_above_floor_text(primary, threshold=4.5).endswith("model.layers.0 (0.007, above floor ×5)")
+    assert first_above_floor_text(primary, threshold=100).endswith(": None")
+    with pytest.raises(ParityKitError, match="'tensor' column"):
+        primary_outputs(pd.DataFrame({"module": ["a"]}))
+
+
+def sweep_table(removed: dict[str, float], all_listed: float = 0.4, whole: float = 0.9) -> pd.DataFrame:
+    """A sweep_by_class-shaped table: three context rows, then class rows sorted by the error they remove."""
+    classes = sorted(removed.items(), key=lambda kv: -kv[1])
+    return pd.DataFrame({
+        "kind": ["context"] * 3 + ["class"] * len(classes),
+        "class": ["nothing in fp32 (all bf16)", "all listed classes in fp32", "whole model in fp32",
+                  *(name for name, _ in classes)],
+        "error_removed_fraction": [0.0, all_listed, whole, *(v for _, v in classes)],
+    })
+
+
+def test_join_sweeps_and_class_summary():
+    sweep = sweep_table({"Linear": 0.3, "RWKV7GroupNorm": 0.1, "LayerNorm": -0.02})
+    fp64 = sweep.iloc[::-1].assign(error_removed_fraction=[0.05, 0.15, 0.25, 0.35, 0.45, 0.55])
+    joined = join_sweeps(sweep, fp64)
+    assert joined["error_removed_vs_fp64"].tolist() == [0.55, 0.45, 0.35, 0.25, 0.15, 0.05]
+    assert "error_removed_vs_fp64" not in sweep.columns
+    summary = summarise_class_sweep(joined, "RWKV7GroupNorm")
+    assert (summary.removed, summary.rank, summary.n_classes) == (0.1, 2, 3)
+    assert (summary.top_class, summary.top_removed) == ("Linear", 0.3)
+    assert (summary.all_classes_removed, summary.whole_model_removed) == (0.4, 0.9)
+    assert summary.describe() == ("RWKV7GroupNorm: removes 10.0% of the error (rank 2 of 3 classes); top class: "
+                                  "Linear (30.0%)")
+    with pytest.raises(ParityKitError, match="not among the swept classes"):
+        summarise_class_sweep(joined, "GroupNorm")
+    with pytest.raises(ParityKitError, match="context rows"):
+        summarise_class_sweep(joined[joined["kind"] == "class"], "Linear")
+    with pytest.raises(ParityKitError, match="missing from the fp64 sweep"):
+        join_sweeps(sweep, fp64.iloc[1:])
+
+
+def lvp_table(gn_local: list[float], gn_free: list[float], attn_local: float = 3.0) -> pd.DataFrame:
+    """A local-vs-propagated table with floors of 1e-3, so each error is 1e-3 × its floor ratio."""
+    rows = [("model.layers.0.attn", attn_local, attn_local + 1)]
+    rows += [(f"model.layers.{i}.attn.g_norm", loc, free) for i, (loc, free) in enumerate(zip(gn_local, gn_free))]
+    return pd.DataFrame({"module": [r[0] for r in rows], "local_rel_rms": [1e-3 * r[1] for r in rows],
+                         "free_rel_rms": [1e-3 * r[2] for r in rows], "floor": [1e-3] * len(rows)})
+
+
+def test_summarise_local_errors_tells_inherited_from_own_error():
+    inherited = summarise_local_errors(lvp_table([1.5, 1.8], [5.0, 6.0]))
+    assert inherited.local_floor_ratio == pytest.approx([1.5, 1.8])
+    assert inherited.free_floor_ratio == pytest.approx([5.0, 6.0])
+    assert inherited.inherited
+    assert (inherited.largest_local_module, inherited.largest_local_ratio) == ("model.layers.0.attn", pytest.approx(3.0))
+    assert inherited.describe() == ("GroupNorm local error: 1.5-1.8 x its floor; largest local error relative to "
+                                    "its floor: model.layers.0.attn (3 x)")
+    own = summarise_local_errors(lvp_table([4.0, 5.0], [5.0, 6.0], attn_local=2.0))
+    assert not own.inherited and own.largest_local_module == "model.layers.1.attn.g_norm"
+    with pytest.raises(ParityKitError, match="no module ending with"):
+        summarise_local_errors(lvp_table([], []))
+    with pytest.raises(ParityKitError, match="lacks columns"):
+        summarise_local_errors(lvp_table([1.0], [2.0]).drop(columns=["floor"]))
+
+
+class GroupNormNet(nn.Module):
+    """Linear → GroupNorm over 2 groups of a large-offset input (bf16-sensitive) → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(8, 16)
+        self.g_norm = nn.GroupNorm(2, 16)
+        self.head = nn.Linear(16, 6)
+        with torch.no_grad():
+            self.g_norm.weight.uniform_(0.5, 1.5)
+            self.g_norm.bias.uniform_(-0.3, 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.g_norm(self.proj(x)))
+
+
+def test_groupnorm_fix_variants_lists_the_four_variants_in_order():
+    net = GroupNormNet()
+    variants = groupnorm_fix_variants(net, net, ["proj", "head"], "bf16")
+    assert list(variants) == ["bf16", "bf16 + GroupNorm fp32 (up-cast weights)",
+                              "bf16 + GroupNorm fp32 (fp32 master weights)", "bf16 + bisection set fp32 (2 blocks)"]
+    assert [v[0] for v in variants.values()] == [[], ["g_norm"], ["g_norm"], ["proj", "head"]]
+    assert [v[1] is net for v in variants.values()] == [False, False, True, True]
+    with pytest.raises(ParityKitError, match="no nn.GroupNorm"):
+        groupnorm_fix_variants(nn.Linear(2, 2), nn.Linear(2, 2), [], "bf16")
+
+
+def test_measure_variants_runs_each_variant_and_evaluates_inside_it():
+    ref = GroupNormNet().eval()
+    low = copy.deepcopy(ref).to(torch.bfloat16)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref_logits = ref(x)
+        plain = low(x.bfloat16())
+    seen: list[torch.dtype] = []
+
+    def evaluate(model: nn.Module, label: str) -> LastWordResult:
+        seen.append(model.g_norm.weight.dtype)
+        with torch.no_grad():  # a real score of the model: the log-softmax of class 0 per row
+            ll = torch.log_softmax(model(x.to(model.proj.weight.dtype)).double(), -1)[:, 0]
+        return LastWordResult.from_loglikelihoods(ll.tolist(), n_bootstrap=50, label=label)
+
+    reference_eval = evaluate(ref, "fp32")
+    seen.clear()
+    before = snapshot(low)
+    error_low = pk.metrics.rel_rms(ref_logits, plain)
+    result = measure_variants(
+        low, groupnorm_fix_variants(low, ref, ["g_norm", "head"], "bf16"), x.bfloat16(),
+        {"fp32": ref_logits, "fp64": ref_logits.double()}, error_low=error_low, evaluate=evaluate,
+        reference_eval=reference_eval, n_bootstrap_paired=50)
+    table = result.table
+    assert snapshot(low) == before  # every variant restored the bf16 weights
+    assert seen == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    assert table["modules_in_fp32"].tolist() == [0, 1, 1, 2]
+    assert table.loc[0, "removed_vs_plain"] == 0 and table.loc[0, "rel_rms_vs_fp32"] == error_low
+    assert torch.equal(result.logits["bf16"], plain)
+    assert table.loc[3, "removed_vs_plain"] > 0  # GroupNorm and head in fp32 with master weights
+    assert table["removed_vs_plain"].tolist() == pytest.approx(
+        [1 - pk.metrics.rel_rms(ref_logits, result.logits[v]) / error_low for v in table["variant"]])
+    assert table["ppl_minus_ref"].tolist() == pytest.approx(
+        [result.evals[v].ppl - reference_eval.ppl for v in table["variant"]])
+    assert {"verdict_vs_fp32", "verdict_vs_fp64", "paired_z", "acc", "ppl_stderr"} <= set(table.columns)
+    with pytest.raises(ParityKitError, match="reference_logits is empty"):
+        measure_variants(low, {}, x, {}, error_low=1.0, evaluate=evaluate, reference_eval=reference_eval)
+
+
+def bisection(chosen: list[str], n: int, passes: int, error: float, param_fraction: float) -> BisectionResult:
+    curve = pd.DataFrame({"step": [0, len(chosen)], "param_fraction": [0.0, param_fraction]})
+    return BisectionResult(chosen=chosen, passes=passes, pass_bound=2 + 4 * len(chosen) * 5, n_candidates=n,
+                           error_low=3e-3, error_all_high=2e-3, error_chosen=error, target_error=2.5e-3,
+                           floor=1.5e-3, metric="rel_rms", low_dtype="bf16", high_dtype="fp32", curve=curve)
+
+
+def fix_rows(plain_z: float = -0.5, fix_z: float = 0.4, fix_removed: float = 0.25) -> pd.DataFrame:
+    labels = ["bf16", "bf16 + GroupNorm fp32 (up-cast weights)", "bf16 + GroupNorm fp32 (fp32 master weights)",
+              "bf16 + bisection set fp32 (2 blocks)"]
+    return pd.DataFrame({"variant": labels, "rel_rms_vs_fp32": [3e-3, 3e-3, 3e-3 * (1 - fix_removed), 2e-3],
+                         "removed_vs_plain": [0.0, 0.0, fix_removed, 1 / 3], "ppl": [4.5, 4.5, 4.25, 4.2],
+                         "paired_z": [plain_z, plain_z, fix_z, 0.1]})
+
+
+def conclude(gn_removed: float = 0.05, gn_rank: int = 3, local: LocalErrorSummary | None = None,
+             upcast_change: float = 1e-3, **fix: float) -> tuple[str, dict]:
+    removed = {"RWKV7GroupNorm": gn_removed, "Linear": 0.6 if gn_rank > 1 else gn_removed / 2,
+               "LayerNorm": 0.3 if gn_rank > 2 else -0.01}
+    sweep = summarise_class_sweep(sweep_table(removed), "RWKV7GroupNorm")
+    assert sweep.rank == gn_rank
+    logit_table = pd.DataFrame({"rel_rms": [3e-3, 3.1e-3, 2e-7], "floor": [1.5e-3, 1.5e-3, 6e-8],
+                                "floor_ratio": [2.0, 2.07, 3.3]})
+    return conclude_groupnorm_precision(
+        model="tiny-rwkv7", dtype="bf16", reference_dtype="fp32", logit_table=logit_table, sweep=sweep,
+        local=local or summarise_local_errors(lvp_table([1.5, 1.8], [5.0, 6.0])),
+        blocks=bisection(["model.norm", "lm_head"], 20, 14, 2.2e-3, 0.125),
+        leaves=bisection(["model.norm"], 82, 10, 2.9e-3, 0.001), fix_table=fix_rows(**fix),
+        reference_ppl=4.3, reference_ppl_stderr=0.2, upcast_logits_change=upcast_change)
+
+
+def test_conclusion_names_the_groupnorm_role_from_the_sweep():
+    main, _ = conclude(gn_removed=0.7, gn_rank=1)
+    contributor, _ = conclude(gn_removed=0.3, gn_rank=2)
+    minor, figures = conclude(gn_removed=0.05, gn_rank=3)
+    assert "is the main culprit: keeping it in fp32 removes 70.0% of the output error (class rank 1 of 3" in main
+    assert "is a contributor but not the whole story: keeping it in fp32 removes 30.0%" in contributor
+    assert "(class rank 2 of 3; Linear removes 60.0%)" in contributor
+    assert "is not the main culprit: keeping it in fp32 removes 5.0%" in minor
+    # ranking first with less than half of the error is not enough to be the main culprit
+    assert "is a contributor but not the whole story" in conclude(gn_removed=0.3, gn_rank=1)[0]
+    assert (figures["groupnorm_error_removed"], figures["groupnorm_class_rank"], figures["n_classes"]) == (0.05, 3, 3)
+    assert figures["top_class_error_removed"] == 0.6
+    assert figures["class_error_removed"] == {"Linear": 0.6, "LayerNorm": 0.3, "RWKV7GroupNorm": 0.05}
+    assert (figures["all_leaf_classes_error_removed"], figures["whole_model_error_removed"]) == (0.4, 0.9)
+
+
+def test_conclusion_follows_the_local_error_the_bisection_and_the_fix():
+    text, figures = conclude()
+    assert text.startswith("In tiny-rwkv7, bf16 logits differ from fp32 by rel_rms 0.003 (2x the bf16 rounding floor "
+                           "of the logits; fp32 itself is 2e-07 from fp64).")
+    assert "5-6x their floor in the free run but 1.5-1.8x when fed the reference inputs, so most of the error it " \
+           "shows is inherited; the largest local error relative to its floor is model.layers.0.attn's (3x)." in text
+    own = conclude(local=summarise_local_errors(lvp_table([4.0, 5.0], [5.0, 6.0], attn_local=2.0)))[0]
+    assert "so most of the error it shows is its own; the largest local error relative to its floor is " \
+           "model.layers.1.attn.g_norm's (5x)" in own
+    assert "Bisection over blocks keeps 2 of 20 in fp32 (model.norm, lm_head; 12.5% of parameters, 14 passes) to " \
+           "reach rel_rms 0.0022; over leaves it keeps 1 of 82 (10 passes)." in text
+    assert "changes the logits error by -25.0% and last-word perplexity from 4.5000 to 4.2500 (fp32: 4.3000 ± " \
+           "0.2000; paired z vs fp32: -0.50 -> 0.40; neither run is distinguishable from fp32 on this set, |z| < 2)." in text
+    distinguishable = conclude(plain_z=-2.5, fix_z=0.4)[0]
+    assert "paired z vs fp32: -2.50 -> 0.40)." in distinguishable and "distinguishable" not in distinguishable
+    assert "moves the logits by rel_rms 0.001. " in text
+    assert "moves the logits by rel_rms 0 (bit-identical on this input). " in conclude(upcast_change=0.0)[0]
+    assert figures["groupnorm_local_floor_ratio"] == pytest.approx([1.5, 1.8])
+    assert figures["groupnorm_free_floor_ratio"] == pytest.approx([5.0, 6.0])
+    assert figures["largest_local_floor_ratio"] == pytest.approx(3.0)
+    assert figures["logits_rel_rms_vs_ref"] == 3e-3 and figures["ref_vs_fp64_rel_rms"] == 2e-7
+    assert figures["logits_rel_rms_vs_fp64"] == 3.1e-3 and figures["logits_floor"] == 1.5e-3
+    assert (figures["bisection_blocks_chosen"], figures["bisection_blocks_candidates"],
+            figures["bisection_blocks_passes"], figures["bisection_blocks_error"]) == (2, 20, 14, 2.2e-3)
+    assert figures["bisection_blocks_pass_bound"] == 2 + 4 * 2 * 5
+    assert (figures["bisection_leaves_chosen"], figures["bisection_leaves_passes"]) == (1, 10)
+    assert figures["ppl_by_variant"]["bf16 + GroupNorm fp32 (fp32 master weights)"] == 4.25
+    assert figures["paired_z_by_variant"]["bf16"] == -0.5
+    assert figures["logits_rel_rms_by_variant"]["bf16 + bisection set fp32 (2 blocks)"] == 2e-3
+    assert (figures["ppl_reference"], figures["ppl_reference_stderr"], figures["groupnorm_upcast_logits_change"]) \
+        == (4.3, 0.2, 1e-3)
+    with pytest.raises(ParityKitError, match="three rows"):
+        conclude_groupnorm_precision(
+            model="m", dtype="bf16", reference_dtype="fp32", logit_table=pd.DataFrame({"rel_rms": [1.0]}),
+            sweep=ClassSweepSummary("G", 0.1, 1, pd.DataFrame({"class": ["G"], "error_removed_fraction": [0.1]}), 0.2, 0.3),
+            local=LocalErrorSummary([1.0], [2.0], "m", 1.0), blocks=bisection([], 1, 2, 1.0, 0.0),
+            leaves=bisection([], 1, 2, 1.0, 0.0), fix_table=fix_rows(), reference_ppl=1.0, reference_ppl_stderr=0.1,
+            upcast_logits_change=0.0)
