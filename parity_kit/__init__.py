@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     "metrics": "metrics",
     "compare": "compare", "first_divergence": "compare", "first_nonfinite": "compare",
     "per_token_error": "compare", "local_vs_propagated": "compare",
-    "ModuleMapping": "mapping", "compare_live": "live",
+    "ModuleMapping": "mapping", "mapping": "mapping", "compare_live": "live",
     # precision
     "run_in_dtype": "precision", "sweep_by_class": "precision", "bisect_precision": "precision",
     # generation and evaluation

@@ -1,0 +1,59 @@
+"""Print the headline figures of the committed benchmark results as a Markdown table.
+
+The README's "Performance" table is this script's output (a test keeps the two identical), so every
+figure there comes from a results file, and each results file holds the command that produced it.
+
+    python benchmarks/summary.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _row(what: str, measured: float, target: float | None, unit: str, source: str, higher_is_better: bool = False) -> str:
+    if target is None:
+        verdict = "reference point"
+    else:
+        met = measured >= target if higher_is_better else measured <= target
+        verdict = f"{'met' if met else 'missed'} (target {'≥' if higher_is_better else '≤'} {target:g}{unit})"
+    return f"| {what} | {measured:.2f}{unit} | {verdict} | `{source}` |"
+
+
+def rows() -> list[str]:
+    out = ["| what | measured | against the target | results file |", "| --- | --- | --- | --- |"]
+    cpu = _load("capture_overhead_cpu.json")
+    ratio, targets = cpu["ratio_to_plain"], cpu["targets"]
+    out.append(_row("CPU, Llama 8×1024, 512 tokens: stats capture / plain forward", ratio["stats"], targets["stats"],
+                    "×", "capture_overhead_cpu.json"))
+    out.append(_row("CPU: tensors saved to disk / plain forward", ratio["tensors_disk"], targets["tensors_disk"], "×",
+                    "capture_overhead_cpu.json"))
+    out.append(_row("CPU: transformers' model_addition_debugger_context (tensors) / plain forward",
+                    ratio["transformers_debugger_tensors"], None, "×", "capture_overhead_cpu.json"))
+    gpu = _load("capture_overhead_h200.json")
+    for tokens in ("512", "2048"):
+        seconds = gpu["results"][tokens]["seconds_median"]
+        for config, target in gpu["targets"].items():
+            out.append(_row(f"H200, 7B-shaped Llama bf16, {tokens} tokens: {config} / plain forward",
+                            seconds[config] / seconds["plain"], target, "×", "capture_overhead_h200.json"))
+    throughput = _load("compare_throughput_h200.json")
+    default = throughput["default_path"].split()[0]
+    out.append(_row(f"H200: compare throughput ({default})", throughput["results"][default]["gb_per_s"],
+                    throughput["target_gb_per_s"], " GB/s", "compare_throughput_h200.json", higher_is_better=True))
+    multi = _load("multigpu_h200x2.json")
+    for config in ("stats", "tensors_cpu"):
+        out.append(_row(f"2×H200, {multi['model']['parameters'] / 1e9:.1f}B-parameter Llama split by accelerate: "
+                        f"{config} / plain forward", multi["capture"][config]["ratio_to_plain"], None, "×",
+                        "multigpu_h200x2.json"))
+    return out
+
+
+if __name__ == "__main__":
+    print("\n".join(rows()))
