@@ -292,37 +292,12 @@ def _model_metadata(model: nn.Module) -> dict[str, Any]:
     return meta
 
 
-_STATIC_ENVIRONMENT: dict[str, Any] | None = None
-
-
 def _environment() -> dict[str, Any] | None:
-    """The environment capsule, with its slow static part (package versions, git state: about 20 ms)
-    computed once per process and the torch flags that code can change read afresh each time."""
-    global _STATIC_ENVIRONMENT
     try:
         from .report import environment_capsule
     except ImportError:  # report.py is optional for capture
         return None
-    if _STATIC_ENVIRONMENT is None:
-        _STATIC_ENVIRONMENT = environment_capsule()
-        return dict(_STATIC_ENVIRONMENT)
-    cap = dict(_STATIC_ENVIRONMENT)
-    sdpa = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled", None)
-            for name in ("flash", "mem_efficient", "math", "cudnn")}
-    cap.update({
-        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        **{f"sdpa_{name}": (bool(fn()) if fn is not None else None) for name, fn in sdpa.items()},
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "default_dtype": dtype_name(torch.get_default_dtype()),
-        "torch_initial_seed": torch.initial_seed(),
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_num_interop_threads": torch.get_num_interop_threads(),
-    })
-    return cap
+    return environment_capsule()
 
 
 @contextmanager

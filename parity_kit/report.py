@@ -6,6 +6,7 @@ file carries the capsule of the kernel that wrote it.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import math
@@ -33,6 +34,7 @@ _NONFINITE_TO_JSON = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _JSON_TO_NONFINITE = {v: float(k) for k, v in _NONFINITE_TO_JSON.items()}
 
 
+@functools.lru_cache(maxsize=None)
 def _package_version(*names: str) -> str | None:
     for name in names:
         try:
@@ -42,7 +44,9 @@ def _package_version(*names: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _git(*args: str) -> str | None:
+    # read once per process: record() embeds the capsule in every recording, and git takes ~20 ms
     root = repo_root()
     # Only our own checkout: an installed copy must not report the commit of an unrelated repository.
     if not (root / ".git").exists():
