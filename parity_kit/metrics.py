@@ -24,6 +24,9 @@ Conventions (pinned by tests):
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -265,10 +268,52 @@ def pair_reductions(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
     """The sums, maxima and counts every metric of ``(ref, x)`` derives from, as fp64 ``[len(REDUCTIONS)]``
     on the tensors' device; ``dtype`` is the ULP unit and floor dtype. Queues work without waiting.
 
+    CUDA pairs of fp16/bf16/fp32 (unit too) go through one fused Triton pass
+    (:func:`parity_kit.kernels.pair_reductions_triton`) where Triton is installed; everything else,
+    and every pair when ``PARITY_KIT_KERNEL=0``, through torch in fp64.
+
     >>> v = pair_reductions(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]), torch.float32)
     >>> metrics_from_reductions(v.tolist())["rel_rms"]
     0.1
     """
+    global _kernel_state
+    kernel = _fused_kernel(ref, x, dtype)
+    if kernel is not None:
+        try:
+            return kernel(ref, x, dtype)
+        except (ParityKitError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:  # a GPU or Triton build the kernel cannot run on: torch gives the same numbers
+            _kernel_state = "failed"
+            warnings.warn(f"the fused comparison kernel failed ({type(e).__name__}: {e}); reducing with torch "
+                          "(same results, slower)", RuntimeWarning, stacklevel=2)
+    return _pair_reductions_torch(ref, x, dtype)
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_kernel_state: str | Callable[..., torch.Tensor] = "unloaded"  # or "unavailable", "failed", the kernel
+
+
+def _fused_kernel(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
+    """The fused kernel if it can reduce this pair here, else None."""
+    global _kernel_state
+    if not (ref.is_cuda and x.device == ref.device and ref.dtype in _KERNEL_DTYPES and x.dtype in _KERNEL_DTYPES
+            and dtype in _KERNEL_DTYPES and ref.numel() == x.numel()):
+        return None
+    # under torch.compile the torch path is what gets compiled (PARITY_KIT_COMPILE=1)
+    if torch.compiler.is_compiling() or os.environ.get("PARITY_KIT_KERNEL", "1") == "0":
+        return None
+    if _kernel_state == "unloaded":
+        try:
+            from .kernels import pair_reductions_triton
+        except ImportError:  # no Triton in this environment
+            _kernel_state = "unavailable"
+        else:
+            _kernel_state = pair_reductions_triton
+    return None if isinstance(_kernel_state, str) else _kernel_state
+
+
+def _pair_reductions_torch(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     r, c = ref.detach().reshape(-1), x.detach().reshape(-1)
     if r.numel() == 0:
         return torch.zeros(len(REDUCTIONS), dtype=torch.float64, device=r.device)
