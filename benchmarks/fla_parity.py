@@ -11,6 +11,7 @@
 
 Run (GPU box, FLA wheels installed):
     python benchmarks/fla_parity.py --out benchmarks/results/fla_rwkv7_parity.json
+    python benchmarks/fla_parity.py --sections model --model-seq-lens 48 --out .../fla_rwkv7_parity_trained.json
 """
 
 from __future__ import annotations
@@ -156,7 +157,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fla_rwkv7_parity.json"))
     parser.add_argument("--seq-lens", default="1024,4096")
     parser.add_argument("--model-seq-lens", default="48,256")
+    parser.add_argument("--sections", default="model,kernels", help="which parts to run: model, kernels or both")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     if not torch.cuda.is_available():
         sys.exit("fla_parity.py needs a CUDA GPU (FLA's kernels are Triton)")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -165,6 +168,8 @@ def main() -> None:
     for key, fn in (("model", lambda: build_models(tuple(int(s) for s in args.model_seq_lens.split(",")), "cuda")),
                     ("kernels", lambda: kernel_table(tuple(int(s) for s in args.seq_lens.split(",")),
                                                      (torch.bfloat16, torch.float32), "cuda"))):
+        if key not in sections:
+            continue
         try:
             report[key] = fn()
         except Exception:
