@@ -67,9 +67,11 @@ def test_held_out_accuracy_matches_the_record(name):
     assert recorded["with_bos"]["ppl"] < 100
 
 
-def test_converted_checkpoint_matches_its_source():
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_converted_checkpoint_matches_its_source(attn):
     a, tok = models.load("tiny-internlm2")
-    b, _ = models.load("tiny-internlm2-llama")
+    b, _ = models.load("tiny-internlm2-llama", attn_implementation=attn)
     ids = tok("User: who are you\nAssistant:", return_tensors="pt").input_ids
     with torch.no_grad():
-        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-4)
+        gap = (a(ids).logits - b(ids).logits).abs().max().item()
+    assert gap <= 1e-5, f"fp32 logits of the converted model differ by {gap:.2e} (max abs)"
