@@ -23,6 +23,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _as_plain_file(fd)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
@@ -44,6 +45,7 @@ def atomic_path(path: str | os.PathLike[str]) -> contextlib.AbstractContextManag
 def _atomic_path(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _as_plain_file(fd)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -52,3 +54,10 @@ def _atomic_path(target: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _as_plain_file(fd: int) -> None:
+    # mkstemp creates 0600 files; the renamed result should get the permissions of any new file
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
