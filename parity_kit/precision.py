@@ -1168,3 +1168,45 @@ def conclude_groupnorm_precision(
         "paired_z_by_variant": dict(zip(fix_table["variant"], fix_table["paired_z"].astype(float))),
     }
     return " ".join(parts), figures
+
+
+def explore_precision(
+    model: str,
+    *,
+    dtype: DtypeLike = "bf16",
+    reference_dtype: DtypeLike = "fp32",
+    device: str = "cpu",
+    seq_len: int = 128,
+    removed: float = 0.5,
+    candidates: ModulesLike = "*",
+    skip_items: int = 150,
+) -> list[Any]:
+    """The story-02 panel's analysis: class sweep and bisection of ``model`` in ``dtype`` against ``reference_dtype``.
+
+    Models come from the shared cache (``pk.ui.MODELS``); the input is ``seq_len`` tokens of held-out
+    text after the first ``skip_items`` last-word documents, as in the notebook; the bisection looks for
+    the fewest modules that remove the fraction ``removed`` of the error fp32 can remove. Returns the
+    sweep table and plot, the bisection summary, and its error/cost curve as a table and a plot.
+
+    >>> out = explore_precision("tiny-rwkv7", seq_len=16)
+    >>> [type(x).__name__ for x in out]
+    ['DataFrame', 'Figure', 'str', 'DataFrame', 'Figure']
+    """
+    from . import plots
+    from .evaluation import load_lastword_items
+    from .paths import data_dir
+    from .ui import MODELS
+
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ParityKitError(f"seq_len={seq_len!r}: use at least 2 tokens")
+    reference, tokenizer = MODELS.load(model, reference_dtype, device)
+    candidate, _ = MODELS.load(model, dtype, device)
+    items = load_lastword_items(data_dir() / "eval" / "lastword.jsonl")
+    ids = held_out_input_ids(items, tokenizer, skip=skip_items, seq_len=seq_len)
+    inputs = {"input_ids": torch.tensor([ids], device=device), "use_cache": False}
+    sweep = sweep_by_class(candidate, reference, inputs, master_model=reference, progress=False)
+    with torch.no_grad():
+        reference_logits = reference(**inputs).logits.detach()
+    result = bisect_precision(candidate, reference_logits, inputs, candidates=candidates, target_removed=removed,
+                              master_model=reference, progress=False)
+    return [sweep, plots.class_sweep(sweep), result.summary(), result.curve, plots.bisection_curve(result)]

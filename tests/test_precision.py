@@ -611,3 +611,22 @@ def test_conclusion_follows_the_local_error_the_bisection_and_the_fix():
             local=LocalErrorSummary([1.0], [2.0], "m", 1.0), blocks=bisection([], 1, 2, 1.0, 0.0),
             leaves=bisection([], 1, 2, 1.0, 0.0), fix_table=fix_rows(), reference_ppl=1.0, reference_ppl_stderr=0.1,
             upcast_logits_change=0.0)
+
+
+def test_story_panel_runs_the_precision_exploration():
+    import parity_kit as pk
+    from parity_kit.precision import explore_precision
+
+    def rerun(p):
+        return explore_precision(p["model"], dtype=p["dtype"], reference_dtype=p["ref_dtype"], device=p["device"],
+                                 seq_len=p["seq_len"], removed=p["removed"], candidates=p["candidates"])
+
+    panel = pk.ui.story_panel(rerun, model="tiny-rwkv7", dtype="bf16", ref_dtype="fp32", device="cpu",
+                              seq_len=16, removed=0.5, candidates="*")
+    panel.click()
+    assert panel.error is None, panel.error
+    sweep, _, summary, curve, _ = panel.results
+    assert "RWKV7GroupNorm" in set(sweep["class"]) and isinstance(summary, str) and len(curve)
+    panel.set(candidates="no.such.module")
+    panel.click()
+    assert panel.results == [] and "matched no module" in panel.error
