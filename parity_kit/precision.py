@@ -1178,7 +1178,7 @@ def explore_precision(
     device: str = "cpu",
     seq_len: int = 128,
     removed: float = 0.5,
-    candidates: ModulesLike = "*",
+    candidates: ModulesLike = "blocks",
     skip_items: int = 150,
 ) -> list[Any]:
     """The story-02 panel's analysis: class sweep and bisection of ``model`` in ``dtype`` against ``reference_dtype``.
@@ -1187,6 +1187,7 @@ def explore_precision(
     text after the first ``skip_items`` last-word documents, as in the notebook; the bisection looks for
     the fewest modules that remove the fraction ``removed`` of the error fp32 can remove. Returns the
     sweep table and plot, the bisection summary, and its error/cost curve as a table and a plot.
+    ``candidates`` is ``"blocks"`` or ``"leaves"`` (:data:`RWKV7_GRANULARITIES`) or any module pattern.
 
     >>> out = explore_precision("tiny-rwkv7", seq_len=16)
     >>> [type(x).__name__ for x in out]
@@ -1197,6 +1198,8 @@ def explore_precision(
     from .paths import data_dir
     from .ui import MODELS
 
+    if isinstance(candidates, str):
+        candidates = RWKV7_GRANULARITIES.get(candidates, candidates)
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ParityKitError(f"seq_len={seq_len!r}: use at least 2 tokens")
     reference, tokenizer = MODELS.load(model, reference_dtype, device)

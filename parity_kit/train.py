@@ -87,15 +87,14 @@ SPECS: dict[str, ModelSpec] = {
     "tiny-rwkv7": ModelSpec(
         model_type="rwkv7",
         config={
-            # hidden 128 (2 heads), not the planned 256: 256 costs ~3x more per step, too slow on a shared
-            # 2-core CPU. FLA's low-rank defaults (decay 64, a 64, v 16-32, gate 128 at hidden 768-2048) scaled down.
-            "hidden_size": 128, "num_hidden_layers": 4, "head_dim": 64, "intermediate_size": 512,
-            "decay_low_rank_dim": 16, "a_low_rank_dim": 16, "v_low_rank_dim": 8, "gate_low_rank_dim": 32,
+            # FLA's low-rank defaults (decay 64, a 64, v 16-32, gate 128 at hidden 768-2048) scaled down.
+            "hidden_size": 256, "num_hidden_layers": 4, "head_dim": 64, "intermediate_size": 1024,
+            "decay_low_rank_dim": 32, "a_low_rank_dim": 32, "v_low_rank_dim": 16, "gate_low_rank_dim": 64,
             "norm_eps": 1e-5, "tie_word_embeddings": False, "wkv_mode": "chunk", "chunk_size": 64,
             **_SPECIAL_IDS,
         },
         tokenizer_adds_bos=False,
-        settings=TrainSettings(steps=120, batch_size=4, lr=3e-3, warmup_steps=10),
+        settings=TrainSettings(steps=800, batch_size=8, lr=3e-3, warmup_steps=40),
     ),
 }
 

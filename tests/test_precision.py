@@ -622,7 +622,7 @@ def test_story_panel_runs_the_precision_exploration():
                                  seq_len=p["seq_len"], removed=p["removed"], candidates=p["candidates"])
 
     panel = pk.ui.story_panel(rerun, model="tiny-rwkv7", dtype="bf16", ref_dtype="fp32", device="cpu",
-                              seq_len=16, removed=0.5, candidates="*")
+                              seq_len=16, removed=0.5, candidates="blocks")
     panel.click()
     assert panel.error is None, panel.error
     sweep, _, summary, curve, _ = panel.results
