@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .dtypes import DtypeLike, dtype_name, parse_dtype
 from .errors import ParityKitError
-from .metrics import max_abs, rel_rms
+from .metrics import max_abs, nominal_floor, rel_rms
 
 PromptLike = str | torch.Tensor | Sequence[int]
 
@@ -986,24 +986,11 @@ _FINAL_NORMS = ("model.norm", "transformer.ln_f")
 _HEADS = ("output", "lm_head")
 
 
-def rounding_floor(dtype: DtypeLike) -> float:
-    """rel_rms that one rounding to ``dtype`` causes (unit roundoff / √3): the floor for two runs in one dtype.
-
-    Rounding the reference to the candidate dtype (``compare``'s ``floor``) costs nothing when both runs
-    use the same dtype, so that floor is 0 there; two correct implementations still differ by a few
-    roundings, which this scale measures.
-
-    >>> f"{rounding_floor('fp32'):.2e}", f"{rounding_floor('fp16'):.2e}"
-    ('3.44e-08', '2.82e-04')
-    """
-    return float(torch.finfo(parse_dtype(dtype)).eps) / (2 * math.sqrt(3))
-
-
 def layer_profile(table: pd.DataFrame, *, metric: str = "rel_rms") -> pd.DataFrame:
     """The residual stream of a :func:`layer_comparison` table: embedding, each decoder layer, final norm, logits.
 
     Columns ``position`` (0, 1, …), ``label`` ("embed", "0" … "L−1", "norm", "logits"), ``module``,
-    ``<metric>``, ``floor`` (``compare``'s floor where it is positive, else :func:`rounding_floor` of the
+    ``<metric>``, ``floor`` (``compare``'s floor where it is positive, else :func:`parity_kit.metrics.nominal_floor` of the
     candidate dtype) and ``floor_ratio``.
 
     >>> t = pd.DataFrame({"module": ["model.layers.0", "model.layers.0.mlp", "model.layers.1"], "call": [0, 0, 0],
@@ -1032,7 +1019,7 @@ def layer_profile(table: pd.DataFrame, *, metric: str = "rel_rms") -> pd.DataFra
             continue
         floor = float(row["floor"]) if "floor" in row and pd.notna(row["floor"]) else 0.0
         if floor <= 0 and pd.notna(row.get("cand_dtype")):
-            floor = rounding_floor(str(row["cand_dtype"]))
+            floor = nominal_floor(str(row["cand_dtype"]))
         picked.setdefault(key, {"label": label, "module": module, metric: float(row[metric]), "floor": floor})
     if not any(key[0] == 1 for key in picked):
         raise ParityKitError(
@@ -1049,7 +1036,7 @@ def layer_profile(table: pd.DataFrame, *, metric: str = "rel_rms") -> pd.DataFra
 # --------------------------------------------------------------------------------------------
 
 #: Two implementations in one dtype are "at the rounding floor" when their rel_rms stays within this
-#: many single roundings (:func:`rounding_floor`): a few layers of long dot products each add several.
+#: many single roundings (:func:`parity_kit.metrics.nominal_floor`): a few layers of long dot products each add several.
 SAME_DTYPE_TOLERANCE = 30.0
 
 

@@ -50,7 +50,7 @@ def error_by_module(table: pd.DataFrame, metric: str = "rel_rms", *, title: str 
     if metric == "rel_rms" and "floor" in ok.columns:
         floor = ok["floor"].astype(float).to_numpy()
         ax.step(x, np.where(floor > 0, floor, np.nan), where="mid", color="tab:gray", lw=1.2,
-                label="floor (reference rounded to candidate dtype)")
+                label="floor (rounding to the candidate dtype)")
     ax.set_yscale("log")
     ax.set_ylim(bottom=bottom / 2)
     step = max(1, math.ceil(len(labels) / _MAX_TICK_LABELS))

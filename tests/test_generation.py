@@ -11,6 +11,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from parity_kit import generation as gen
+from parity_kit.metrics import nominal_floor
 from parity_kit.errors import ParityKitError
 
 torch.set_num_threads(1)
@@ -344,7 +345,7 @@ def test_teacher_forced_converted_fp32_is_at_rounding_floor(converted_pair):
     table = gen.teacher_forced(original, converted, ids)
     assert table["argmax_agree"].all()
     # a wrong q/k/v split or rename gives O(1); eager vs sdpa in fp32 differ by a few roundings
-    assert table["logit_rel_rms"].max() < 30 * gen.rounding_floor("fp32")
+    assert table["logit_rel_rms"].max() < 30 * nominal_floor("fp32")
     result = gen.lockstep_greedy(original, converted, ids[:6], max_new_tokens=20, progress=False, stop_at_eos=False)
     assert result.first_divergent_step is None
 
@@ -356,7 +357,7 @@ def test_teacher_forced_detects_a_wrong_qkv_split(converted_pair):
         head = converted.config.hidden_size // converted.config.num_attention_heads
         q[:head], q[head:2 * head] = q[head:2 * head].clone(), q[:head].clone()
     table = gen.teacher_forced(original, converted, list(range(4, 44)))
-    assert table["logit_rel_rms"].median() > 1000 * gen.rounding_floor("fp32")
+    assert table["logit_rel_rms"].median() > 1000 * nominal_floor("fp32")
 
 
 def test_mapping_covers_every_module_of_both_models(converted_pair):
