@@ -10,9 +10,13 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import fnmatch
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -20,7 +24,8 @@ from torch import nn
 
 from .dtypes import DtypeLike, dtype_name, parse_dtype
 from .errors import ParityKitError
-from .recording import Call, Recording, StatsBatch, TensorStats
+from .recording import (TENSOR_FILE, Call, Recording, StatsBatch, TensorFileWriter, TensorStats, _replace_folder,
+                        _tensor_key, _writable_target, _write_index, map_tensors)
 
 ModuleSpec = str | Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...]
 
@@ -44,7 +49,10 @@ def select_modules(model: nn.Module, modules: ModuleSpec = "*") -> list[tuple[st
     >>> [n for n, _ in select_modules(m, "*")], [n for n, _ in select_modules(m, nn.ReLU)]
     (['0', '1'], ['1'])
     """
-    named = list(model.named_modules())
+    return _select(list(model.named_modules()), modules)
+
+
+def _select(named: list[tuple[str, nn.Module]], modules: ModuleSpec) -> list[tuple[str, nn.Module]]:
     if isinstance(modules, type) or (
         isinstance(modules, tuple) and modules and all(isinstance(m, type) for m in modules)
     ):
@@ -141,54 +149,119 @@ def _leaves(obj: Any, prefix: str, depth: int = 0) -> Iterator[tuple[str, torch.
 
 
 class _Slot:
-    """Placeholder for statistics whose reduction is deferred to a batch; filled when it resolves."""
+    """Where a deferred result goes: leaf ``leaf`` of one call's tensor dict, filled when its batch resolves."""
 
-    __slots__ = ("value",)
+    __slots__ = ("tensors", "leaf")
 
-    def __init__(self) -> None:
-        self.value: TensorStats | None = None
+    def __init__(self, tensors: dict[str, Any], leaf: str) -> None:
+        self.tensors, self.leaf = tensors, leaf
+
+    def fill(self, value: Any) -> None:
+        self.tensors[self.leaf] = value
+
+
+def _in_place_error(name: str, leaf: str, what: str, knob: str) -> ParityKitError:
+    return ParityKitError(
+        f"module {name!r} leaf {leaf!r} was modified in place after its module returned it, so its {what} "
+        f"could not be deferred (the values it returned are gone); pass {knob}=0 to record() to take "
+        "it inside the hook"
+    )
 
 
 class _Capturer:
     """The hook callbacks of one ``record()`` block; writes into ``recording``.
 
-    Hooks never wait for the device: statistics of CUDA tensors are reduced in batches
-    (:class:`StatsBatch`) and tensors bound for host memory are copied on a side stream; ``finish()``
-    waits once, when the block ends.
+    Hooks never wait for the device. A hook on a CUDA tensor only keeps a reference (and the tensor's
+    version counter): statistics are reduced in batches (:class:`StatsBatch`), copies kept on the
+    device are made in batches (one concatenation per group of like tensors), copies bound for host
+    memory go through pinned buffers on a side stream. ``finish()`` waits once, when the block ends.
+    With a ``writer`` (``record(save_to=...)``), tensors go to the file as they are captured.
     """
 
     def __init__(self, recording: Recording, device: torch.device, dtype: torch.dtype | None,
-                 budget: int | None, per_token: bool, stats_batch: int | None, defer_cpu: bool):
+                 budget: int | None, per_token: bool, stats_batch: int | None, copy_batch: int | None,
+                 defer_cpu: bool, writer: TensorFileWriter | None, inputs: bool):
         self.rec, self.device, self.dtype, self.budget, self.per_token = recording, device, dtype, budget, per_token
+        self.stats_mode = recording.mode == "stats"
         self.stored = 0
         self.counts: dict[str, int] = {}
         # inputs are captured before forward runs (the model may modify them in place) and kept
         # until the matching output hook; a stack per module handles re-entrant calls
-        self.pending: dict[str, list[tuple[dict, dict]]] = {}
-        self.stats_batch, self.defer_cpu = stats_batch, defer_cpu
+        self.pending: dict[str, list[tuple[dict, dict, list[_Slot]]]] = {}
+        self.new_slots: list[_Slot] = []  # slots made since the last pre-hook began (inputs')
+        self.track_slots = inputs
+        self.stats_batch, self.copy_batch, self.defer_cpu = stats_batch, copy_batch, defer_cpu
+        self.writer = writer
         self.deferred: list[tuple[_Slot, torch.Tensor, int | None, str]] = []
         self.deferred_bytes = 0
         self.inflight: list[tuple[StatsBatch, list[_Slot]]] = []
+        self.copies: list[tuple[_Slot, torch.Tensor, int, str]] = []
+        self.copies_bytes = 0
+        self.unwritten: list[tuple[_Slot, torch.Tensor]] = []  # pinned host copies not yet in the file
+        self.unwritten_bytes = 0
         self.copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
-    # ------------------------------------------------------------------ statistics
-    def defer(self, t: torch.Tensor) -> bool:
-        return self.stats_batch is not None and (t.is_cuda or self.defer_cpu) and t.numel() > 0
+    # ------------------------------------------------------------------ one leaf
+    def take(self, t: torch.Tensor, tensors: dict[str, Any], orig: dict[str, str], leaf: str, name: str) -> None:
+        """Put leaf ``leaf`` of module ``name`` into ``tensors``: now, or through a slot filled later."""
+        if self.stats_mode:
+            if self.stats_batch is not None and (t.is_cuda or self.defer_cpu) and t.numel():
+                # an inference-mode tensor has no version counter, so in-place changes cannot be detected
+                version = None if t.is_inference() else t._version
+                self.deferred.append((self.slot(tensors, leaf), t.detach(), version, f"{name}\0{leaf}"))
+                self.deferred_bytes += t.numel() * t.element_size()
+                if self.deferred_bytes >= self.stats_batch:
+                    self.flush_stats()
+            else:
+                tensors[leaf] = TensorStats.of(t, self.per_token)
+            return
+        # only an explicit dtype= casts, and only floating tensors: never a silent down-cast
+        dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+        if dtype != t.dtype:
+            orig[leaf] = dtype_name(t.dtype)
+        need = t.numel() * dtype.itemsize
+        if self.writer is not None:
+            if t.is_cuda:
+                self.unwritten.append((self.slot(tensors, leaf), self.offload(t, dtype)))
+                self.unwritten_bytes += need
+                if self.unwritten_bytes >= _AUTO_STATS_BATCH:
+                    self.write_offloaded()
+            else:  # written before the model can change it: no copy is kept
+                tensors[leaf] = self.writer.write(t if dtype == t.dtype else t.to(dtype))
+            return
+        if self.budget is not None and self.stored + need > self.budget:
+            raise ParityKitError(
+                f"memory_budget {_format_bytes(self.budget)} exceeded while capturing {name!r} "
+                f"leaf {leaf!r}: captured {_format_bytes(self.stored)} so far, this tensor needs "
+                f"{_format_bytes(need)}; use mode='stats', save_to= (stream to disk), a narrower "
+                "modules= pattern, device='cpu', or raise memory_budget"
+            )
+        self.stored += need
+        if t.is_cuda and self.device.type == "cpu":
+            tensors[leaf] = self.offload(t, dtype)
+        elif (self.copy_batch is not None and dtype == t.dtype and t.device == self.device and t.dim()
+              and (t.is_cuda or self.defer_cpu) and not t.is_inference()):
+            self.copies.append((self.slot(tensors, leaf), t.detach(), t._version, f"{name}\0{leaf}"))
+            self.copies_bytes += need
+            if self.copies_bytes >= self.copy_batch:
+                self.flush_copies()
+        else:
+            # copy=True: never alias a tensor the model may later modify in place
+            tensors[leaf] = t.detach().to(device=self.device, dtype=dtype, copy=True)
 
-    def defer_stats(self, t: torch.Tensor, label: str) -> _Slot:
-        slot = _Slot()
-        # an inference-mode tensor has no version counter, so in-place changes cannot be detected
-        version = None if t.is_inference() else t._version
-        self.deferred.append((slot, t.detach(), version, label))
-        self.deferred_bytes += t.numel() * t.element_size()
-        if self.deferred_bytes >= self.stats_batch:
-            self.flush()
-        return slot
+    def slot(self, tensors: dict[str, Any], leaf: str) -> _Slot:
+        tensors[leaf] = None
+        made = _Slot(tensors, leaf)
+        if self.track_slots:
+            self.new_slots.append(made)
+        return made
 
-    def flush(self) -> None:
+    # ------------------------------------------------------------------ deferred work
+    def flush_stats(self) -> None:
         """Queue the reduction of the deferred tensors; resolve the batch before it (double buffering)."""
         if self.deferred:
             slots, tensors, versions, labels = (list(x) for x in zip(*self.deferred))
+            labels = ["module {!r} leaf {!r}".format(*label.split("\0", 1)) for label in labels]
             self.inflight.append((StatsBatch(tensors, self.per_token, versions, labels), slots))
             self.deferred, self.deferred_bytes = [], 0
         while len(self.inflight) > 1:
@@ -197,9 +270,23 @@ class _Capturer:
     def resolve_oldest(self) -> None:
         batch, slots = self.inflight.pop(0)
         for slot, stats in zip(slots, batch.result()):
-            slot.value = stats
+            slot.fill(stats)
 
-    # ------------------------------------------------------------------ tensors
+    def flush_copies(self) -> None:
+        """Copy the deferred tensors: one concatenation per (device, dtype, trailing shape) group."""
+        copies, self.copies, self.copies_bytes = self.copies, [], 0
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, t, version, label) in enumerate(copies):
+            if t._version != version:
+                raise _in_place_error(*label.split("\0", 1), "copy", "copy_batch")
+            groups.setdefault((t.device, t.dtype, t.shape[1:]), []).append(i)
+        for members in groups.values():
+            tensors = [copies[i][1] for i in members]
+            # [sum of first dims, *trailing] -> one view per tensor, in the same storage
+            parts = torch.cat(tensors).split([t.shape[0] for t in tensors]) if len(tensors) > 1 else [tensors[0].clone()]
+            for i, part in zip(members, parts):
+                copies[i][0].fill(part)
+
     def offload(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Copy a CUDA tensor into pinned host memory on a side stream, without waiting for it."""
         # a private device copy first: the model may overwrite ``t`` in place before the side stream
@@ -216,70 +303,68 @@ class _Capturer:
         private.record_stream(stream)
         return host
 
-    def finish(self) -> None:
-        """Wait for queued copies and reductions and put the statistics into the recording's calls."""
+    def write_offloaded(self) -> None:
+        """Wait for the pending host copies and write them to the file (bounds pinned memory)."""
         for stream in self.copy_streams.values():
             stream.synchronize()
-        self.flush()
+        unwritten, self.unwritten, self.unwritten_bytes = self.unwritten, [], 0
+        for slot, host in unwritten:
+            slot.fill(self.writer.write(host))
+
+    def finish(self) -> None:
+        """Wait for queued copies and reductions; every slot is filled afterwards."""
+        for stream in self.copy_streams.values():
+            stream.synchronize()
+        self.flush_stats()
         while self.inflight:
             self.resolve_oldest()
-        if self.rec.mode == "stats":
-            for call in self.rec.calls:
-                for leaf, value in call.tensors.items():
-                    if isinstance(value, _Slot):
-                        call.tensors[leaf] = value.value
+        self.flush_copies()
+        if self.writer is not None:
+            self.write_offloaded()
 
-    def grab(self, leaves: Iterator[tuple[str, torch.Tensor]], name: str) -> tuple[dict, dict]:
+    # ------------------------------------------------------------------ hooks
+    def grab(self, obj: Any, prefix: str, name: str) -> tuple[dict, dict]:
         tensors: dict[str, Any] = {}
         orig: dict[str, str] = {}
-        for leaf, t in leaves:
-            if self.rec.mode == "stats":
-                if self.defer(t):
-                    tensors[leaf] = self.defer_stats(t, f"module {name!r} leaf {leaf!r}")
-                else:
-                    tensors[leaf] = TensorStats.of(t, self.per_token)
-                continue
-            # only an explicit dtype= casts, and only floating tensors: never a silent down-cast
-            dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
-            need = t.numel() * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else t.element_size())
-            if self.budget is not None and self.stored + need > self.budget:
-                raise ParityKitError(
-                    f"memory_budget {_format_bytes(self.budget)} exceeded while capturing {name!r} "
-                    f"leaf {leaf!r}: captured {_format_bytes(self.stored)} so far, this tensor needs "
-                    f"{_format_bytes(need)}; use mode='stats', a narrower modules= pattern, device='cpu', "
-                    "or raise memory_budget"
-                )
-            if t.is_cuda and self.device.type == "cpu":
-                tensors[leaf] = self.offload(t, dtype)
-            else:
-                # copy=True: never alias a tensor the model may later modify in place
-                tensors[leaf] = t.detach().to(device=self.device, dtype=dtype, copy=True)
-            self.stored += need
-            if dtype != t.dtype:
-                orig[leaf] = dtype_name(t.dtype)
+        if isinstance(obj, torch.Tensor):  # most modules return one tensor: skip the tree walk
+            self.take(obj, tensors, orig, prefix, name)
+        else:
+            for leaf, t in _leaves(obj, prefix):
+                self.take(t, tensors, orig, leaf, name)
         return tensors, orig
 
     def pre_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            a = self.grab(_leaves(args, "input"), name)
-            k = self.grab(_leaves(kwargs, "input"), name)
-            self.pending.setdefault(name, []).append(({**a[0], **k[0]}, {**a[1], **k[1]}))
+            self.new_slots = []
+            tensors, orig = self.grab(args, "input", name)
+            kw_tensors, kw_orig = self.grab(kwargs, "input", name)
+            tensors.update(kw_tensors)
+            orig.update(kw_orig)
+            for made in self.new_slots:
+                made.tensors = tensors
+            self.pending.setdefault(name, []).append((tensors, orig, self.new_slots))
+            self.new_slots = []
         return hook
 
     def forward_hook(self, name: str, with_inputs: bool):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            tensors, orig = self.grab(_leaves(output, "output"), name)
+        calls, counts = self.rec.calls, self.counts
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            tensors, orig = self.grab(output, "output", name)
             if with_inputs and self.pending.get(name):
-                in_tensors, in_orig = self.pending[name].pop()
-                tensors, orig = {**tensors, **in_tensors}, {**orig, **in_orig}
-            index = self.counts.get(name, 0)
-            self.counts[name] = index + 1
-            self.rec.calls.append(Call(name, index, len(self.rec.calls), tensors, orig))
+                in_tensors, in_orig, in_slots = self.pending[name].pop()
+                tensors.update(in_tensors)
+                orig.update(in_orig)
+                for made in in_slots:  # deferred input leaves now belong to the call's dict
+                    made.tensors = tensors
+            index = counts.get(name, 0)
+            counts[name] = index + 1
+            calls.append(Call(name, index, len(calls), tensors, orig))
         return hook
 
 
-def _model_metadata(model: nn.Module) -> dict[str, Any]:
-    params = list(model.parameters())
+def _model_metadata(model: nn.Module, named: list[tuple[str, nn.Module]]) -> dict[str, Any]:
+    params = [p for _, m in named for p in m._parameters.values() if p is not None]
     dtypes = sorted({dtype_name(p.dtype) for p in params})
     meta: dict[str, Any] = {
         "model_class": type(model).__name__,
@@ -300,6 +385,18 @@ def _environment() -> dict[str, Any] | None:
     return environment_capsule()
 
 
+def _batch_bytes(value: int | str | None, knob: str) -> tuple[int | None, bool]:
+    """(batch size in bytes or None for "in the hook", whether CPU tensors are batched too)."""
+    if value == "auto":
+        return _AUTO_STATS_BATCH, False
+    try:
+        return parse_bytes(value) or None, True
+    except ParityKitError:
+        raise ParityKitError(
+            f"{knob}={value!r} is not understood; use 'auto', bytes (int), '256MiB', or 0"
+        ) from None
+
+
 @contextmanager
 def record(
     model: nn.Module,
@@ -312,6 +409,8 @@ def record(
     memory_budget: int | str | None = "4GiB",
     per_token: bool = True,
     stats_batch: int | str | None = "auto",
+    copy_batch: int | str | None = "auto",
+    save_to: str | os.PathLike[str] | None = None,
 ) -> Iterator[Recording]:
     """Record every call of the selected modules while the block runs.
 
@@ -320,7 +419,14 @@ def record(
     ``dtype`` is given (the original dtype is remembered per leaf). ``memory_budget`` caps the bytes
     kept, counted as each copy is scheduled; crossing it raises ParityKitError. CUDA tensors bound for
     ``device="cpu"`` go into pinned host memory through a side stream, so the forward does not wait for
-    the transfers; the block's end waits for them once.
+    the transfers; the block's end waits for them once. CUDA tensors kept on their own device are
+    copied in batches (``copy_batch``, below).
+
+    ``save_to=path`` streams the recording to disk instead: each tensor is written to the folder's
+    tensor file when its hook runs (CUDA tensors after their side-stream copy), so memory stays
+    bounded whatever the model size and ``memory_budget`` does not apply. The folder appears
+    atomically when the block ends (nothing at ``path`` if the block raises) and the Recording's
+    tensors are then memory-mapped from it. With ``mode="stats"`` the statistics are saved there.
 
     ``mode="stats"`` keeps only :class:`TensorStats` per leaf (``per_token`` adds the per-row rms, at
     no extra cost in the batched path). With ``stats_batch="auto"`` the statistics of CUDA tensors are
@@ -328,9 +434,13 @@ def record(
     reach 1 GiB (or the block ends) they are reduced together with a few kernels and no host
     synchronisation inside the forward; CPU tensors are reduced in their hook. An int or size string
     ("256MiB") sets the batch size and batches CPU tensors too; ``0`` or None reduces each tensor in
-    its hook (one host synchronisation per tensor on CUDA; use it for models that modify module
-    outputs in place, which the batched path detects and refuses). Statistics are complete when the
-    block ends. Calls are stored in completion order, so a parent module follows its children.
+    its hook (one host synchronisation per tensor on CUDA). ``copy_batch`` does the same for the
+    copies ``mode="tensors"`` keeps on the tensor's own device: "auto" batches CUDA tensors (one
+    concatenation per group of like tensors instead of one copy each), ``0`` copies in the hook.
+    Deferred work needs the output unchanged until its batch runs: a module output that the model
+    modifies in place later is detected (version counter) and refused with an error that names the
+    knob to set to 0. Results are complete when the block ends. Calls are stored in completion order,
+    so a parent module follows its children.
 
     >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     >>> with record(m, "*", mode="stats") as rec:
@@ -340,25 +450,28 @@ def record(
     """
     if mode not in ("tensors", "stats"):
         raise ParityKitError(f"mode={mode!r} is not a capture mode; use 'tensors' or 'stats'")
-    selected = select_modules(model, modules)
+    named = list(model.named_modules())
+    selected = _select(named, modules)
     cast = parse_dtype(dtype) if dtype is not None else None
     if cast is not None and not cast.is_floating_point:
         raise ParityKitError(f"dtype={dtype!r}: capture casts only to floating dtypes (fp64/fp32/fp16/bf16)")
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ParityKitError(f"device={str(target)!r} but CUDA is not available here; use device='cpu'")
-    if stats_batch == "auto":
-        batch_bytes, defer_cpu = _AUTO_STATS_BATCH, False
-    else:
-        try:
-            batch_bytes = parse_bytes(stats_batch) or None
-        except ParityKitError:
-            raise ParityKitError(
-                f"stats_batch={stats_batch!r} is not understood; use 'auto', bytes (int), '256MiB', or 0"
-            ) from None
-        defer_cpu = True
-    rec = Recording(mode, metadata=_model_metadata(model))
-    capturer = _Capturer(rec, target, cast, parse_bytes(memory_budget), per_token, batch_bytes, defer_cpu)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    if save_to is not None and target.type != "cpu":
+        raise ParityKitError(f"save_to= streams tensors through host memory; pass device='cpu' (not {str(target)!r})")
+    stats_bytes, defer_cpu_stats = _batch_bytes(stats_batch, "stats_batch")
+    copy_bytes, defer_cpu_copies = _batch_bytes(copy_batch, "copy_batch")
+    rec = Recording(mode, metadata=_model_metadata(model, named))
+    destination = _writable_target(save_to) if save_to is not None else None
+    folder = writer = None
+    if destination is not None and mode == "tensors":
+        folder = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+        writer = TensorFileWriter(folder / TENSOR_FILE)
+    capturer = _Capturer(rec, target, cast, parse_bytes(memory_budget), per_token, stats_bytes, copy_bytes,
+                         defer_cpu_stats if mode == "stats" else defer_cpu_copies, writer, inputs)
 
     def root_shapes(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if rec.metadata["input_shapes"] is None:
@@ -373,7 +486,7 @@ def record(
         for name, module in selected:
             if inputs:
                 handles.append(module.register_forward_pre_hook(capturer.pre_hook(name), with_kwargs=True))
-            handles.append(module.register_forward_hook(capturer.forward_hook(name, inputs), with_kwargs=True))
+            handles.append(module.register_forward_hook(capturer.forward_hook(name, inputs)))
         yield rec
     except BaseException:
         failed = True
@@ -384,7 +497,30 @@ def record(
         capturer.pending.clear()
         try:
             capturer.finish()
+            if not failed and destination is not None:
+                if writer is not None:
+                    _publish_stream(rec, writer, folder, destination)
+                else:
+                    rec.save(destination)
         except Exception:
             if not failed:
                 raise
             # the block's own exception is the one to report; the partial recording stays as it is
+        finally:
+            if writer is not None:
+                writer.close()
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _publish_stream(rec: Recording, writer: TensorFileWriter, folder: Path, destination: Path) -> None:
+    """Finish a streamed recording: header, index, then the folder renamed into place; map the tensors."""
+    stored = {_tensor_key(call, leaf): value for call in rec.calls for leaf, value in call.tensors.items()}
+    writer.finish(stored)
+    writer.close()
+    mapped = map_tensors(folder / TENSOR_FILE, writer.data_offset(), stored)
+    for call in rec.calls:
+        for leaf in call.tensors:
+            call.tensors[leaf] = mapped[_tensor_key(call, leaf)]
+    _write_index(folder, rec, writer)
+    _replace_folder(folder, destination)

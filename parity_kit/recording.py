@@ -13,8 +13,10 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -231,9 +233,17 @@ class StatsBatch:
             total_sq = np.add.reduceat(norm * norm, bounds)
             total = np.add.reduceat(sums, bounds)
             lo_t, hi_t = np.minimum.reduceat(lo, bounds), np.maximum.reduceat(hi, bounds)
-            finite = np.isfinite(total_sq) & np.isfinite(total) & np.isfinite(lo_t) & np.isfinite(hi_t)
-            last = self.tensors[members[0]].shape[-1] if self.tensors[members[0]].dim() else 1
-            token_rms = (norm / math.sqrt(last)).astype(np.float32)
+            finite = (np.isfinite(total_sq) & np.isfinite(total) & np.isfinite(lo_t) & np.isfinite(hi_t)).tolist()
+            first = self.tensors[members[0]]
+            last = first.shape[-1] if first.dim() else 1
+            elements = np.asarray(counts, dtype=np.float64) * last
+            with np.errstate(invalid="ignore", over="ignore"):
+                mean, rms = (total / elements).tolist(), np.sqrt(total_sq / elements).tolist()
+                absmax = np.maximum(np.abs(lo_t), np.abs(hi_t)).tolist()
+            lo_l, hi_l = lo_t.tolist(), hi_t.tolist()
+            if self.per_token:  # one array per group, split into per-tensor views in one call
+                token_rms = torch.from_numpy((norm / math.sqrt(last)).astype(np.float32)).split(counts)
+            dtype = dtype_name(first.dtype)
             for k, i in enumerate(members):
                 t = self.tensors[i]
                 if not finite[k]:
@@ -241,14 +251,9 @@ class StatsBatch:
                         self._check_versions()
                     out[i] = TensorStats.of(t, self.per_token)  # exact masked path, rare
                     continue
-                count = t.numel()
-                per_token_rms = None
-                if self.per_token and t.dim() > 0:
-                    a = int(bounds[k])
-                    per_token_rms = torch.from_numpy(token_rms[a:a + counts[k]].copy())
-                out[i] = TensorStats(tuple(t.shape), dtype_name(t.dtype), float(lo_t[k]), float(hi_t[k]),
-                                     float(total[k] / count), math.sqrt(total_sq[k] / count),
-                                     float(max(abs(lo_t[k]), abs(hi_t[k]))), 0, 0, per_token_rms)
+                per_token_rms = token_rms[k] if self.per_token and t.dim() > 0 else None
+                out[i] = TensorStats(tuple(t.shape), dtype, lo_l[k], hi_l[k], mean[k], rms[k], absmax[k],
+                                     0, 0, per_token_rms)
         self.tensors = []  # the statistics are final: let the tensors go
         return out  # type: ignore[return-value]
 
@@ -365,47 +370,19 @@ class Recording:
         >>> back["a"][0].output.dtype
         torch.bfloat16
         """
-        from safetensors.torch import save_file
-
-        target = Path(path)
-        if target.exists() and not (target / INDEX_FILE).exists() and (not target.is_dir() or any(target.iterdir())):
-            raise ParityKitError(
-                f"{target} exists and is not a parity_kit recording; pick a new path or delete it first"
-            )
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = _writable_target(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
             tensors: dict[str, torch.Tensor] = {}
-            calls_json = []
             for call in self.calls:
-                leaves: dict[str, Any] = {}
                 for leaf, value in call.tensors.items():
-                    key = f"{call.order}:{leaf}"
-                    if isinstance(value, TensorStats):
-                        entry = {"kind": "stats", **value._to_json()}
-                        if value.per_token_rms is not None:
-                            tensors[key] = value.per_token_rms.contiguous()
-                            entry["per_token_rms"] = key
-                    else:
-                        tensors[key] = value.detach().cpu().contiguous()
-                        entry = {"kind": "tensor", "key": key, "shape": list(value.shape),
-                                 "dtype": dtype_name(value.dtype)}
-                    entry["orig_dtype"] = call.orig_dtype(leaf)
-                    leaves[leaf] = entry
-                calls_json.append({"module": call.module, "index": call.index, "order": call.order,
-                                   "leaves": leaves})
-            # checksums of the in-memory tensors are computed on a second thread while safetensors
-            # writes the file (both release the GIL), so verifying costs no extra pass over the file
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                checksums = pool.submit(_tensor_crcs, tensors)
-                save_file(tensors, tmp / TENSOR_FILE)
-                crcs = checksums.result()
-            index = {
-                "format": FORMAT_NAME, "version": FORMAT_VERSION, "mode": self.mode,
-                "metadata": self.metadata, "calls": calls_json,
-                "tensor_file": {"name": TENSOR_FILE, "bytes": (tmp / TENSOR_FILE).stat().st_size, "crc32": crcs},
-            }
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1, default=str, allow_nan=True), "utf-8")
+                    t = value.per_token_rms if isinstance(value, TensorStats) else value
+                    if t is not None:
+                        tensors[_tensor_key(call, leaf)] = t
+            with TensorFileWriter(tmp / TENSOR_FILE, header_reserve=_header_size(tensors)) as writer:
+                stored = {key: writer.write(t) for key, t in tensors.items()}
+                writer.finish(stored)
+            _write_index(tmp, self, writer)
             _replace_folder(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -484,6 +461,192 @@ def _call_from_json(entry: dict[str, Any], stored: dict[str, torch.Tensor]) -> C
         if info["orig_dtype"] != info["dtype"]:
             orig[leaf] = info["orig_dtype"]
     return Call(entry["module"], entry["index"], entry["order"], tensors, orig)
+
+
+def _tensor_key(call: Call, leaf: str) -> str:
+    return f"{call.order}:{leaf}"
+
+
+def _writable_target(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a folder a recording may be written to (new, empty, or an older recording)."""
+    target = Path(path)
+    if target.exists() and not (target / INDEX_FILE).exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ParityKitError(
+            f"{target} exists and is not a parity_kit recording; pick a new path or delete it first"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _write_index(folder: Path, recording: Recording, writer: TensorFileWriter) -> None:
+    """``index.json`` of ``recording``, whose tensors ``writer`` stored under :func:`_tensor_key` keys."""
+    calls_json = []
+    for call in recording.calls:
+        leaves: dict[str, Any] = {}
+        for leaf, value in call.tensors.items():
+            key = _tensor_key(call, leaf)
+            if isinstance(value, TensorStats):
+                entry = {"kind": "stats", **value._to_json()}
+                if value.per_token_rms is not None:
+                    entry["per_token_rms"] = key
+            else:
+                entry = {"kind": "tensor", "key": key, "shape": list(value.shape), "dtype": dtype_name(value.dtype)}
+            entry["orig_dtype"] = call.orig_dtype(leaf)
+            leaves[leaf] = entry
+        calls_json.append({"module": call.module, "index": call.index, "order": call.order, "leaves": leaves})
+    index = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "mode": recording.mode,
+        "metadata": recording.metadata, "calls": calls_json,
+        "tensor_file": {"name": TENSOR_FILE, "bytes": writer.size, "crc32": writer.crcs},
+    }
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=1, default=str, allow_nan=True), "utf-8")
+
+
+# safetensors' names of the dtypes a recording can hold
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_PARALLEL_CRC_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where :class:`TensorFileWriter` put a tensor: byte range in the data section, dtype, shape."""
+
+    start: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    crc32: int
+
+
+class TensorFileWriter:
+    """Writes a safetensors file one tensor at a time, the header last.
+
+    safetensors puts a JSON header (its length first) before the data. The header's size is not
+    known while tensors are still arriving, so ``header_reserve`` bytes are set aside up front; at
+    :meth:`finish` the header is written there, padded with spaces (which the format allows). A
+    header that outgrows its reserve makes :meth:`finish` rewrite the file once with a larger one.
+    Each tensor's CRC-32 is computed while its bytes are written (on a second thread for large
+    tensors), so checksums cost no extra pass. Used as a context manager, the file is closed in any
+    case; the caller removes a file whose writing failed.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "t.safetensors"
+    >>> with TensorFileWriter(path) as w:
+    ...     w.finish({"x": w.write(torch.arange(3.0))})
+    >>> from safetensors.torch import load_file
+    >>> load_file(path)["x"].tolist()
+    [0.0, 1.0, 2.0]
+    """
+
+    def __init__(self, path: str | os.PathLike[str], header_reserve: int = 1 << 16):
+        self.path = Path(path)
+        self.reserve = -(-max(header_reserve, 64) // 8) * 8  # keeps the data section 8-byte aligned
+        self.size = 0
+        self.crcs: dict[str, int] = {}
+        self._written: list[tuple[int, int]] = []
+        self._data = 0
+        self._file = open(self.path, "wb")
+        self._pool: ThreadPoolExecutor | None = None
+        self._file.write(b"\0" * (8 + self.reserve))
+
+    def __enter__(self) -> TensorFileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def write(self, tensor: torch.Tensor) -> StoredTensor:
+        """Append ``tensor``'s bytes (moved to the CPU if needed); returns where they went."""
+        t = tensor.detach()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ParityKitError(
+                f"a {t.dtype} tensor cannot be stored in a recording (safetensors has no such dtype); "
+                "capture it with mode='stats' or leave its module out of modules="
+            )
+        shape = tuple(t.shape)
+        data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes >= _PARALLEL_CRC_BYTES:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity_kit_crc")
+            crc = self._pool.submit(zlib.crc32, data)  # zlib and the write both release the GIL
+            self._file.write(data)
+            checksum = crc.result()
+        else:
+            self._file.write(data)
+            checksum = zlib.crc32(data)
+        start = self._data
+        self._data += data.nbytes
+        self._written.append((start, self._data))
+        return StoredTensor(start, self._data, t.dtype, shape, checksum)
+
+    def finish(self, stored: dict[str, StoredTensor]) -> None:
+        """Write the header naming every stored tensor (each written tensor must appear once)."""
+        if sorted((s.start, s.end) for s in stored.values()) != self._written:
+            raise ParityKitError("internal error: the header must name every tensor written, once")
+        header = {key: {"dtype": _SAFETENSORS_DTYPES[s.dtype], "shape": list(s.shape),
+                        "data_offsets": [s.start, s.end]} for key, s in stored.items()}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        self._file.flush()
+        if len(blob) <= self.reserve:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", self.reserve) + blob + b" " * (self.reserve - len(blob)))
+            self._file.flush()
+        else:
+            self._rewrite_with_header(blob)
+        self.crcs = {key: s.crc32 for key, s in stored.items()}
+        self.size = self.path.stat().st_size
+
+    def _rewrite_with_header(self, blob: bytes) -> None:
+        blob += b" " * (-len(blob) % 8)
+        self._file.close()
+        bigger = self.path.with_name(self.path.name + ".grow")
+        with open(self.path, "rb") as old, open(bigger, "wb") as new:
+            new.write(struct.pack("<Q", len(blob)) + blob)
+            old.seek(8 + self.reserve)
+            shutil.copyfileobj(old, new, 1 << 24)
+        os.replace(bigger, self.path)
+        self.reserve = len(blob)
+        self._file = open(self.path, "rb+")
+
+    def data_offset(self) -> int:
+        """Byte position of the data section in the file (valid after :meth:`finish`)."""
+        return 8 + self.reserve
+
+
+def _header_size(tensors: dict[str, torch.Tensor]) -> int:
+    """Generous size of the safetensors header naming ``tensors`` (so that it is written only once)."""
+    return 64 + sum(96 + len(key) + 21 * t.dim() for key, t in tensors.items())
+
+
+def map_tensors(path: Path, data_offset: int, stored: dict[str, StoredTensor]) -> dict[str, torch.Tensor]:
+    """Tensors backed by a copy-on-write memory map of a file :class:`TensorFileWriter` wrote.
+
+    Pages are read from the file when touched; writing to a returned tensor changes this process's
+    copy only, never the file.
+    """
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return {}
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out = {}
+    for key, s in stored.items():
+        n = math.prod(s.shape)
+        if n == 0:
+            out[key] = torch.empty(s.shape, dtype=s.dtype)
+        else:
+            out[key] = torch.frombuffer(buffer, dtype=s.dtype, count=n, offset=data_offset + s.start).view(s.shape)
+    return out
 
 
 def _tensor_crcs(tensors: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -253,3 +253,34 @@ def test_capture_never_down_casts_without_dtype():
     with pk.record(model, "*") as rec:
         model(torch.ones(2, 4, dtype=torch.float64))
     assert all(c.output.dtype == torch.float64 and not c.orig_dtypes for c in rec)
+
+
+def test_batched_copies_equal_copies_in_the_hook(tiny_llama, input_ids):
+    # copy_batch on CPU tensors exercises the path CUDA tensors take by default; 4 KiB batches flush
+    # many times inside the forward
+    for batch in ("4KiB", "1GiB"):
+        with pk.record(tiny_llama, "*", inputs=True, copy_batch=batch) as batched:
+            logits = tiny_llama(input_ids).logits
+        with pk.record(tiny_llama, "*", inputs=True, copy_batch=0) as direct:
+            tiny_llama(input_ids)
+        assert [(c.module, c.index, list(c.tensors)) for c in batched] == \
+            [(c.module, c.index, list(c.tensors)) for c in direct]
+        for a, b in zip(batched, direct):
+            for leaf, x in a.tensors.items():
+                assert torch.equal(x, b.tensors[leaf]) and x.shape == b.tensors[leaf].shape, (a.module, leaf)
+        logits.zero_()  # the caller's tensor, not the recording's copy
+        assert batched["lm_head"][0].output.abs().sum() > 0
+
+
+def test_batched_copies_detect_outputs_modified_in_place():
+    model = TwiceLinear()
+    with pytest.raises(ParityKitError, match="modified in place.*copy_batch=0"):
+        with pk.record(model, "proj", copy_batch="1GiB"):
+            model(torch.ones(2, 4))
+    assert all(n == (0, 0, 0) for n in hook_counts(model).values())
+    with pk.record(model, "proj", copy_batch=0) as rec:
+        model(torch.ones(2, 4))
+    assert rec["proj"][0].output.abs().sum() > 0  # the value before h.mul_(0)
+    with pytest.raises(ParityKitError, match="copy_batch"):
+        with pk.record(model, "proj", copy_batch="lots"):
+            pass

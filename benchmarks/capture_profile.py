@@ -1,0 +1,87 @@
+"""Where the capture overhead goes: host-side profile of ``record()`` on the 7B-shaped Llama (CUDA).
+
+Runs the configurations of ``capture_overhead.py --device cuda`` at one token count, prints the
+block times (CUDA events, median of ``--repeats``) and, for each capture configuration, a cProfile of
+``--profiled`` blocks sorted by own time. The GPU runs far ahead of a launch-bound host at 512
+tokens, so host time spent in hooks is added to the forward almost one for one.
+
+    PYTHONPATH=. python benchmarks/capture_profile.py --tokens 512 > $OUT/capture_profile.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import parity_kit as pk
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profiled", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=30)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.randint(0, config.vocab_size, (1, args.tokens), device="cuda")
+
+    def capture(**kw: object):
+        def run() -> None:
+            with pk.record(model, "*", memory_budget=None, **kw):
+                model(ids)
+        return run
+
+    configs = {
+        "plain": lambda: model(ids),
+        "stats": capture(mode="stats"),
+        "tensors_gpu": capture(mode="tensors", device="cuda"),
+        "tensors_cpu": capture(mode="tensors", device="cpu"),
+    }
+    with torch.no_grad():
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        for fn in configs.values():
+            fn(), fn()
+        for _ in range(args.repeats):
+            for name, fn in configs.items():
+                torch.cuda.synchronize()
+                host = time.perf_counter()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                host = time.perf_counter() - host
+                end.synchronize()
+                times[name].append((start.elapsed_time(end), host * 1e3))
+        plain = statistics.median(t for t, _ in times["plain"])
+        for name, ts in times.items():
+            gpu = statistics.median(t for t, _ in ts)
+            host = statistics.median(h for _, h in ts)
+            print(f"{name:12s} block {gpu:7.2f} ms ({gpu / plain:4.2f}x)   host time to return {host:7.2f} ms")
+        for name in ("stats", "tensors_gpu"):
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(args.profiled):
+                configs[name]()
+            torch.cuda.synchronize()
+            profile.disable()
+            out = io.StringIO()
+            pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.rows)
+            print(f"\n===== {name}: cProfile of {args.profiled} blocks, by own time =====\n{out.getvalue()}")
+
+
+if __name__ == "__main__":
+    main()
