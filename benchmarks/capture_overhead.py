@@ -94,10 +94,16 @@ def main() -> None:
 
     def tensors_disk() -> None:
         target = scratch / "rec"
+        with torch.no_grad(), pk.record(model, "*", mode="tensors", save_to=target):
+            model(ids)
+        sizes["tensors_disk"] = _folder_bytes(target)
+
+    def tensors_memory_then_save() -> None:
+        target = scratch / "rec"
         with torch.no_grad(), pk.record(model, "*", mode="tensors", memory_budget=None) as rec:
             model(ids)
         rec.save(target)
-        sizes["tensors_disk"] = _folder_bytes(target)
+        sizes["tensors_memory_then_save"] = _folder_bytes(target)
 
     def debugger(use_repr: bool) -> Callable[[], None]:
         def run() -> None:
@@ -110,6 +116,7 @@ def main() -> None:
 
     configs: dict[str, Callable[[], None]] = {
         "plain": plain, "stats": stats, "tensors_memory": tensors_memory, "tensors_disk": tensors_disk,
+        "tensors_memory_then_save": tensors_memory_then_save,
         "transformers_debugger_repr": debugger(True), "transformers_debugger_tensors": debugger(False),
     }
     times: dict[str, list[float]] = {name: [] for name in configs}
@@ -145,6 +152,15 @@ def main() -> None:
                   "vocab": config.vocab_size, "dtype": "fp32", "tokens": args.tokens,
                   "hooked_modules": len(pk.select_modules(model, "*"))},
         "repeats": args.repeats,
+        "configurations": {
+            "stats": "mode='stats' (per-call statistics, reduced in each hook on CPU)",
+            "tensors_memory": "mode='tensors', copies kept in memory",
+            "tensors_disk": "mode='tensors', save_to=folder: each tensor written to the recording's safetensors "
+                            "file in its hook (CRC-32 alongside), folder published and memory-mapped at the end",
+            "tensors_memory_then_save": "mode='tensors' in memory, then Recording.save(folder)",
+            "transformers_debugger_repr": "transformers' model_addition_debugger_context, use_repr=True",
+            "transformers_debugger_tensors": "the same with use_repr=False (tensors written to disk)",
+        },
         "seconds_median": medians,
         "seconds_all": times,
         "ratio_to_plain": ratios,
@@ -203,6 +219,7 @@ def main_cuda(args: argparse.Namespace) -> None:
         "stats": capture("stats", "cpu"),
         "stats_in_hook": capture("stats", "cpu", stats_batch=0),
         "tensors_gpu": capture("tensors", "cuda"),
+        "tensors_gpu_in_hook": capture("tensors", "cuda", copy_batch=0),
         "tensors_cpu": capture("tensors", "cpu"),
     }
     results: dict[str, object] = {}
@@ -252,7 +269,9 @@ def main_cuda(args: argparse.Namespace) -> None:
             "noop_hooks": "a forward hook that does nothing on every module",
             "stats": "mode='stats', default stats_batch='auto' (batched reductions, per-token rms on)",
             "stats_in_hook": "mode='stats', stats_batch=0 (each tensor reduced in its hook, one host sync each)",
-            "tensors_gpu": "mode='tensors', device='cuda' (a copy of every output kept on the GPU)",
+            "tensors_gpu": "mode='tensors', device='cuda', default copy_batch='auto' (copies of the outputs kept "
+                           "on the GPU, made in batches: one concatenation per group of like tensors)",
+            "tensors_gpu_in_hook": "mode='tensors', device='cuda', copy_batch=0 (each output copied in its hook)",
             "tensors_cpu": "mode='tensors', device='cpu' (pinned host buffers, side-stream copies)",
         },
         "targets": {"stats": 1.3, "tensors_gpu": 1.5, "tensors_cpu": 3.0},

@@ -39,11 +39,26 @@ def main() -> None:
     torch.set_default_dtype(torch.float32)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), device="cuda")
 
+    phases: dict[str, list[tuple[float, float, float]]] = {}
+
     def capture(**kw: object):
         def run() -> None:
             with pk.record(model, "*", memory_budget=None, **kw):
                 model(ids)
         return run
+
+    def phased(name: str, **kw: object) -> None:
+        """Host time of the block's entry (hooking), the forward (queueing kernels) and its exit (waiting)."""
+        torch.cuda.synchronize()
+        block = pk.record(model, "*", memory_budget=None, **kw)
+        t0 = time.perf_counter()
+        block.__enter__()
+        t1 = time.perf_counter()
+        model(ids)
+        t2 = time.perf_counter()
+        block.__exit__(None, None, None)
+        t3 = time.perf_counter()
+        phases.setdefault(name, []).append((t1 - t0, t2 - t1, t3 - t2))
 
     configs = {
         "plain": lambda: model(ids),
@@ -71,6 +86,14 @@ def main() -> None:
             gpu = statistics.median(t for t, _ in ts)
             host = statistics.median(h for _, h in ts)
             print(f"{name:12s} block {gpu:7.2f} ms ({gpu / plain:4.2f}x)   host time to return {host:7.2f} ms")
+        kinds = {"stats": {"mode": "stats"}, "tensors_gpu": {"mode": "tensors", "device": "cuda"},
+                 "tensors_cpu": {"mode": "tensors", "device": "cpu"}}
+        for _ in range(args.repeats):
+            for name, kw in kinds.items():
+                phased(name, **kw)
+        for name, ts in phases.items():
+            enter, forward, leave = (statistics.median(x) * 1e3 for x in zip(*ts))
+            print(f"{name:12s} host ms: enter {enter:6.2f}  forward {forward:6.2f}  exit {leave:6.2f}")
         for name in ("stats", "tensors_gpu"):
             profile = cProfile.Profile()
             profile.enable()
@@ -79,8 +102,9 @@ def main() -> None:
             torch.cuda.synchronize()
             profile.disable()
             out = io.StringIO()
-            pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.rows)
-            print(f"\n===== {name}: cProfile of {args.profiled} blocks, by own time =====\n{out.getvalue()}")
+            for order in ("tottime", "cumulative"):
+                pstats.Stats(profile, stream=out).sort_stats(order).print_stats(args.rows)
+            print(f"\n===== {name}: cProfile of {args.profiled} blocks, by own then cumulative time =====\n{out.getvalue()}")
 
 
 if __name__ == "__main__":

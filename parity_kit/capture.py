@@ -208,7 +208,8 @@ class _Capturer:
             if self.stats_batch is not None and (t.is_cuda or self.defer_cpu) and t.numel():
                 # an inference-mode tensor has no version counter, so in-place changes cannot be detected
                 version = None if t.is_inference() else t._version
-                self.deferred.append((self.slot(tensors, leaf), t.detach(), version, f"{name}\0{leaf}"))
+                self.deferred.append((self.slot(tensors, leaf), t.detach() if t.requires_grad else t, version,
+                                      f"{name}\0{leaf}"))
                 self.deferred_bytes += t.numel() * t.element_size()
                 if self.deferred_bytes >= self.stats_batch:
                     self.flush_stats()
@@ -241,7 +242,8 @@ class _Capturer:
             tensors[leaf] = self.offload(t, dtype)
         elif (self.copy_batch is not None and dtype == t.dtype and t.device == self.device and t.dim()
               and (t.is_cuda or self.defer_cpu) and not t.is_inference()):
-            self.copies.append((self.slot(tensors, leaf), t.detach(), t._version, f"{name}\0{leaf}"))
+            self.copies.append((self.slot(tensors, leaf), t.detach() if t.requires_grad else t, t._version,
+                                f"{name}\0{leaf}"))
             self.copies_bytes += need
             if self.copies_bytes >= self.copy_batch:
                 self.flush_copies()
