@@ -32,7 +32,7 @@ ModuleSpec = str | Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...]
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _MAX_DEPTH = 8
-_AUTO_STATS_BATCH = 2**30
+_AUTO_BATCH = 2**30
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -197,7 +197,8 @@ class _Capturer:
         self.inflight: list[tuple[StatsBatch, list[_Slot]]] = []
         self.copies: list[tuple[_Slot, torch.Tensor, int, str]] = []
         self.copies_bytes = 0
-        self.unwritten: list[tuple[_Slot, torch.Tensor]] = []  # pinned host copies not yet in the file
+        # tensors waiting for the writer: slot, tensor, copy-done event, version to check, label
+        self.unwritten: list[tuple[_Slot, torch.Tensor, Any, int | None, str]] = []
         self.unwritten_bytes = 0
         self.copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -222,13 +223,21 @@ class _Capturer:
             orig[leaf] = dtype_name(t.dtype)
         need = t.numel() * dtype.itemsize
         if self.writer is not None:
+            # written in bulk, once 1 GiB waits or the block ends: measured faster than writing
+            # from inside each hook. CPU tensors wait as they are (their version counter catches
+            # in-place changes); CUDA tensors as pinned host copies
             if t.is_cuda:
-                self.unwritten.append((self.slot(tensors, leaf), self.offload(t, dtype)))
-                self.unwritten_bytes += need
-                if self.unwritten_bytes >= _AUTO_STATS_BATCH:
-                    self.write_offloaded()
-            else:  # written before the model can change it: no copy is kept
-                tensors[leaf] = self.writer.write(t if dtype == t.dtype else t.to(dtype))
+                host, copied = self.offload(t, dtype)
+                self.unwritten.append((self.slot(tensors, leaf), host, copied, None, ""))
+            elif dtype == t.dtype and self.copy_batch is not None and not t.is_inference():
+                self.unwritten.append((self.slot(tensors, leaf), t.detach() if t.requires_grad else t, None,
+                                       t._version, f"{name}\0{leaf}"))
+            else:
+                self.unwritten.append((self.slot(tensors, leaf), t.detach().to(dtype=dtype, copy=True), None,
+                                       None, ""))
+            self.unwritten_bytes += need
+            if self.unwritten_bytes >= _AUTO_BATCH:
+                self.write_pending()
             return
         if self.budget is not None and self.stored + need > self.budget:
             raise ParityKitError(
@@ -239,7 +248,7 @@ class _Capturer:
             )
         self.stored += need
         if t.is_cuda and self.device.type == "cpu":
-            tensors[leaf] = self.offload(t, dtype)
+            tensors[leaf] = self.offload(t, dtype)[0]
         elif (self.copy_batch is not None and dtype == t.dtype and t.device == self.device and t.dim()
               and (t.is_cuda or self.defer_cpu) and not t.is_inference()):
             self.copies.append((self.slot(tensors, leaf), t.detach() if t.requires_grad else t, t._version,
@@ -247,6 +256,8 @@ class _Capturer:
             self.copies_bytes += need
             if self.copies_bytes >= self.copy_batch:
                 self.flush_copies()
+        if self.writer is not None:
+            self.write_pending()
         else:
             # copy=True: never alias a tensor the model may later modify in place
             tensors[leaf] = t.detach().to(device=self.device, dtype=dtype, copy=True)
@@ -289,8 +300,10 @@ class _Capturer:
             for i, part in zip(members, parts):
                 copies[i][0].fill(part)
 
-    def offload(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Copy a CUDA tensor into pinned host memory on a side stream, without waiting for it."""
+    def offload(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Copy a CUDA tensor into pinned host memory on a side stream, without waiting for it.
+
+        Returns the host tensor and an event that completes when the copy has landed."""
         # a private device copy first: the model may overwrite ``t`` in place before the side stream
         # gets to it, and the copy is cheap next to the transfer
         private = t.detach().to(dtype=dtype, copy=True)
@@ -301,17 +314,21 @@ class _Capturer:
         host = torch.empty(private.shape, dtype=dtype, pin_memory=True)
         with torch.cuda.stream(stream):
             host.copy_(private, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
         # the caching allocator must not hand ``private`` out again before the side stream read it
         private.record_stream(stream)
-        return host
+        return host, copied
 
-    def write_offloaded(self) -> None:
-        """Wait for the pending host copies and write them to the file (bounds pinned memory)."""
-        for stream in self.copy_streams.values():
-            stream.synchronize()
+    def write_pending(self) -> None:
+        """Write the tensors waiting for the writer, checking that none changed since its hook."""
         unwritten, self.unwritten, self.unwritten_bytes = self.unwritten, [], 0
-        for slot, host in unwritten:
-            slot.fill(self.writer.write(host))
+        for slot, t, copied, version, label in unwritten:
+            if copied is not None:
+                copied.synchronize()
+            if version is not None and t._version != version:
+                raise _in_place_error(*label.split("\0", 1), "write", "copy_batch")
+            slot.fill(self.writer.write(t))
 
     def finish(self) -> None:
         """Wait for queued copies and reductions; every slot is filled afterwards."""
@@ -322,7 +339,7 @@ class _Capturer:
             self.resolve_oldest()
         self.flush_copies()
         if self.writer is not None:
-            self.write_offloaded()
+            self.write_pending()
 
     # ------------------------------------------------------------------ hooks
     def grab(self, obj: Any, prefix: str, name: str) -> tuple[dict, dict]:
@@ -387,10 +404,22 @@ def _environment() -> dict[str, Any] | None:
     return environment_capsule()
 
 
+def _auto_batch() -> int:
+    """Deferred bytes per batch: 1/32 of the GPU's memory within [256 MiB, 4 GiB]; 1 GiB without CUDA.
+
+    Each batch has a fixed host cost (a few launches per group of like tensors, one transfer), so
+    larger batches are cheaper while the forward is launch-bound; the concatenation it needs stays
+    a small part of the device's memory."""
+    if not torch.cuda.is_available():
+        return _AUTO_BATCH
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return min(2**32, max(2**28, total // 32))
+
+
 def _batch_bytes(value: int | str | None, knob: str) -> tuple[int | None, bool]:
     """(batch size in bytes or None for "in the hook", whether CPU tensors are batched too)."""
     if value == "auto":
-        return _AUTO_STATS_BATCH, False
+        return _auto_batch(), False
     try:
         return parse_bytes(value) or None, True
     except ParityKitError:
@@ -433,7 +462,7 @@ def record(
     ``mode="stats"`` keeps only :class:`TensorStats` per leaf (``per_token`` adds the per-row rms, at
     no extra cost in the batched path). With ``stats_batch="auto"`` the statistics of CUDA tensors are
     reduced in batches: a hook only keeps a reference to the output, and once the referenced outputs
-    reach 1 GiB (or the block ends) they are reduced together with a few kernels and no host
+    reach 1/32 of the GPU's memory (between 256 MiB and 4 GiB), or the block ends, they are reduced together with a few kernels and no host
     synchronisation inside the forward; CPU tensors are reduced in their hook. An int or size string
     ("256MiB") sets the batch size and batches CPU tensors too; ``0`` or None reduces each tensor in
     its hook (one host synchronisation per tensor on CUDA). ``copy_batch`` does the same for the

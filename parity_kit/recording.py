@@ -19,8 +19,8 @@ import shutil
 import struct
 import tempfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -159,16 +159,21 @@ class StatsBatch:
 
     def __init__(self, tensors: list[torch.Tensor], per_token: bool = True,
                  versions: list[int | None] | None = None, labels: list[str] | None = None):
-        self.tensors = [t.detach() for t in tensors]
+        self.tensors = [t.detach() if t.requires_grad else t for t in tensors]
         self.per_token = per_token
         self.versions = versions
         self.labels = labels
         self._check_versions()
         self._groups: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
+        groups = self._groups
         for i, t in enumerate(self.tensors):
             if t.numel():
-                last = t.shape[-1] if t.dim() else 1
-                self._groups.setdefault((t.device, t.dtype, last), []).append(i)
+                key = (t.device, t.dtype, t.shape[-1] if t.dim() else 1)
+                members = groups.get(key)
+                if members is None:
+                    groups[key] = [i]
+                else:
+                    members.append(i)
         self._host: dict[torch.device, torch.Tensor] = {}
         self._layout: list[tuple[torch.device, int, list[int], list[int]]] = []  # device, start, members, rows
         self._event: dict[torch.device, Any] = {}
@@ -509,7 +514,6 @@ _SAFETENSORS_DTYPES = {
     torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
-_PARALLEL_CRC_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -520,7 +524,6 @@ class StoredTensor:
     end: int
     dtype: torch.dtype
     shape: tuple[int, ...]
-    crc32: int
 
 
 class TensorFileWriter:
@@ -530,9 +533,10 @@ class TensorFileWriter:
     known while tensors are still arriving, so ``header_reserve`` bytes are set aside up front; at
     :meth:`finish` the header is written there, padded with spaces (which the format allows). A
     header that outgrows its reserve makes :meth:`finish` rewrite the file once with a larger one.
-    Each tensor's CRC-32 is computed while its bytes are written (on a second thread for large
-    tensors), so checksums cost no extra pass. Used as a context manager, the file is closed in any
-    case; the caller removes a file whose writing failed.
+    Each tensor's CRC-32 is computed while it is written (on a second thread for large tensors:
+    both release the GIL), so checksums cost no extra pass. A failed write (a full disk, say) raises
+    ParityKitError. Used as a context manager, the file is closed in any case; the caller removes a
+    file whose writing failed.
 
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "t.safetensors"
@@ -549,10 +553,11 @@ class TensorFileWriter:
         self.size = 0
         self.crcs: dict[str, int] = {}
         self._written: list[tuple[int, int]] = []
+        self._crc_of: dict[int, int] = {}  # start offset -> CRC-32 (non-empty tensors)
         self._data = 0
+        self._crc_pool: ThreadPoolExecutor | None = None
         self._file = open(self.path, "wb")
-        self._pool: ThreadPoolExecutor | None = None
-        self._file.write(b"\0" * (8 + self.reserve))
+        self._guarded(self._file.write, b"\0" * (8 + self.reserve))
 
     def __enter__(self) -> TensorFileWriter:
         return self
@@ -561,10 +566,19 @@ class TensorFileWriter:
         self.close()
 
     def close(self) -> None:
+        if self._crc_pool is not None:
+            self._crc_pool.shutdown()
+            self._crc_pool = None
         self._file.close()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+
+    def _guarded(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except OSError as e:
+            detail = e.strerror or f"{type(e).__name__}: {e}"
+            raise ParityKitError(
+                f"writing {self.path} failed ({detail}); free disk space or record to another folder"
+            ) from e
 
     def write(self, tensor: torch.Tensor) -> StoredTensor:
         """Append ``tensor``'s bytes (moved to the CPU if needed); returns where they went."""
@@ -574,37 +588,36 @@ class TensorFileWriter:
                 f"a {t.dtype} tensor cannot be stored in a recording (safetensors has no such dtype); "
                 "capture it with mode='stats' or leave its module out of modules="
             )
-        shape = tuple(t.shape)
         data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        if data.nbytes >= _PARALLEL_CRC_BYTES:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity_kit_crc")
-            crc = self._pool.submit(zlib.crc32, data)  # zlib and the write both release the GIL
-            self._file.write(data)
-            checksum = crc.result()
-        else:
-            self._file.write(data)
-            checksum = zlib.crc32(data)
         start = self._data
+        if data.nbytes >= 1 << 20:
+            if self._crc_pool is None:
+                self._crc_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity_kit_crc")
+            crc = self._crc_pool.submit(zlib.crc32, data)
+            self._guarded(self._file.write, data)
+            self._crc_of[start] = crc.result()
+        elif data.nbytes:
+            self._crc_of[start] = zlib.crc32(data)
+            self._guarded(self._file.write, data)
         self._data += data.nbytes
         self._written.append((start, self._data))
-        return StoredTensor(start, self._data, t.dtype, shape, checksum)
+        return StoredTensor(start, self._data, t.dtype, tuple(t.shape))
 
     def finish(self, stored: dict[str, StoredTensor]) -> None:
         """Write the header naming every stored tensor (each written tensor must appear once)."""
-        if sorted((s.start, s.end) for s in stored.values()) != self._written:
+        if sorted((s.start, s.end) for s in stored.values()) != sorted(self._written):
             raise ParityKitError("internal error: the header must name every tensor written, once")
         header = {key: {"dtype": _SAFETENSORS_DTYPES[s.dtype], "shape": list(s.shape),
                         "data_offsets": [s.start, s.end]} for key, s in stored.items()}
         blob = json.dumps(header, separators=(",", ":")).encode()
-        self._file.flush()
+        self.crcs = {key: self._crc_of.get(s.start, 0) if s.end > s.start else 0 for key, s in stored.items()}
+        self._guarded(self._file.flush)
         if len(blob) <= self.reserve:
             self._file.seek(0)
-            self._file.write(struct.pack("<Q", self.reserve) + blob + b" " * (self.reserve - len(blob)))
-            self._file.flush()
+            self._guarded(self._file.write, struct.pack("<Q", self.reserve) + blob + b" " * (self.reserve - len(blob)))
+            self._guarded(self._file.flush)
         else:
-            self._rewrite_with_header(blob)
-        self.crcs = {key: s.crc32 for key, s in stored.items()}
+            self._guarded(self._rewrite_with_header, blob)
         self.size = self.path.stat().st_size
 
     def _rewrite_with_header(self, blob: bytes) -> None:

@@ -50,7 +50,7 @@ def test_streamed_tensors_are_private_copies_of_the_file(tiny_llama, input_ids, 
     assert torch.equal(pk.Recording.load(tmp_path / "rec")["lm_head"][0].output, logits)
 
 
-def test_streaming_is_not_fooled_by_in_place_changes(tmp_path):
+def test_streaming_detects_in_place_changes_or_copies_in_the_hook(tmp_path):
     class InPlace(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -63,9 +63,14 @@ def test_streaming_is_not_fooled_by_in_place_changes(tmp_path):
 
     expected: list[torch.Tensor] = []
     model = InPlace()
-    with pk.record(model, "proj", save_to=tmp_path / "rec") as rec:
+    # by default outputs wait, uncopied, for the bulk write; the change is caught, nothing is published
+    with pytest.raises(ParityKitError, match="modified in place.*copy_batch=0"):
+        with pk.record(model, "proj", save_to=tmp_path / "rec"):
+            model(torch.ones(2, 4))
+    assert list(tmp_path.iterdir()) == []
+    with pk.record(model, "proj", save_to=tmp_path / "rec", copy_batch=0) as rec:
         model(torch.ones(2, 4))
-    assert torch.equal(rec["proj"][0].output, expected[0]) and expected[0].abs().sum() > 0
+    assert torch.equal(rec["proj"][0].output, expected[-1]) and expected[-1].abs().sum() > 0
 
 
 def test_cast_and_replace_an_older_recording(tiny_llama, input_ids, tmp_path):
@@ -138,3 +143,34 @@ def test_writer_refuses_a_header_that_omits_a_tensor(tmp_path):
         a, _ = writer.write(torch.ones(2)), writer.write(torch.zeros(3))
         with pytest.raises(ParityKitError, match="every tensor"):
             writer.finish({"a": a})
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tiny_llama, input_ids, tmp_path, monkeypatch):
+    import builtins
+    import errno
+    import os
+
+    import parity_kit.recording as recording
+
+    class FullDisk:
+        """The tensor file: its header placeholder fits, the first tensor does not (injected fault)."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.file = builtins.open(*args, **kwargs)
+            self.writes = 0
+
+        def write(self, data: object) -> int:
+            self.writes += 1
+            if self.writes > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.file.write(data)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(recording, "open", FullDisk, raising=False)
+    with pytest.raises(ParityKitError, match="No space left on device.*free disk space"):
+        with pk.record(tiny_llama, "*", save_to=tmp_path / "rec"):
+            tiny_llama(input_ids)
+    assert list(tmp_path.iterdir()) == []
+    assert all(n == (0, 0, 0) for n in hook_counts(tiny_llama).values())
