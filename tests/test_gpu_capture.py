@@ -10,6 +10,7 @@ from conftest import build_tiny_llama, hook_counts
 from torch import nn
 
 import parity_kit as pk
+from parity_kit.errors import ParityKitError
 from parity_kit.recording import TensorStats
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -167,3 +168,39 @@ def test_compare_on_gpu_equals_cpu(input_ids):
             torch.testing.assert_close(torch.tensor(table[col].to_numpy(float)),
                                        torch.tensor(on_cpu[col].to_numpy(float)), rtol=1e-12, atol=1e-300,
                                        equal_nan=True)
+
+
+@cuda
+def test_streaming_a_cuda_model_equals_capture_to_host(input_ids, tmp_path):
+    model = build_tiny_llama(dtype=torch.bfloat16).cuda()
+    ids = input_ids.cuda()
+    with torch.no_grad(), pk.record(model, "*", inputs=True, device="cpu") as in_memory:
+        model(ids)
+    with torch.no_grad(), pk.record(model, "*", inputs=True, save_to=tmp_path / "rec") as streamed:
+        model(ids)
+    back = pk.Recording.load(tmp_path / "rec")
+    for rec in (streamed, back):
+        assert [(c.module, c.index, list(c.tensors)) for c in rec] == \
+            [(c.module, c.index, list(c.tensors)) for c in in_memory]
+        for a, b in zip(rec, in_memory):
+            for leaf, x in a.tensors.items():
+                assert x.dtype == b.tensors[leaf].dtype and torch.equal(x, b.tensors[leaf]), (a.module, leaf)
+
+
+@cuda
+def test_batched_gpu_copies_detect_in_place_changes():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x).mul_(0)
+
+    model = InPlace().cuda()
+    with pytest.raises(ParityKitError, match="modified in place.*copy_batch=0"):
+        with torch.no_grad(), pk.record(model, "proj", device="cuda"):
+            model(torch.ones(2, 4, device="cuda"))
+    with torch.no_grad(), pk.record(model, "proj", device="cuda", copy_batch=0) as rec:
+        model(torch.ones(2, 4, device="cuda"))
+    assert rec["proj"][0].output.abs().sum() > 0
