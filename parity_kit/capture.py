@@ -256,8 +256,6 @@ class _Capturer:
             self.copies_bytes += need
             if self.copies_bytes >= self.copy_batch:
                 self.flush_copies()
-        if self.writer is not None:
-            self.write_pending()
         else:
             # copy=True: never alias a tensor the model may later modify in place
             tensors[leaf] = t.detach().to(device=self.device, dtype=dtype, copy=True)
@@ -404,22 +402,10 @@ def _environment() -> dict[str, Any] | None:
     return environment_capsule()
 
 
-def _auto_batch() -> int:
-    """Deferred bytes per batch: 1/32 of the GPU's memory within [256 MiB, 4 GiB]; 1 GiB without CUDA.
-
-    Each batch has a fixed host cost (a few launches per group of like tensors, one transfer), so
-    larger batches are cheaper while the forward is launch-bound; the concatenation it needs stays
-    a small part of the device's memory."""
-    if not torch.cuda.is_available():
-        return _AUTO_BATCH
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return min(2**32, max(2**28, total // 32))
-
-
 def _batch_bytes(value: int | str | None, knob: str) -> tuple[int | None, bool]:
     """(batch size in bytes or None for "in the hook", whether CPU tensors are batched too)."""
     if value == "auto":
-        return _auto_batch(), False
+        return _AUTO_BATCH, False
     try:
         return parse_bytes(value) or None, True
     except ParityKitError:
@@ -462,7 +448,7 @@ def record(
     ``mode="stats"`` keeps only :class:`TensorStats` per leaf (``per_token`` adds the per-row rms, at
     no extra cost in the batched path). With ``stats_batch="auto"`` the statistics of CUDA tensors are
     reduced in batches: a hook only keeps a reference to the output, and once the referenced outputs
-    reach 1/32 of the GPU's memory (between 256 MiB and 4 GiB), or the block ends, they are reduced together with a few kernels and no host
+    reach 1 GiB (or the block ends) they are reduced together with a few kernels and no host
     synchronisation inside the forward; CPU tensors are reduced in their hook. An int or size string
     ("256MiB") sets the batch size and batches CPU tensors too; ``0`` or None reduces each tensor in
     its hook (one host synchronisation per tensor on CUDA). ``copy_batch`` does the same for the
