@@ -33,8 +33,10 @@ def rows() -> list[str]:
     ratio, targets = cpu["ratio_to_plain"], cpu["targets"]
     out.append(_row("CPU, Llama 8×1024, 512 tokens: stats capture / plain forward", ratio["stats"], targets["stats"],
                     "×", "capture_overhead_cpu.json"))
-    out.append(_row("CPU: tensors saved to disk / plain forward", ratio["tensors_disk"], targets["tensors_disk"], "×",
-                    "capture_overhead_cpu.json"))
+    out.append(_row("CPU: tensors saved to disk (`record(save_to=...)`) / plain forward", ratio["tensors_disk"],
+                    targets["tensors_disk"], "×", "capture_overhead_cpu.json"))
+    out.append(_row("CPU: tensors kept in memory, then `Recording.save` / plain forward",
+                    ratio["tensors_memory_then_save"], None, "×", "capture_overhead_cpu.json"))
     out.append(_row("CPU: transformers' model_addition_debugger_context (tensors) / plain forward",
                     ratio["transformers_debugger_tensors"], None, "×", "capture_overhead_cpu.json"))
     gpu = _load("capture_overhead_h200.json")

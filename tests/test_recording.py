@@ -184,3 +184,34 @@ def test_stats_batch_refuses_tensor_modified_in_place():
     t.add_(1)
     with pytest.raises(ParityKitError, match="modified in place.*stats_batch=0"):
         StatsBatch([t], versions=[version], labels=["module 'm' leaf 'output'"])
+
+
+def test_checksum_sees_single_bit_flips_tails_and_unaligned_bytes():
+    from parity_kit.recording import tensor_checksum
+
+    data = torch.arange(1, 27, dtype=torch.uint8)  # 3 words and a 2-byte tail
+    base = tensor_checksum(data)
+    for i in range(data.numel()):
+        for bit in (0, 7):
+            flipped = data.clone()
+            flipped[i] ^= 1 << bit
+            assert tensor_checksum(flipped) != base, (i, bit)
+    assert tensor_checksum(data[1:]) == tensor_checksum(data[1:].clone())  # unaligned storage offset
+    assert tensor_checksum(torch.tensor([2**63 - 1, 1], dtype=torch.int64)) == 2**63  # wraps, never negative
+
+
+def test_recordings_checksummed_with_crc32_still_load(tmp_path):
+    import zlib
+
+    rec = Recording("tensors", [Call("a", 0, 0, {"output": torch.randn(64, 3)})])
+    folder = rec.save(tmp_path / "rec")
+    index = json.loads((folder / "index.json").read_text())
+    tensor_file = index["tensor_file"]
+    tensor_file.pop("checksum"), tensor_file.pop("checksums")
+    tensor_file["crc32"] = {"0:output": zlib.crc32(rec.calls[0].output.numpy().tobytes())}
+    (folder / "index.json").write_text(json.dumps(index))
+    assert torch.equal(Recording.load(folder)["a"][0].output, rec.calls[0].output)
+    tensor_file["crc32"]["0:output"] ^= 1
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ParityKitError, match="checksum of 1 tensor"):
+        Recording.load(folder)
