@@ -156,7 +156,8 @@ def main() -> None:
             "stats": "mode='stats' (per-call statistics, reduced in each hook on CPU)",
             "tensors_memory": "mode='tensors', copies kept in memory",
             "tensors_disk": "mode='tensors', save_to=folder: each tensor written to the recording's safetensors "
-                            "file in its hook (CRC-32 alongside), folder published and memory-mapped at the end",
+                            "file in bulk at the block's end (outputs kept uncopied until then, version-checked; "
+                            "checksum alongside), folder published and memory-mapped",
             "tensors_memory_then_save": "mode='tensors' in memory, then Recording.save(folder)",
             "transformers_debugger_repr": "transformers' model_addition_debugger_context, use_repr=True",
             "transformers_debugger_tensors": "the same with use_repr=False (tensors written to disk)",

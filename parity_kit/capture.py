@@ -175,7 +175,7 @@ class _Capturer:
     version counter): statistics are reduced in batches (:class:`StatsBatch`), copies kept on the
     device are made in batches (one concatenation per group of like tensors), copies bound for host
     memory go through pinned buffers on a side stream. ``finish()`` waits once, when the block ends.
-    With a ``writer`` (``record(save_to=...)``), tensors go to the file as they are captured.
+    With a ``writer`` (``record(save_to=...)``), tensors wait for a bulk write (every 1 GiB and at the end).
     """
 
     def __init__(self, recording: Recording, device: torch.device, dtype: torch.dtype | None,
@@ -192,13 +192,14 @@ class _Capturer:
         self.track_slots = inputs
         self.stats_batch, self.copy_batch, self.defer_cpu = stats_batch, copy_batch, defer_cpu
         self.writer = writer
-        self.deferred: list[tuple[_Slot, torch.Tensor, int | None, str]] = []
+        # deferred work: slot, tensor, version counter to check (None: cannot be checked), (module, leaf)
+        self.deferred: list[tuple[_Slot, torch.Tensor, int | None, tuple[str, str]]] = []
         self.deferred_bytes = 0
         self.inflight: list[tuple[StatsBatch, list[_Slot]]] = []
-        self.copies: list[tuple[_Slot, torch.Tensor, int, str]] = []
+        self.copies: list[tuple[_Slot, torch.Tensor, int, tuple[str, str]]] = []
         self.copies_bytes = 0
-        # tensors waiting for the writer: slot, tensor, copy-done event, version to check, label
-        self.unwritten: list[tuple[_Slot, torch.Tensor, Any, int | None, str]] = []
+        # tensors waiting for the writer: slot, tensor, copy-done event, version to check, (module, leaf)
+        self.unwritten: list[tuple[_Slot, torch.Tensor, Any, int | None, tuple[str, str]]] = []
         self.unwritten_bytes = 0
         self.copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -210,7 +211,7 @@ class _Capturer:
                 # an inference-mode tensor has no version counter, so in-place changes cannot be detected
                 version = None if t.is_inference() else t._version
                 self.deferred.append((self.slot(tensors, leaf), t.detach() if t.requires_grad else t, version,
-                                      f"{name}\0{leaf}"))
+                                      (name, leaf)))
                 self.deferred_bytes += t.numel() * t.element_size()
                 if self.deferred_bytes >= self.stats_batch:
                     self.flush_stats()
@@ -228,13 +229,13 @@ class _Capturer:
             # in-place changes); CUDA tensors as pinned host copies
             if t.is_cuda:
                 host, copied = self.offload(t, dtype)
-                self.unwritten.append((self.slot(tensors, leaf), host, copied, None, ""))
+                self.unwritten.append((self.slot(tensors, leaf), host, copied, None, (name, leaf)))
             elif dtype == t.dtype and self.copy_batch is not None and not t.is_inference():
                 self.unwritten.append((self.slot(tensors, leaf), t.detach() if t.requires_grad else t, None,
-                                       t._version, f"{name}\0{leaf}"))
+                                       t._version, (name, leaf)))
             else:
                 self.unwritten.append((self.slot(tensors, leaf), t.detach().to(dtype=dtype, copy=True), None,
-                                       None, ""))
+                                       None, (name, leaf)))
             self.unwritten_bytes += need
             if self.unwritten_bytes >= _AUTO_BATCH:
                 self.write_pending()
@@ -252,7 +253,7 @@ class _Capturer:
         elif (self.copy_batch is not None and dtype == t.dtype and t.device == self.device and t.dim()
               and (t.is_cuda or self.defer_cpu) and not t.is_inference()):
             self.copies.append((self.slot(tensors, leaf), t.detach() if t.requires_grad else t, t._version,
-                                f"{name}\0{leaf}"))
+                                (name, leaf)))
             self.copies_bytes += need
             if self.copies_bytes >= self.copy_batch:
                 self.flush_copies()
@@ -272,7 +273,7 @@ class _Capturer:
         """Queue the reduction of the deferred tensors; resolve the batch before it (double buffering)."""
         if self.deferred:
             slots, tensors, versions, labels = (list(x) for x in zip(*self.deferred))
-            labels = ["module {!r} leaf {!r}".format(*label.split("\0", 1)) for label in labels]
+            labels = [f"module {module!r} leaf {leaf!r}" for module, leaf in labels]
             self.inflight.append((StatsBatch(tensors, self.per_token, versions, labels), slots))
             self.deferred, self.deferred_bytes = [], 0
         while len(self.inflight) > 1:
@@ -289,12 +290,15 @@ class _Capturer:
         groups: dict[tuple, list[int]] = {}
         for i, (_, t, version, label) in enumerate(copies):
             if t._version != version:
-                raise _in_place_error(*label.split("\0", 1), "copy", "copy_batch")
+                raise _in_place_error(*label, "copy", "copy_batch")
             groups.setdefault((t.device, t.dtype, t.shape[1:]), []).append(i)
         for members in groups.values():
             tensors = [copies[i][1] for i in members]
             # [sum of first dims, *trailing] -> one view per tensor, in the same storage
-            parts = torch.cat(tensors).split([t.shape[0] for t in tensors]) if len(tensors) > 1 else [tensors[0].clone()]
+            if len(tensors) == 1:
+                parts = [tensors[0].clone()]
+            else:
+                parts = torch.cat(tensors).split([t.shape[0] for t in tensors])
             for i, part in zip(members, parts):
                 copies[i][0].fill(part)
 
@@ -325,7 +329,7 @@ class _Capturer:
             if copied is not None:
                 copied.synchronize()
             if version is not None and t._version != version:
-                raise _in_place_error(*label.split("\0", 1), "write", "copy_batch")
+                raise _in_place_error(*label, "write", "copy_batch")
             slot.fill(self.writer.write(t))
 
     def finish(self) -> None:
@@ -439,9 +443,11 @@ def record(
     the transfers; the block's end waits for them once. CUDA tensors kept on their own device are
     copied in batches (``copy_batch``, below).
 
-    ``save_to=path`` streams the recording to disk instead: each tensor is written to the folder's
-    tensor file when its hook runs (CUDA tensors after their side-stream copy), so memory stays
-    bounded whatever the model size and ``memory_budget`` does not apply. The folder appears
+    ``save_to=path`` streams the recording to disk instead: captured tensors are written to the
+    folder's tensor file in bulk whenever 1 GiB waits and when the block ends, so memory stays
+    bounded whatever the model size and ``memory_budget`` does not apply. CPU outputs wait uncopied
+    (an output the model changes in place meanwhile is refused; ``copy_batch=0`` copies it in the
+    hook instead), CUDA outputs as pinned host copies. The folder appears
     atomically when the block ends (nothing at ``path`` if the block raises) and the Recording's
     tensors are then memory-mapped from it. With ``mode="stats"`` the statistics are saved there.
 
