@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+from torch.utils.hooks import RemovableHandle
 
 from .dtypes import DtypeLike, dtype_name, parse_dtype
 from .errors import ParityKitError
@@ -33,6 +35,7 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _MAX_DEPTH = 8
 _AUTO_BATCH = 2**30
+_SHARED_HOOK_FRACTION = 4  # one shared hook once a quarter of the model's modules are selected
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -384,6 +387,39 @@ class _Capturer:
         return hook
 
 
+def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n_modules: int,
+                   inputs: bool) -> list[RemovableHandle]:
+    """Hook the selected modules; returns the handles to remove.
+
+    A large selection is served by one process-wide forward hook that looks the module up:
+    registering and removing hundreds of per-module hooks cost more host time than a host-bound
+    forward pass takes for them (benchmarks/capture_profile.py). A module that already has forward
+    hooks keeps a hook of its own, appended after them, so the recording sees what those hooks (a
+    dtype cast, a perturbation) return, as on the per-module path.
+    """
+    handles: list[RemovableHandle] = []
+    shared: dict[int, Any] = {}
+    use_shared = len(selected) * _SHARED_HOOK_FRACTION >= n_modules
+    for name, module in selected:
+        if inputs:
+            handles.append(module.register_forward_pre_hook(capturer.pre_hook(name), with_kwargs=True))
+        hook = capturer.forward_hook(name, inputs)
+        if use_shared and not module._forward_hooks:
+            shared[id(module)] = hook
+        else:
+            handles.append(module.register_forward_hook(hook))
+    if shared:
+        lookup = shared.get
+
+        def dispatch(module: nn.Module, args: tuple, output: Any) -> None:
+            hook = lookup(id(module))
+            if hook is not None:  # modules of other models run inside the block are not ours
+                hook(module, args, output)
+
+        handles.append(register_module_forward_hook(dispatch))
+    return handles
+
+
 def _model_metadata(model: nn.Module, named: list[tuple[str, nn.Module]]) -> dict[str, Any]:
     params = [p for _, m in named for p in m._parameters.values() if p is not None]
     dtypes = sorted({dtype_name(p.dtype) for p in params})
@@ -465,6 +501,11 @@ def record(
     knob to set to 0. Results are complete when the block ends. Calls are stored in completion order,
     so a parent module follows its children.
 
+    The recording sees each output as the module's forward hooks that exist when the block starts
+    returned it; hooks registered inside the block run after the capture. A large selection is hooked
+    through one process-wide forward hook (cheaper for hundreds of modules), so ``torch``'s global
+    hook registry holds one entry while the block runs; it is removed with the rest.
+
     >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     >>> with record(m, "*", mode="stats") as rec:
     ...     _ = m(torch.ones(3, 4))
@@ -506,10 +547,7 @@ def record(
     failed = False
     try:
         handles.append(model.register_forward_pre_hook(root_shapes, with_kwargs=True))
-        for name, module in selected:
-            if inputs:
-                handles.append(module.register_forward_pre_hook(capturer.pre_hook(name), with_kwargs=True))
-            handles.append(module.register_forward_hook(capturer.forward_hook(name, inputs)))
+        handles.extend(_install_hooks(capturer, selected, len(named), inputs))
         yield rec
     except BaseException:
         failed = True

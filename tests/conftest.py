@@ -31,9 +31,15 @@ def build_tiny_bert(seed: int = 0) -> BertModel:
 
 
 def hook_counts(model: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
-    """Number of forward, forward-pre and kwargs hooks on every module (to prove none leak)."""
-    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._forward_hooks_with_kwargs))
-            for name, m in model.named_modules()}
+    """Number of forward, forward-pre and kwargs hooks on every module, and in torch's process-wide
+    registry under ``"<global>"`` (to prove none leak)."""
+    from torch.nn.modules import module as torch_module
+
+    counts = {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._forward_hooks_with_kwargs))
+              for name, m in model.named_modules()}
+    counts["<global>"] = (len(torch_module._global_forward_hooks), len(torch_module._global_forward_pre_hooks),
+                          len(torch_module._global_forward_hooks_with_kwargs))
+    return counts
 
 
 @pytest.fixture

@@ -103,6 +103,40 @@ def test_hooks_removed_after_exception_in_forward(tiny_llama, input_ids):
     assert hook_counts(tiny_llama) == before
 
 
+def test_shared_hook_records_like_per_module_hooks(tiny_llama, input_ids, monkeypatch):
+    """A whole-model selection goes through one process-wide hook: it must record the same calls, in
+    the same order, as per-module hooks, see what a module's existing hook returns, skip other
+    models run inside the block, and leave no hook behind."""
+    from torch.nn.modules import module as torch_module
+
+    from parity_kit import capture
+
+    before = hook_counts(tiny_llama)
+    shift = tiny_llama.model.layers[0].mlp.register_forward_hook(lambda m, a, out: out + 1000.0)
+    other = build_tiny_llama(seed=1)
+    recordings = {}
+    try:
+        for path, fraction in (("per_module", 0), ("shared", capture._SHARED_HOOK_FRACTION)):
+            monkeypatch.setattr(capture, "_SHARED_HOOK_FRACTION", fraction)
+            with pk.record(tiny_llama, "*", inputs=True) as rec:
+                shared_hooks = len(torch_module._global_forward_hooks) - before["<global>"][0]
+                tiny_llama(input_ids)
+                other(input_ids)  # not selected: must not appear
+            assert shared_hooks == (path == "shared")
+            recordings[path] = rec
+    finally:
+        shift.remove()
+    assert hook_counts(tiny_llama) == before and hook_counts(other)["<global>"] == before["<global>"]
+    per_module, shared = recordings["per_module"], recordings["shared"]
+    assert [(c.module, c.index) for c in shared.calls] == [(c.module, c.index) for c in per_module.calls]
+    for a, b in zip(shared.calls, per_module.calls):
+        assert a.tensors.keys() == b.tensors.keys()
+        for leaf in a.tensors:
+            torch.testing.assert_close(a.tensors[leaf], b.tensors[leaf], atol=0, rtol=0)
+    mlp_out = shared["model.layers.0.mlp"][0].output  # the existing hook's +1000 is seen
+    assert mlp_out.abs().min() > 900
+
+
 def test_memory_budget_raises_and_removes_hooks(tiny_llama, input_ids):
     before = hook_counts(tiny_llama)
     with pytest.raises(ParityKitError, match=r"memory_budget .*captured .* so far, this tensor needs .*mode='stats'"):
