@@ -155,9 +155,10 @@ def main() -> None:
         "configurations": {
             "stats": "mode='stats' (per-call statistics, reduced in each hook on CPU)",
             "tensors_memory": "mode='tensors', copies kept in memory",
-            "tensors_disk": "mode='tensors', save_to=folder: each tensor written to the recording's safetensors "
-                            "file in bulk at the block's end (outputs kept uncopied until then, version-checked; "
-                            "checksum alongside), folder published and memory-mapped",
+            "tensors_disk": "mode='tensors', save_to=folder: each output checksummed and copied in its hook into "
+                            "reused buffers that a writer thread appends to the recording's safetensors file "
+                            "(O_DIRECT where the file system takes it) while the model runs; header and index at "
+                            "the block's end, folder published and memory-mapped",
             "tensors_memory_then_save": "mode='tensors' in memory, then Recording.save(folder)",
             "transformers_debugger_repr": "transformers' model_addition_debugger_context, use_repr=True",
             "transformers_debugger_tensors": "the same with use_repr=False (tensors written to disk)",

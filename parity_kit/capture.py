@@ -178,7 +178,8 @@ class _Capturer:
     version counter): statistics are reduced in batches (:class:`StatsBatch`), copies kept on the
     device are made in batches (one concatenation per group of like tensors), copies bound for host
     memory go through pinned buffers on a side stream. ``finish()`` waits once, when the block ends.
-    With a ``writer`` (``record(save_to=...)``), tensors wait for a bulk write (every 1 GiB and at the end).
+    With a ``writer`` (``record(save_to=...)``), CPU tensors are handed to it in their hook and CUDA
+    tensors, as pinned host copies, every 1 GiB and at the end.
     """
 
     def __init__(self, recording: Recording, device: torch.device, dtype: torch.dtype | None,
@@ -201,8 +202,8 @@ class _Capturer:
         self.inflight: list[tuple[StatsBatch, list[_Slot]]] = []
         self.copies: list[tuple[_Slot, torch.Tensor, int, tuple[str, str]]] = []
         self.copies_bytes = 0
-        # tensors waiting for the writer: slot, tensor, copy-done event, version to check, (module, leaf)
-        self.unwritten: list[tuple[_Slot, torch.Tensor, Any, int | None, tuple[str, str]]] = []
+        # pinned host copies of CUDA tensors waiting for the writer: slot, tensor, copy-done event
+        self.unwritten: list[tuple[_Slot, torch.Tensor, Any]] = []
         self.unwritten_bytes = 0
         self.copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -227,21 +228,14 @@ class _Capturer:
             orig[leaf] = dtype_name(t.dtype)
         need = t.numel() * dtype.itemsize
         if self.writer is not None:
-            # written in bulk, once 1 GiB waits or the block ends: measured faster than writing
-            # from inside each hook. CPU tensors wait as they are (their version counter catches
-            # in-place changes); CUDA tensors as pinned host copies
-            if t.is_cuda:
+            if t.is_cuda:  # pinned host copies, written once 1 GiB waits or the block ends
                 host, copied = self.offload(t, dtype)
-                self.unwritten.append((self.slot(tensors, leaf), host, copied, None, (name, leaf)))
-            elif dtype == t.dtype and self.copy_batch is not None and not t.is_inference():
-                self.unwritten.append((self.slot(tensors, leaf), t.detach() if t.requires_grad else t, None,
-                                       t._version, (name, leaf)))
-            else:
-                self.unwritten.append((self.slot(tensors, leaf), t.detach().to(dtype=dtype, copy=True), None,
-                                       None, (name, leaf)))
-            self.unwritten_bytes += need
-            if self.unwritten_bytes >= _AUTO_BATCH:
-                self.write_pending()
+                self.unwritten.append((self.slot(tensors, leaf), host, copied))
+                self.unwritten_bytes += need
+                if self.unwritten_bytes >= _AUTO_BATCH:
+                    self.write_pending()
+            else:  # copied into the writer's buffers now; its thread writes them while the model runs
+                tensors[leaf] = self.writer.write(t.detach().to(dtype=dtype))
             return
         if self.budget is not None and self.stored + need > self.budget:
             raise ParityKitError(
@@ -326,13 +320,10 @@ class _Capturer:
         return host, copied
 
     def write_pending(self) -> None:
-        """Write the tensors waiting for the writer, checking that none changed since its hook."""
+        """Hand the pinned host copies to the writer, each once its transfer has landed."""
         unwritten, self.unwritten, self.unwritten_bytes = self.unwritten, [], 0
-        for slot, t, copied, version, label in unwritten:
-            if copied is not None:
-                copied.synchronize()
-            if version is not None and t._version != version:
-                raise _in_place_error(*label, "write", "copy_batch")
+        for slot, t, copied in unwritten:
+            copied.synchronize()
             slot.fill(self.writer.write(t))
 
     def finish(self) -> None:
@@ -479,11 +470,11 @@ def record(
     the transfers; the block's end waits for them once. CUDA tensors kept on their own device are
     copied in batches (``copy_batch``, below).
 
-    ``save_to=path`` streams the recording to disk instead: captured tensors are written to the
-    folder's tensor file in bulk whenever 1 GiB waits and when the block ends, so memory stays
-    bounded whatever the model size and ``memory_budget`` does not apply. CPU outputs wait uncopied
-    (an output the model changes in place meanwhile is refused; ``copy_batch=0`` copies it in the
-    hook instead), CUDA outputs as pinned host copies. The folder appears
+    ``save_to=path`` streams the recording to disk instead, so memory stays bounded whatever the
+    model size and ``memory_budget`` does not apply. A CPU output is copied in its hook into a few
+    reused buffers that a writer thread puts in the folder's tensor file while the model runs
+    (:class:`~parity_kit.filesink.FileSink`, with ``O_DIRECT`` where the file system takes it); CUDA
+    outputs go through pinned host copies, written whenever 1 GiB waits and at the end. The folder appears
     atomically when the block ends (nothing at ``path`` if the block raises) and the Recording's
     tensors are then memory-mapped from it. With ``mode="stats"`` the statistics are saved there.
 

@@ -28,6 +28,7 @@ import torch
 
 from .dtypes import dtype_name, parse_dtype
 from .errors import ParityKitError
+from .filesink import FileSink
 
 FORMAT_NAME = "parity_kit.recording"
 FORMAT_VERSION = 1
@@ -533,7 +534,9 @@ class TensorFileWriter:
     known while tensors are still arriving, so ``header_reserve`` bytes are set aside up front; at
     :meth:`finish` the header is written there, padded with spaces (which the format allows). A
     header that outgrows its reserve makes :meth:`finish` rewrite the file once with a larger one.
-    Each tensor's checksum (:func:`tensor_checksum`) is computed as it is written. A failed write (a
+    The bytes go through a :class:`~parity_kit.filesink.FileSink`: :meth:`write` copies them into
+    reused buffers and returns while a thread writes them out (with ``O_DIRECT`` where allowed), so
+    the tensor may change afterwards and the disk works while the model runs. Each tensor's checksum (:func:`tensor_checksum`) is computed as it is written. A failed write (a
     full disk, say) raises ParityKitError. Used as a context manager, the file is closed in any case;
     the caller removes a file whose writing failed.
 
@@ -554,8 +557,8 @@ class TensorFileWriter:
         self._written: list[tuple[int, int]] = []
         self._checksum_of: dict[int, int] = {}  # start offset -> checksum (non-empty tensors)
         self._data = 0
-        self._file = open(self.path, "wb")
-        self._guarded(self._file.write, b"\0" * (8 + self.reserve))
+        self._sink = self._guarded(FileSink, self.path)
+        self._guarded(self._sink.append, bytes(8 + self.reserve))
 
     def __enter__(self) -> TensorFileWriter:
         return self
@@ -564,7 +567,7 @@ class TensorFileWriter:
         self.close()
 
     def close(self) -> None:
-        self._file.close()
+        self._sink.close()
 
     def _guarded(self, fn: Any, *args: Any) -> Any:
         try:
@@ -587,7 +590,7 @@ class TensorFileWriter:
         start = self._data
         if data.numel():
             self._checksum_of[start] = tensor_checksum(data)
-            self._guarded(self._file.write, data.numpy())
+            self._guarded(self._sink.append, data)
         self._data += data.numel()
         self._written.append((start, self._data))
         return StoredTensor(start, self._data, t.dtype, tuple(t.shape))
@@ -600,18 +603,19 @@ class TensorFileWriter:
                         "data_offsets": [s.start, s.end]} for key, s in stored.items()}
         blob = json.dumps(header, separators=(",", ":")).encode()
         self.checksums = {key: self._checksum_of.get(s.start, 0) for key, s in stored.items()}
-        self._guarded(self._file.flush)
+        self._guarded(self._sink.finish)
         if len(blob) <= self.reserve:
-            self._file.seek(0)
-            self._guarded(self._file.write, struct.pack("<Q", self.reserve) + blob + b" " * (self.reserve - len(blob)))
-            self._guarded(self._file.flush)
+            self._guarded(self._write_header, struct.pack("<Q", self.reserve) + blob + b" " * (self.reserve - len(blob)))
         else:
             self._guarded(self._rewrite_with_header, blob)
         self.size = self.path.stat().st_size
 
+    def _write_header(self, header: bytes) -> None:
+        with open(self.path, "r+b") as f:
+            f.write(header)
+
     def _rewrite_with_header(self, blob: bytes) -> None:
         blob += b" " * (-len(blob) % 8)
-        self._file.close()
         bigger = self.path.with_name(self.path.name + ".grow")
         with open(self.path, "rb") as old, open(bigger, "wb") as new:
             new.write(struct.pack("<Q", len(blob)) + blob)
@@ -619,7 +623,6 @@ class TensorFileWriter:
             shutil.copyfileobj(old, new, 1 << 24)
         os.replace(bigger, self.path)
         self.reserve = len(blob)
-        self._file = open(self.path, "rb+")
 
     def data_offset(self) -> int:
         """Byte position of the data section in the file (valid after :meth:`finish`)."""
