@@ -1,16 +1,17 @@
 """Appending bytes to a file while the caller goes on: a ring of bounce buffers and a writer thread.
 
-A recording streamed to disk produces hundreds of MB to many GB during a forward pass. Written
-through the page cache, every byte first needs a page of kernel memory, and on a virtual machine
-that hands freed memory back to its host, touching those pages again can cost several times the
-copy itself (``benchmarks/write_paths.py`` measures it). The cache also fills with data the recording
-maps back lazily anyway.
+A recording streamed to disk produces hundreds of MB to many GB during a forward pass. Written from
+the hooks through the page cache, each write held up the forward; held back and written in bulk at
+the end, nothing overlapped it. On a virtual machine that hands freed memory back to its host,
+page-cache pages touched again after a pause are also slow (``benchmarks/write_paths.py`` measures
+both ways of writing).
 
-So :class:`FileSink` copies the caller's bytes into a few reused, page-aligned buffers (memory that
-stays warm), and a thread writes full buffers with ``O_DIRECT`` where the OS and file system allow
-it: the disk reads the buffer itself, no page cache is involved, and the write waits on the device
-rather than the CPU, so it overlaps the forward. Where ``O_DIRECT`` is refused (macOS, tmpfs on
-older kernels, some network file systems), the same thread writes through the page cache.
+So :class:`FileSink` copies the caller's bytes into a few reused, page-aligned buffers and returns;
+a thread writes full buffers, with ``O_DIRECT`` where the OS and file system allow it: the page
+cache does not fill with data the recording maps back lazily anyway, and the thread's wait on the
+disk overlaps the forward (``benchmarks/capture_overhead.py``, ``tensors_disk``, measures the
+result). Where ``O_DIRECT`` is refused (macOS, tmpfs on older kernels, some network file systems),
+the same thread writes through the page cache.
 
 An error in the writer thread (a full disk, say) is raised as the ``OSError`` it was, by the next
 :meth:`FileSink.append` or by :meth:`FileSink.finish`.
