@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULT)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--token-counts", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--settle", type=float, default=5.0, help="CUDA: seconds of plain forwards before timing")
     args = parser.parse_args()
     if args.device == "cuda":
         main_cuda(args)
@@ -236,6 +237,12 @@ def main_cuda(args: argparse.Namespace) -> None:
                     fn(ids)
                 torch.cuda.synchronize()
                 peak[name] = torch.cuda.max_memory_allocated() / 2**30
+            # then a few seconds of plain forwards: the first rounds ran up to twice as slow for every
+            # configuration alike (clocks and the host settling), which only adds noise to the ratios
+            settle_until = time.perf_counter() + args.settle
+            while time.perf_counter() < settle_until:
+                model(ids)
+            torch.cuda.synchronize()
             for round_ in range(args.repeats):
                 for name, fn in configs.items():
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -266,7 +273,8 @@ def main_cuda(args: argparse.Namespace) -> None:
                   "vocab": 32000, "dtype": "bf16", "attn_implementation": model.config._attn_implementation,
                   "hooked_modules": n_hooked, "batch": 1},
         "timing": "CUDA events around the whole record block (forward + end-of-block wait), median of "
-                  f"{args.repeats} interleaved rounds after 2 warm-up passes per configuration",
+                  f"{args.repeats} interleaved rounds after 2 warm-up passes per configuration and "
+                  f"{args.settle:g} s of plain forwards",
         "configurations": {
             "noop_hooks": "a forward hook that does nothing on every module",
             "stats": "mode='stats', default stats_batch='auto' (batched reductions, per-token rms on)",

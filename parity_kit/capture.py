@@ -91,6 +91,8 @@ def _select(named: list[tuple[str, nn.Module]], modules: ModuleSpec) -> list[tup
 
 
 def _match(pattern: str, names: list[str]) -> list[str]:
+    if pattern == "*":  # the common case, without a glob match per module
+        return [n for n in names if n]
     if pattern in names:
         return [pattern]
     if pattern.startswith("re:"):
@@ -361,20 +363,30 @@ class _Capturer:
             self.new_slots = []
         return hook
 
-    def forward_hook(self, name: str, with_inputs: bool):
-        calls, counts = self.rec.calls, self.counts
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    def output(self, name: str, output: Any) -> None:
+        """Record one call of module ``name``, which returned ``output`` (the forward hooks' body)."""
+        if type(output) is torch.Tensor:  # most modules return one tensor: skip the tree walk
+            tensors: dict[str, Any] = {}
+            orig: dict[str, str] = {}
+            self.take(output, tensors, orig, "output", name)
+        else:
             tensors, orig = self.grab(output, "output", name)
-            if with_inputs and self.pending.get(name):
-                in_tensors, in_orig, in_slots = self.pending[name].pop()
-                tensors.update(in_tensors)
-                orig.update(in_orig)
-                for made in in_slots:  # deferred input leaves now belong to the call's dict
-                    made.tensors = tensors
-            index = counts.get(name, 0)
-            counts[name] = index + 1
-            calls.append(Call(name, index, len(calls), tensors, orig))
+        if self.track_slots and self.pending.get(name):
+            in_tensors, in_orig, in_slots = self.pending[name].pop()
+            tensors.update(in_tensors)
+            orig.update(in_orig)
+            for made in in_slots:  # deferred input leaves now belong to the call's dict
+                made.tensors = tensors
+        counts, calls = self.counts, self.rec.calls
+        index = counts.get(name, 0)
+        counts[name] = index + 1
+        calls.append(Call(name, index, len(calls), tensors, orig))
+
+    def forward_hook(self, name: str):
+        output = self.output
+
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            output(name, out)
         return hook
 
 
@@ -389,23 +401,22 @@ def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n
     dtype cast, a perturbation) return, as on the per-module path.
     """
     handles: list[RemovableHandle] = []
-    shared: dict[int, Any] = {}
+    shared: dict[int, str] = {}
     use_shared = len(selected) * _SHARED_HOOK_FRACTION >= n_modules
     for name, module in selected:
         if inputs:
             handles.append(module.register_forward_pre_hook(capturer.pre_hook(name), with_kwargs=True))
-        hook = capturer.forward_hook(name, inputs)
         if use_shared and not module._forward_hooks:
-            shared[id(module)] = hook
+            shared[id(module)] = name
         else:
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(capturer.forward_hook(name)))
     if shared:
-        lookup = shared.get
+        lookup, record_output = shared.get, capturer.output
 
         def dispatch(module: nn.Module, args: tuple, output: Any) -> None:
-            hook = lookup(id(module))
-            if hook is not None:  # modules of other models run inside the block are not ours
-                hook(module, args, output)
+            name = lookup(id(module))
+            if name is not None:  # modules of other models run inside the block are not ours
+                record_output(name, output)
 
         handles.append(register_module_forward_hook(dispatch))
     return handles
@@ -413,7 +424,7 @@ def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n
 
 def _model_metadata(model: nn.Module, named: list[tuple[str, nn.Module]]) -> dict[str, Any]:
     params = [p for _, m in named for p in m._parameters.values() if p is not None]
-    dtypes = sorted({dtype_name(p.dtype) for p in params})
+    dtypes = sorted({dtype_name(d) for d in {p.dtype for p in params}})
     meta: dict[str, Any] = {
         "model_class": type(model).__name__,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,

@@ -1,15 +1,17 @@
-"""A fused Triton kernel for :func:`parity_kit.metrics.pair_reductions`: one pass over a (reference,
-candidate) pair computes every reduction the metrics derive from.
+"""Fused Triton kernels: :func:`pair_reductions_triton` for :func:`parity_kit.metrics.pair_reductions`
+(one pass over a (reference, candidate) pair computes every reduction the metrics derive from) and
+:func:`row_statistics_triton` for :class:`parity_kit.recording.StatsBatch` (per-row statistics of many
+tensors in one launch).
 
-Imported only where Triton is installed (``metrics.pair_reductions`` uses it for CUDA tensors of
-fp16/bf16/fp32 and falls back to its torch path otherwise). With ``TRITON_INTERPRET=1`` set before
-this module is imported, the same kernel runs on CPU tensors through Triton's interpreter (how the
-tests check it without a GPU).
+Imported only where Triton is installed (``metrics.pair_reductions`` and ``StatsBatch`` use them for
+CUDA tensors of fp16/bf16/fp32 and fall back to their torch paths otherwise). With
+``TRITON_INTERPRET=1`` set before this module is imported, the same kernels run on CPU tensors through
+Triton's interpreter (how the tests check them without a GPU).
 
-Two launches per pair. The first streams the pair once: every program walks its share of tiles and
-keeps one accumulator per lane for each reduction, then writes one partial per reduction
-(``partials[reduction, program]``). The second, a single program, reduces those partials in a fixed
-order, so results are deterministic (no atomics).
+Pair reductions: two launches per pair. The first streams the pair once: every program walks its
+share of tiles and keeps one accumulator per lane for each reduction, then writes one partial per
+reduction (``partials[reduction, program]``). The second, a single program, reduces those partials in
+a fixed order, so results are deterministic (no atomics).
 
 Precision: the inputs are widened to fp32 (exact for fp16/bf16/fp32); the difference, the products
 and all sums are computed and accumulated in fp64, as in the torch path, because a pair's error can be
@@ -18,6 +20,22 @@ squares in fp32 would cost ~1e-4 relative. Maxima (|d| in fp64, ULP distance in 
 (int32 per lane, int64 per program) are exact. The fp64 work is a handful of operations per element
 (a subtraction, a maximum, an addition and five fused multiply-adds), which Hopper's fp64 units
 sustain at a large fraction of memory bandwidth; benchmarks/compare_throughput.py measures the rate.
+
+Row statistics: one launch per (device, dtype) group, reading the tensors where they lie. Stats-mode
+capture reduces every module output of a forward, a few hundred tensors per batch, and the forward is
+host-bound: concatenating them (a copy of the whole batch) and a handful of torch reductions per row
+width cost milliseconds of host time per batch. Instead the host writes one small int64 table, a row
+per tensor (element offset from a base tensor, rows, row length, first output row, first work item),
+and the kernel addresses every tensor as ``base + offset``. A work item is a tile of rows of one tensor;
+a program finds its tensor by binary search over the first-work-item column, so programs are spent
+only where rows are, however unequal the tensors (a prefill call next to thousands of decode steps).
+Each program walks its rows in column blocks, keeps one fp32 accumulator per lane for Σx, Σx², min and
+max, and writes the row's ``[‖x‖₂, Σx, min, max]``: what ``vector_norm``/``sum`` with fp32 accumulation
+and ``aminmax`` give, NaN propagating into min and max as in torch. The row addresses come from memory,
+so the compiler cannot see that they are aligned; a variant told so (``tl.multiple_of``) issues 16-byte
+loads instead of one element at a time. Tensors whose rows do not all start on 16 bytes (a 0-d loss, a
+width of 1, a view at an odd offset) go to a second launch of the plain variant, so one of them does
+not slow down the rest.
 """
 
 from __future__ import annotations
@@ -28,7 +46,7 @@ import triton.language as tl
 
 from .errors import ParityKitError
 
-__all__ = ["pair_reductions_triton", "KERNEL_DTYPES"]
+__all__ = ["pair_reductions_triton", "row_statistics_triton", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _UNIT_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -240,3 +258,137 @@ def _launch(r: torch.Tensor, c: torch.Tensor, partials: torch.Tensor, out: torch
                                 UNIT=unit, ROUND_REF=round_ref, ROUND_CAND=round_cand, BLOCK=_BLOCK,
                                 num_warps=_WARPS)
     _finish[(1,)](partials, out, programs, COUNT=_REDUCTION_COUNT, ROWS=_MAX_PROGRAMS, num_warps=4)
+
+
+_ROW_TILE = 4096  # elements per program and step (rows × columns): 16 per thread at 8 warps
+_ROW_BLOCK_MAX = 1024  # widest column block: longer rows are walked in steps of it
+_ROW_BLOCK_MIN = 16
+_RowSource = tuple[torch.Tensor, int, int, int, int]  # tensor, address, rows, row length, first output row
+
+
+@triton.jit(do_not_specialize=["n_tensors", "search_steps", "total_rows"])
+def _row_stats(base_ptr, table_ptr, out_ptr, n_tensors, search_steps, total_rows,
+               ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    # table[tensor, 5]: element offset from the base, rows, row length, first output row, first work item
+    work = tl.program_id(0)
+    # the tensor whose work items include this one: the last row of the table whose first item <= work
+    lo = work * 0  # a tensor, not 0: a loop-carried value keeps one type
+    hi = n_tensors
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        before = tl.load(table_ptr + mid * 5 + 4) <= work
+        lo = tl.where(before, mid, lo)
+        hi = tl.where(before, hi, mid)
+    entry = table_ptr + lo * 5
+    offset = tl.load(entry)
+    n_rows = tl.load(entry + 1)
+    n_cols = tl.load(entry + 2)
+    first_row = tl.load(entry + 3)
+    first_work = tl.load(entry + 4)
+    if ALIGNED:  # every row starts on 16 bytes, checked on the host
+        offset = tl.multiple_of(offset, VEC)
+        n_cols = tl.multiple_of(n_cols, VEC)
+    rows = (work - first_work) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    row_ok = rows < n_rows
+    starts = offset + rows * n_cols  # [ROWS], elements from the base
+    cols = tl.arange(0, BLOCK)
+    total = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    squares = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    low = tl.full([ROWS, BLOCK], float("inf"), tl.float32)
+    high = tl.full([ROWS, BLOCK], float("-inf"), tl.float32)
+    for c0 in range(0, n_cols, BLOCK):
+        c = c0 + cols
+        m = row_ok[:, None] & (c < n_cols)[None, :]  # [ROWS, BLOCK]
+        x = tl.load(base_ptr + starts[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+        total += x
+        squares += x * x
+        low = tl.minimum(low, tl.where(m, x, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+        high = tl.maximum(high, tl.where(m, x, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+    # tl.min/tl.max skip NaN (minnum/maxnum), so a row's NaN, kept per lane above, is put back
+    row_nan = tl.sum((low != low).to(tl.int32), axis=1) > 0  # [ROWS]
+    out = out_ptr + first_row + rows  # [ROWS], in row 0 of out[4, total_rows]
+    total_rows = total_rows.to(tl.int64)  # 3 * total_rows may pass 2**31
+    tl.store(out, tl.sqrt_rn(tl.sum(squares, axis=1)), mask=row_ok)
+    tl.store(out + total_rows, tl.sum(total, axis=1), mask=row_ok)
+    tl.store(out + 2 * total_rows, tl.where(row_nan, float("nan"), tl.min(low, axis=1)), mask=row_ok)
+    tl.store(out + 3 * total_rows, tl.where(row_nan, float("nan"), tl.max(high, axis=1)), mask=row_ok)
+
+
+def row_statistics_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row ``[L2 norm, sum, min, max]`` of many tensors in one launch (two when some rows do not
+    start on 16 bytes): fp32 ``[4, R]`` on their device, queued without waiting (no host synchronisation).
+
+    ``tensors``: non-empty fp16/bf16/fp32 tensors of one dtype on one CUDA device (CPU under
+    ``TRITON_INTERPRET=1``), any shapes. Each is viewed as rows ``t.reshape(-1, t.shape[-1])`` (a 0-d
+    tensor as one row of one element); their rows, in order, are the R columns of the result. Norms
+    and sums accumulate in fp32; a NaN makes every statistic of its row NaN, an infinity the norm,
+    the sum (or NaN, with the opposite infinity) and the extreme on its side, as in torch. Tensors are
+    read in place; only a non-contiguous one (or one not aligned to its dtype) is copied first.
+
+    >>> import torch
+    >>> if torch.cuda.is_available():  # the kernel needs a GPU (or TRITON_INTERPRET=1 and CPU tensors)
+    ...     x = torch.tensor([[3.0, 4.0], [0.0, -2.0]], device="cuda")
+    ...     stats = row_statistics_triton([x, torch.tensor(6.0, device="cuda")]).tolist()
+    ...     assert stats == [[5.0, 2.0, 6.0], [7.0, -2.0, 6.0], [3.0, -2.0, 6.0], [4.0, 0.0, 6.0]]
+    """
+    if not tensors:
+        raise ParityKitError("row_statistics_triton got no tensors; pass at least one")
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in KERNEL_DTYPES:
+        raise ParityKitError(f"the row statistics kernel reads fp16/bf16/fp32 tensors, not {dtype}; "
+                             "use TensorStats.of (or StatsBatch, which falls back to torch for it)")
+    itemsize = tensors[0].element_size()
+    vec = 16 // itemsize
+    # the tensors whose rows all start on 16 bytes, and the others: one launch each
+    aligned: list[_RowSource] = []
+    unaligned: list[_RowSource] = []
+    total_rows = 0
+    for i, t in enumerate(tensors):
+        if t.dtype != dtype or t.device != device:
+            raise ParityKitError(f"tensor {i} is {t.dtype} on {t.device}, tensor 0 {dtype} on {device}; "
+                                 "call row_statistics_triton once per (device, dtype) group")
+        n = t.numel()
+        if n == 0:
+            raise ParityKitError(f"tensor {i} (shape {tuple(t.shape)}) is empty and has no row statistics; "
+                                 "leave empty tensors out")
+        ptr = t.data_ptr()
+        if ptr % itemsize or not t.is_contiguous():
+            # rows must be dense and offsets from the base whole elements: a fresh allocation is both
+            t = t.clone(memory_format=torch.contiguous_format)
+            ptr = t.data_ptr()
+        cols = t.shape[-1] if t.dim() else 1
+        n_rows = n // cols
+        (aligned if ptr % 16 == 0 and cols % vec == 0 else unaligned).append((t, ptr, n_rows, cols, total_rows))
+        total_rows += n_rows
+    out = torch.empty((4, total_rows), dtype=torch.float32, device=device)  # [4, R]: norm, sum, min, max
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            _launch_rows(aligned, unaligned, out, itemsize)
+    else:
+        _launch_rows(aligned, unaligned, out, itemsize)
+    return out
+
+
+def _launch_rows(aligned: list[_RowSource], unaligned: list[_RowSource], out: torch.Tensor, itemsize: int) -> None:
+    for members, hint in ((aligned, True), (unaligned, False)):
+        if not members:
+            continue
+        # the lowest address as base keeps every offset >= 0
+        base_ptr = min(m[1] for m in members)
+        base = next(m[0] for m in members if m[1] == base_ptr)
+        widest = max(m[3] for m in members)
+        # plain integer maths here: triton.cdiv and next_power_of_2 cost microseconds a call on the host
+        block = min(_ROW_BLOCK_MAX, max(_ROW_BLOCK_MIN, 1 << (widest - 1).bit_length()))
+        rows_per_item = _ROW_TILE // block
+        table: list[int] = []
+        work_items = 0
+        for _, ptr, n_rows, cols, first_row in members:
+            table += ((ptr - base_ptr) // itemsize, n_rows, cols, first_row, work_items)
+            work_items += -(-n_rows // rows_per_item)
+        table_t = torch.tensor(table, dtype=torch.int64)  # [tensors * 5]
+        if out.is_cuda:
+            # from pinned memory the upload is queued on the stream, ahead of the kernel, without waiting
+            table_t = table_t.pin_memory().to(out.device, non_blocking=True)
+        _row_stats[(work_items,)](base, table_t, out, len(members), (len(members) - 1).bit_length(), out.shape[1],
+                                  ROWS=rows_per_item, BLOCK=block, VEC=16 // itemsize, ALIGNED=hint,
+                                  num_warps=_WARPS)

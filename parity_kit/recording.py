@@ -18,8 +18,9 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -137,16 +138,25 @@ class TensorStats:
                 "mean": self.mean, "rms": self.rms, "absmax": self.absmax, "nan": self.nan, "inf": self.inf}
 
 
+_RowKernel = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
 class StatsBatch:
     """Statistics of many tensors, reduced together: a few kernels per group of rows, one transfer.
 
-    Tensors are grouped by (device, dtype, last dimension); each group's rows are concatenated and
-    reduced once (row norms and sums with fp32 accumulation, fp64 for fp64 tensors; row min/max),
-    so the cost is a handful of launches per group instead of per tensor. On CUDA the reductions and
-    the copy of their results into pinned host memory are queued without waiting: nothing blocks
-    until :meth:`result`. The per-tensor totals are then summed in fp64 on the host. A tensor whose
-    totals are not finite (NaN/Inf present, or squares that overflowed fp32) is recomputed exactly by
-    :meth:`TensorStats.of`, which is why the tensors are held until :meth:`result`.
+    Every row (``reshape(-1, shape[-1])``) yields its norm and sum (fp32 accumulation, fp64 for fp64
+    tensors) and its min and max. CUDA tensors of fp16/bf16/fp32 are grouped by (device, dtype) and
+    each group is reduced by one Triton launch (two if some rows are not 16-byte aligned) that reads
+    the tensors in place, whatever their row lengths (:func:`parity_kit.kernels.row_statistics_triton`);
+    its results stay fp32 up to the host. The others (CPU tensors, other dtypes, no Triton,
+    ``PARITY_KIT_KERNEL=0``) are grouped by (device, dtype, last dimension), and each group's rows are
+    concatenated and reduced by a handful of torch launches. Segment reductions then give each
+    tensor's totals (fp64) and each row's rms on the device, so the host reads a few numbers per
+    tensor. On CUDA the reductions and the copy of their results into pinned host memory are queued
+    without waiting: nothing blocks until :meth:`result`.
+    A tensor whose totals are not finite (NaN/Inf present, or squares that overflowed fp32) is
+    recomputed exactly by :meth:`TensorStats.of`, which is why the tensors are held until
+    :meth:`result`.
 
     ``versions`` (optional, one per tensor) are the tensors' ``_version`` counters when they were
     produced; a tensor modified in place since then raises ParityKitError instead of yielding
@@ -157,6 +167,9 @@ class StatsBatch:
     [(4.0, 3.535534), (3.0, 1.870829)]
     """
 
+    _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+    _kernel_state: str | _RowKernel = "unloaded"  # or "unavailable", "failed", kernels.row_statistics_triton
+
     def __init__(self, tensors: list[torch.Tensor], per_token: bool = True,
                  versions: list[int | None] | None = None, labels: list[str] | None = None):
         self.tensors = [t.detach() if t.requires_grad else t for t in tensors]
@@ -164,46 +177,115 @@ class StatsBatch:
         self.versions = versions
         self.labels = labels
         self._check_versions()
-        self._groups: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
-        groups = self._groups
+        kernel = self._kernel() if any(t.is_cuda for t in self.tensors) else None
+        # last dimension None: one kernel launch for the group, whatever its members' row lengths
+        groups: dict[tuple[torch.device, torch.dtype, int | None], list[int]] = {}
         for i, t in enumerate(self.tensors):
             if t.numel():
-                key = (t.device, t.dtype, t.shape[-1] if t.dim() else 1)
+                if kernel is not None and t.is_cuda and t.dtype in self._KERNEL_DTYPES:
+                    key = (t.device, t.dtype, None)
+                else:
+                    key = (t.device, t.dtype, t.shape[-1] if t.dim() else 1)
                 members = groups.get(key)
                 if members is None:
                     groups[key] = [i]
                 else:
                     members.append(i)
-        self._host: dict[torch.device, torch.Tensor] = {}
-        self._layout: list[tuple[torch.device, int, list[int], list[int]]] = []  # device, start, members, rows
+        # per device: the members' totals (fp64 [4, n] per group) and per-row rms (fp32 [R] per group),
+        # reduced on the device so the host only reads n numbers per statistic, not R
+        self._layout: list[tuple[torch.device, int, int, list[int], list[int], list[int]]] = []
+        self._host: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._event: dict[torch.device, Any] = {}
-        packed_by_device: dict[torch.device, list[torch.Tensor]] = {}
-        starts: dict[torch.device, int] = {}
-        for (device, _, last), members in self._groups.items():
-            rows = [self.tensors[i].reshape(-1, last) for i in members]  # [rows_i, last]
-            counts = [r.shape[0] for r in rows]
-            block = torch.cat(rows) if len(rows) > 1 else rows[0]  # [R, last]
-            if not block.is_floating_point():
-                block = block.float()
-            acc = torch.float64 if block.dtype == torch.float64 else torch.float32
-            lo, hi = torch.aminmax(block, dim=-1)
-            packed = torch.stack([torch.linalg.vector_norm(block, dim=-1, dtype=acc),
-                                  block.sum(-1, dtype=acc), lo.to(acc), hi.to(acc)])  # [4, R]
-            start = starts.get(device, 0)
-            self._layout.append((device, start, members, counts))
-            starts[device] = start + packed.numel()
-            packed_by_device.setdefault(device, []).append(packed.double().reshape(-1))
-        for device, parts in packed_by_device.items():
-            flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        parts: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        starts: dict[torch.device, tuple[int, int]] = {}
+        for (device, _, last), members in groups.items():
+            tensors = [self.tensors[i] for i in members]
+            lasts = [t.shape[-1] if t.dim() else 1 for t in tensors] if last is None else [last] * len(tensors)
+            counts = [t.numel() // n for t, n in zip(tensors, lasts)]
+            if last is None:
+                packed = self._fused(kernel, tensors, lasts)  # [4, R] fp32
+            else:
+                rows = [t.reshape(-1, last) for t in tensors]  # [rows_i, last]
+                packed = self._reduce_rows(torch.cat(rows) if len(rows) > 1 else rows[0])  # [4, R]
+            totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
+            t_start, r_start = starts.get(device, (0, 0))
+            self._layout.append((device, t_start, r_start, members, counts, lasts))
+            starts[device] = (t_start + totals.numel(), r_start + row_rms.numel())
+            totals_parts, rms_parts = parts.setdefault(device, ([], []))
+            totals_parts.append(totals.reshape(-1))
+            rms_parts.append(row_rms)
+        for device, (totals_parts, rms_parts) in parts.items():
+            flat = [torch.cat(x) if len(x) > 1 else x[0] for x in (totals_parts, rms_parts)]
             if device.type == "cuda":
-                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                host.copy_(flat, non_blocking=True)
-                event = torch.cuda.Event()
+                host = tuple(torch.empty(f.shape, dtype=f.dtype, pin_memory=True) for f in flat)
+                for h, f in zip(host, flat):
+                    h.copy_(f, non_blocking=True)
+                event = torch.cuda.Event()  # a device's last event also covers its earlier copies (one stream)
                 event.record(torch.cuda.current_stream(device))
                 self._event[device] = event
-                self._host[device] = host
+                self._host[device] = host  # type: ignore[assignment]
             else:
-                self._host[device] = flat.cpu()
+                self._host[device] = (flat[0], flat[1])
+
+    @staticmethod
+    def _segment_totals(packed: torch.Tensor, counts: list[int], lasts: list[int],
+                        per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row statistics ``[4, R]`` -> each member's totals, fp64 ``[4, n]`` (sum of squares, sum, min,
+        max), and the per-row rms, fp32 ``[R]`` (empty without ``per_token``), queued on their device."""
+        n, rows = len(counts), packed.shape[1]
+        meta = torch.tensor([*counts, *lasts], dtype=torch.int64)  # [2n]
+        if packed.is_cuda:
+            meta = meta.pin_memory().to(packed.device, non_blocking=True)
+        lengths, widths = meta[:n], meta[n:]
+        norm, sums, lo, hi = packed.double()  # fp64 from here on: sums of many fp32 squares lose digits
+        totals = torch.stack([
+            torch.segment_reduce(norm.square(), "sum", lengths=lengths, unsafe=True),
+            torch.segment_reduce(sums, "sum", lengths=lengths, unsafe=True),
+            torch.segment_reduce(lo, "min", lengths=lengths, unsafe=True),
+            torch.segment_reduce(hi, "max", lengths=lengths, unsafe=True),
+        ])  # [4, n]
+        if not per_token:
+            return totals, packed.new_empty(0, dtype=torch.float32)
+        row_width = torch.repeat_interleave(widths, lengths, output_size=rows)  # [R]
+        return totals, (norm / row_width.double().sqrt()).float()
+
+    @classmethod
+    def _kernel(cls) -> _RowKernel | None:
+        """The row statistics kernel where it can run, else None (no Triton, ``PARITY_KIT_KERNEL=0``, or
+        an earlier failure)."""
+        if os.environ.get("PARITY_KIT_KERNEL", "1") == "0":
+            return None
+        if cls._kernel_state == "unloaded":
+            try:
+                from .kernels import row_statistics_triton
+            except ImportError:  # no Triton in this environment
+                cls._kernel_state = "unavailable"
+            else:
+                cls._kernel_state = row_statistics_triton
+        return None if isinstance(cls._kernel_state, str) else cls._kernel_state
+
+    @classmethod
+    def _fused(cls, kernel: _RowKernel, tensors: list[torch.Tensor], lasts: list[int]) -> torch.Tensor:
+        """``[4, R]`` fp32 row statistics of ``tensors`` from the kernel, or from torch if it fails."""
+        try:
+            return kernel(tensors)
+        except (ParityKitError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:  # a GPU or Triton build the kernel cannot run on: torch gives the same numbers
+            cls._kernel_state = "failed"
+            warnings.warn(f"the row statistics kernel failed ({type(e).__name__}: {e}); reducing with torch "
+                          "(same results, slower)", RuntimeWarning, stacklevel=3)
+            return torch.cat([cls._reduce_rows(t.reshape(-1, n)) for t, n in zip(tensors, lasts)], dim=1)
+
+    @staticmethod
+    def _reduce_rows(block: torch.Tensor) -> torch.Tensor:
+        """``[R, last]`` -> ``[4, R]``: row norms and sums (fp32 accumulation, fp64 for fp64), min, max."""
+        if not block.is_floating_point():
+            block = block.float()
+        acc = torch.float64 if block.dtype == torch.float64 else torch.float32
+        lo, hi = torch.aminmax(block, dim=-1)
+        return torch.stack([torch.linalg.vector_norm(block, dim=-1, dtype=acc),
+                            block.sum(-1, dtype=acc), lo.to(acc), hi.to(acc)])
 
     def _check_versions(self) -> None:
         if self.versions is None:
@@ -230,25 +312,19 @@ class StatsBatch:
         for i, t in enumerate(self.tensors):
             if not t.numel():
                 out[i] = TensorStats.of(t, self.per_token)
-        for device, start, members, counts in self._layout:
-            n_rows = sum(counts)
-            block = self._host[device][start:start + 4 * n_rows].numpy().reshape(4, n_rows)
-            norm, sums, lo, hi = block
-            bounds = np.cumsum([0, *counts[:-1]])
-            total_sq = np.add.reduceat(norm * norm, bounds)
-            total = np.add.reduceat(sums, bounds)
-            lo_t, hi_t = np.minimum.reduceat(lo, bounds), np.maximum.reduceat(hi, bounds)
+        for device, t_start, r_start, members, counts, lasts in self._layout:
+            n = len(members)
+            totals_host, rms_host = self._host[device]
+            total_sq, total, lo_t, hi_t = totals_host[t_start:t_start + 4 * n].numpy().reshape(4, n)
             finite = (np.isfinite(total_sq) & np.isfinite(total) & np.isfinite(lo_t) & np.isfinite(hi_t)).tolist()
-            first = self.tensors[members[0]]
-            last = first.shape[-1] if first.dim() else 1
-            elements = np.asarray(counts, dtype=np.float64) * last
+            elements = np.asarray(counts, dtype=np.float64) * np.asarray(lasts, dtype=np.float64)
             with np.errstate(invalid="ignore", over="ignore"):
                 mean, rms = (total / elements).tolist(), np.sqrt(total_sq / elements).tolist()
                 absmax = np.maximum(np.abs(lo_t), np.abs(hi_t)).tolist()
             lo_l, hi_l = lo_t.tolist(), hi_t.tolist()
-            if self.per_token:  # one array per group, split into per-tensor views in one call
-                token_rms = torch.from_numpy((norm / math.sqrt(last)).astype(np.float32)).split(counts)
-            dtype = dtype_name(first.dtype)
+            if self.per_token:  # one copy per group (not views of pinned memory), split into per-tensor views
+                token_rms = rms_host[r_start:r_start + sum(counts)].clone().split(counts)
+            dtype = dtype_name(self.tensors[members[0]].dtype)
             for k, i in enumerate(members):
                 t = self.tensors[i]
                 if not finite[k]:

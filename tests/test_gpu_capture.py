@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.recording import TensorStats
+from parity_kit.recording import StatsBatch, TensorStats
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -204,3 +205,114 @@ def test_batched_gpu_copies_detect_in_place_changes():
     with torch.no_grad(), pk.record(model, "proj", device="cuda", copy_batch=0) as rec:
         model(torch.ones(2, 4, device="cuda"))
     assert rec["proj"][0].output.abs().sum() > 0
+
+
+class _MixedOutputs(nn.Module):
+    """Outputs of every kind a stats batch meets: fp32, bf16 and fp16 of several row lengths (one
+    longer than a column block), fp64 and int64 (the torch path), a transpose (not contiguous), 1-D,
+    0-d, and fp32 values whose squares overflow fp32 (the exact path)."""
+
+    class _Apply(nn.Module):
+        def __init__(self, fn) -> None:
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fn(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(48, 200)
+        self.act = nn.GELU()
+        self.down = nn.Linear(200, 40).to(torch.bfloat16)
+        self.head = nn.Linear(40, 1500).half()
+        self.wide = nn.LayerNorm(1500).double()
+        self.flip = self._Apply(lambda x: x.transpose(-1, -2))
+        self.first = self._Apply(lambda x: x[0, 0])
+        self.mean = self._Apply(lambda x: x.float().mean())
+        self.huge = self._Apply(lambda x: x.float() * 1e20)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.act(self.up(x))
+        h = self.down(h.bfloat16())
+        y = self.head(h.half())
+        return self.wide(y.double()), y.argmax(-1), self.flip(h), self.first(y), self.mean(h), self.huge(h)
+
+
+def _assert_same_stats(got: pk.Recording, expected: pk.Recording) -> None:
+    """Equal statistics up to the order of fp32 sums: min and max exact, mean and rms within 1e-5."""
+
+    def same(a: float, b: float) -> bool:
+        return (math.isnan(a) and math.isnan(b)) or a == b
+
+    def layout(rec: pk.Recording) -> list:
+        return [(c.module, c.index, list(c.tensors)) for c in rec]
+
+    assert layout(got) == layout(expected)
+    for a, b in zip(got, expected):
+        for leaf, x in a.tensors.items():
+            y = b.tensors[leaf]
+            where = (a.module, leaf)
+            assert (x.shape, x.dtype, x.nan, x.inf) == (y.shape, y.dtype, y.nan, y.inf), where
+            assert same(x.min, y.min) and same(x.max, y.max) and same(x.absmax, y.absmax), where
+            assert same(x.rms, y.rms) or x.rms == pytest.approx(y.rms, rel=1e-5), where
+            assert same(x.mean, y.mean) or x.mean == pytest.approx(y.mean, rel=1e-5, abs=1e-5 * y.rms), where
+            assert (x.per_token_rms is None) == (y.per_token_rms is None), where
+            if x.per_token_rms is not None:
+                assert x.per_token_rms.dtype == torch.float32 and x.per_token_rms.device.type == "cpu", where
+                torch.testing.assert_close(x.per_token_rms, y.per_token_rms, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                           msg=str(where))
+
+
+def _record_stats(model: nn.Module, x: torch.Tensor, **kwargs) -> pk.Recording:
+    with torch.no_grad(), pk.record(model, "*", mode="stats", **kwargs) as rec:
+        model(x)
+    return rec
+
+
+@cuda
+def test_batched_cuda_stats_equal_in_hook_stats(monkeypatch, input_ids):
+    mixed = _MixedOutputs().cuda().eval()
+    llama = build_tiny_llama(dtype=torch.bfloat16).cuda()
+    x = torch.randn(2, 9, 48, device="cuda")
+    monkeypatch.setattr(StatsBatch, "_kernel_state", "unloaded")
+    fused = {}
+    for model, inputs in ((mixed, x), (llama, input_ids.cuda())):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="the row statistics kernel")  # a failure falls back, warning
+            fused[model] = _record_stats(model, inputs)
+        assert callable(StatsBatch._kernel_state), StatsBatch._kernel_state
+        direct = _record_stats(model, inputs, stats_batch=0)
+        _assert_same_stats(fused[model], direct)
+        monkeypatch.setenv("PARITY_KIT_KERNEL", "0")  # batched, by torch
+        _assert_same_stats(_record_stats(model, inputs), direct)
+        monkeypatch.delenv("PARITY_KIT_KERNEL")
+    huge = fused[mixed]["huge"][0].output
+    assert math.isfinite(huge.rms) and huge.rms > 1e19  # squares past fp32: recomputed in fp64
+
+
+@cuda
+def test_batched_cuda_stats_recompute_non_finite_outputs_exactly(input_ids):
+    model = build_tiny_llama(dtype=torch.bfloat16).cuda()
+    ids = input_ids.cuda()
+    target = "model.layers.0.mlp.down_proj"
+
+    def inject(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[0, 1, 3] = float("nan")
+        output[0, 2, :2] = float("inf")
+        return output
+
+    # registered before record()'s hooks, so those see the changed output
+    handle = model.get_submodule(target).register_forward_hook(inject)
+    try:
+        batched = _record_stats(model, ids)
+        direct = _record_stats(model, ids, stats_batch=0)
+    finally:
+        handle.remove()
+    hit = batched[target][0].output
+    assert (hit.nan, hit.inf) == (1, 2)
+    assert math.isfinite(hit.max) and math.isfinite(hit.rms)  # over the finite values only
+    assert hit.per_token_rms.shape == (ids.shape[1],) and bool(hit.per_token_rms.isfinite().all())
+    assert sum(s.nan > 0 for c in batched for s in c.tensors.values()) > 1  # downstream outputs too
+    _assert_same_stats(batched, direct)

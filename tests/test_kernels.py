@@ -1,8 +1,9 @@
-"""The fused Triton comparison kernel against the torch path of ``metrics.pair_reductions``.
+"""The fused Triton kernels against their torch paths: the comparison kernel against
+``metrics.pair_reductions``'s, the row statistics kernel against per-row ``vector_norm``/``sum``/``aminmax``.
 
-On a CPU the kernel runs through Triton's interpreter (in a subprocess with ``TRITON_INTERPRET=1``, which
-must be set before Triton is imported); on a CUDA GPU the compiled kernel runs, and ``pair_reductions``
-dispatches to it.
+On a CPU the kernels run through Triton's interpreter (in a subprocess with ``TRITON_INTERPRET=1``, which
+must be set before Triton is imported); on a CUDA GPU the compiled kernels run, and ``pair_reductions``
+dispatches to the comparison kernel.
 """
 
 from __future__ import annotations
@@ -111,14 +112,11 @@ def _count_to(out_ptr, n):
     tl.store(out_ptr, total)
 
 
-def _interpreted_checks() -> None:
-    """Every CPU check of the kernel; run by :func:`test_interpreted_kernel_matches_the_torch_path` in a
-    fresh process, since TRITON_INTERPRET must be set before Triton is first imported."""
+def _require_interpreted_loops() -> None:
+    """Exit with _INTERPRETER_CANNOT_LOOP where the interpreter cannot run the kernels' loops."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from parity_kit import kernels
-
     # Triton 3.6's interpreter passes scalar arguments as 1-element arrays, which NumPy 2 refuses to
-    # use as a loop bound; the kernel's loop runs to one, so there is nothing to check on such a version
+    # use as a loop bound; the kernels' loops run to one, so there is nothing to check on such a version
     counted = torch.zeros(1, dtype=torch.int32)
     try:
         _count_to[(1,)](counted, 3)
@@ -126,6 +124,13 @@ def _interpreted_checks() -> None:
         print(f"Triton {triton.__version__}'s interpreter cannot run a loop with a runtime bound: {e}")
         sys.exit(_INTERPRETER_CANNOT_LOOP)
     assert int(counted) == 3
+
+
+def _interpreted_checks() -> None:
+    """Every CPU check of the comparison kernel; run by :func:`test_interpreted_kernel_matches_the_torch_path`
+    in a fresh process, since TRITON_INTERPRET must be set before Triton is first imported."""
+    _require_interpreted_loops()
+    from parity_kit import kernels
 
     for seed in (0, 1):
         for name, ref, cand, unit in _cases(seed):
@@ -150,14 +155,18 @@ def _interpreted_checks() -> None:
     assert got["rel_rms"] > 0 and got["cosine"] < 1, got
 
 
-def test_interpreted_kernel_matches_the_torch_path():
+def _run_interpreted(checks: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    code = "import test_kernels; test_kernels._interpreted_checks()"
+    code = f"import test_kernels; test_kernels.{checks}()"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
                           capture_output=True, text=True, timeout=600)
     if done.returncode == _INTERPRETER_CANNOT_LOOP:
         pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_interpreted_kernel_matches_the_torch_path():
+    _run_interpreted("_interpreted_checks")
 
 
 def test_kernel_rejects_what_it_cannot_reduce():
@@ -228,3 +237,117 @@ def test_cuda_compare_uses_the_kernel_and_agrees_with_torch(monkeypatch):
     for col in ("mean_abs", "rel_rms", "cosine", "sqnr_db", "floor_ratio"):
         assert fused[col].to_numpy() == pytest.approx(plain[col].to_numpy(), rel=1e-9), col
     assert (fused["verdict"] == plain["verdict"]).all()
+
+
+# ------------------------------------------------------------------------------ row statistics
+def _row_cases(dtype: torch.dtype, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """Tensors for one call: mixed row lengths and counts, one allocated far from the others, a
+    non-contiguous one, a contiguous view at an unaligned offset, 1-D, 0-d, many small ones."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    far = torch.empty(1 << 23, device=device, dtype=dtype)  # the last rows of a large, separate allocation
+    far[-6 * 40:] = randn(6 * 40)
+    flat = randn(200)
+    tensors = [randn(3, 5, 40), randn(7, 1100) * 50, far[-6 * 40:].view(6, 40), randn(2, 3), randn(24, 6).t(),
+               flat[5:5 + 7 * 16].view(7, 16), randn(37), randn(()) + 2]
+    tensors += [randn(1 + i % 9, 1 + (7 * i) % 20) for i in range(30)]
+    ptrs = [t.data_ptr() for t in tensors]
+    assert max(ptrs) - min(ptrs) > 1 << 23
+    return tensors
+
+
+def _aligned_row_cases(dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    """Every row starting on 16 bytes: the kernel's vectorised variant."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(*shape, generator=g).to(device=device, dtype=dtype) for shape in ((5, 64), (2, 3, 8), (9, 48))]
+
+
+def _torch_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The reference: [4, R] of per-row vector_norm, sum (fp32 accumulation), min, max."""
+    parts = []
+    for t in tensors:
+        rows = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+        lo, hi = torch.aminmax(rows, dim=-1)
+        parts.append(torch.stack([torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32),
+                                  rows.sum(-1, dtype=torch.float32), lo.float(), hi.float()]))
+    return torch.cat(parts, dim=1)
+
+
+def _assert_rows_match(got: torch.Tensor, tensors: list[torch.Tensor], name: str) -> None:
+    expected = _torch_rows(tensors)
+    assert got.dtype == torch.float32 and got.shape == expected.shape, (name, got.shape, expected.shape)
+    assert got.device == tensors[0].device, name
+    got, expected = got.cpu(), expected.cpu()
+    widths = [t.shape[-1] if t.dim() else 1 for t in tensors]
+    row_widths = torch.repeat_interleave(torch.tensor(widths, dtype=torch.float32),
+                                         torch.tensor([t.numel() // w for t, w in zip(tensors, widths)]))
+    # sums in another order: the tolerance scales with the row's magnitude (its norm times sqrt(length))
+    scale = expected[0].nan_to_num(0.0, 0.0, 0.0) * row_widths.sqrt()
+    for k, what in ((0, "norm"), (1, "sum")):
+        close = (got[k] - expected[k]).abs() <= 1e-5 * scale + 1e-6
+        same = (got[k] == expected[k]) | (got[k].isnan() & expected[k].isnan())
+        assert bool((close | same).all()), (name, what, got[k][~(close | same)], expected[k][~(close | same)])
+    # min and max are exact, NaN where torch has NaN
+    torch.testing.assert_close(got[2:], expected[2:], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def _non_finite_rows(dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    """Rows with NaN, +inf, -inf, both infinities, NaN next to an infinity, NaN in a later column block."""
+    wide = torch.ones(4, 1100)
+    wide[1, 1050] = NAN  # in the second column block
+    wide[2, 3] = -INF
+    wide[3, 1099] = INF
+    rows = torch.tensor([[1.0, NAN, 2.0], [INF, 1.0, 2.0], [1.0, -INF, 2.0], [INF, -INF, 0.0],
+                         [NAN, INF, -1.0], [NAN, NAN, NAN], [1.0, 2.0, 3.0]])
+    return [t.to(device=device, dtype=dtype) for t in (rows, wide, torch.tensor(NAN), torch.tensor([INF]))]
+
+
+def _interpreted_row_checks() -> None:
+    """Every CPU check of the row statistics kernel, through the interpreter (see _interpreted_checks)."""
+    _require_interpreted_loops()
+    from parity_kit import kernels
+
+    for dtype in DTYPES:
+        for name, tensors in (("mixed", _row_cases(dtype, "cpu")), ("aligned", _aligned_row_cases(dtype, "cpu")),
+                              ("non-finite", _non_finite_rows(dtype, "cpu"))):
+            _assert_rows_match(kernels.row_statistics_triton(tensors), tensors, f"{name} {dtype}")
+    # one tensor; and inputs left as they were
+    one = torch.arange(12.0).reshape(3, 4)
+    got = kernels.row_statistics_triton([one])
+    assert got.tolist() == [[float(r.norm()) for r in one], [6.0, 22.0, 38.0], [0.0, 4.0, 8.0], [3.0, 7.0, 11.0]]
+    assert torch.equal(one, torch.arange(12.0).reshape(3, 4))
+
+
+def test_interpreted_row_statistics_match_torch():
+    _run_interpreted("_interpreted_row_checks")
+
+
+def test_row_statistics_reject_what_they_cannot_reduce():
+    from parity_kit.kernels import row_statistics_triton
+
+    with pytest.raises(ParityKitError, match="no tensors"):
+        row_statistics_triton([])
+    with pytest.raises(ParityKitError, match="fp16/bf16/fp32"):
+        row_statistics_triton([torch.ones(3, dtype=torch.float64)])
+    with pytest.raises(ParityKitError, match="per \\(device, dtype\\) group"):
+        row_statistics_triton([torch.ones(3), torch.ones(3, dtype=torch.float16)])
+    with pytest.raises(ParityKitError, match="empty"):
+        row_statistics_triton([torch.ones(3), torch.ones(0, 4)])
+
+
+@cuda
+def test_cuda_row_statistics_match_torch():
+    from parity_kit.kernels import row_statistics_triton
+
+    for dtype in DTYPES:
+        for name, tensors in (("mixed", _row_cases(dtype, "cuda")), ("aligned", _aligned_row_cases(dtype, "cuda")),
+                              ("non-finite", _non_finite_rows(dtype, "cuda"))):
+            _assert_rows_match(row_statistics_triton(tensors), tensors, f"{name} {dtype}")
+        # a Llama-7B-like batch: row lengths 128 to 32000, many programs per tensor
+        g = torch.Generator("cuda").manual_seed(3)
+        big = [torch.randn(1, 512, width, device="cuda", generator=g).to(dtype) for width in (4096, 11008, 128, 32000)]
+        big.append(torch.randn(4096, device="cuda", generator=g).to(dtype))
+        _assert_rows_match(row_statistics_triton(big), big, f"large {dtype}")
