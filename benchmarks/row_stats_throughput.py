@@ -1,0 +1,91 @@
+"""Stats-mode reductions on the GPU: parity_kit's row-statistics kernel vs concatenation + torch.
+
+The tensors are shaped like the module outputs of one forward of a 7B-shaped Llama at 512 tokens
+(per layer ten [1, 512, 4096] and three [1, 512, 11008] outputs, 32 layers, and [1, 512, 32000]
+logits; bf16; each its own allocation, as a model's outputs are). For each path: GPU time per call
+(CUDA events, median of ``--repeats``), the rate in GB of tensors read per second, and the host time
+to queue one call. ``torch`` is what ``StatsBatch`` does without the kernel (``PARITY_KIT_KERNEL=0``):
+one concatenation and four reductions per row width.
+
+    PYTHONPATH=. python benchmarks/row_stats_throughput.py --out $OUT/row_stats_throughput_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from parity_kit.kernels import row_statistics_triton
+from parity_kit.recording import StatsBatch
+
+RESULT = Path(__file__).resolve().parent / "results" / "row_stats_throughput_h200.json"
+
+
+def _torch_path(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    by_width: dict[int, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_width.setdefault(t.shape[-1], []).append(t.reshape(-1, t.shape[-1]))  # [rows, width]
+    return [StatsBatch._reduce_rows(torch.cat(rows)) for rows in by_width.values()]
+
+
+def _time(fn, tensors: list[torch.Tensor], repeats: int) -> tuple[float, float]:
+    """(median GPU ms, median host ms to queue) of ``fn(tensors)``."""
+    for _ in range(3):
+        fn(tensors)
+    torch.cuda.synchronize()
+    gpu, host = [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        t0 = time.perf_counter()
+        fn(tensors)
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        end.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return statistics.median(gpu), statistics.median(host)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    widths = [4096] * 10 + [11008] * 3
+    tensors = [torch.randn(1, args.tokens, w, device="cuda", dtype=torch.bfloat16) for _ in range(32) for w in widths]
+    tensors.append(torch.randn(1, args.tokens, 32000, device="cuda", dtype=torch.bfloat16))
+    gigabytes = sum(t.numel() * t.element_size() for t in tensors) / 1e9
+    results = {}
+    for name, fn in (("kernel", row_statistics_triton), ("torch", _torch_path)):
+        gpu_ms, host_ms = _time(fn, tensors, args.repeats)
+        results[name] = {"gpu_ms": round(gpu_ms, 3), "gb_per_s": round(gigabytes / (gpu_ms / 1e3), 1),
+                         "host_ms_to_queue": round(host_ms, 3)}
+        print(f"{name:7s} gpu {gpu_ms:7.3f} ms  {results[name]['gb_per_s']:7.1f} GB/s  host {host_ms:6.3f} ms",
+              flush=True)
+    # the two paths agree (fp32 accumulation in a different order: ~1e-6 relative)
+    kernel = row_statistics_triton(tensors)
+    reference = torch.cat([StatsBatch._reduce_rows(t.reshape(-1, t.shape[-1])) for t in tensors], dim=1)
+    agree = bool(torch.allclose(kernel, reference.float(), rtol=1e-4, atol=1e-3))
+    out = {
+        "command": " ".join(["python", *sys.argv]),
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "tensors": len(tensors), "gigabytes": round(gigabytes, 3), "dtype": "bf16", "tokens": args.tokens,
+        "repeats": args.repeats, "results": results, "kernel_matches_torch": agree,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"kernel matches torch: {agree}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
