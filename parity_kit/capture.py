@@ -165,14 +165,6 @@ class _Slot:
         self.tensors[self.leaf] = value
 
 
-def _in_place_error(name: str, leaf: str, what: str, knob: str) -> ParityKitError:
-    return ParityKitError(
-        f"module {name!r} leaf {leaf!r} was modified in place after its module returned it, so its {what} "
-        f"could not be deferred (the values it returned are gone); pass {knob}=0 to record() to take "
-        "it inside the hook"
-    )
-
-
 class _Capturer:
     """The hook callbacks of one ``record()`` block; writes into ``recording``.
 
@@ -289,7 +281,12 @@ class _Capturer:
         groups: dict[tuple, list[int]] = {}
         for i, (_, t, version, label) in enumerate(copies):
             if t._version != version:
-                raise _in_place_error(*label, "copy", "copy_batch")
+                name, leaf = label
+                raise ParityKitError(
+                    f"module {name!r} leaf {leaf!r} was modified in place after its module returned it, so its "
+                    "copy could not be deferred (the values it returned are gone); pass copy_batch=0 to "
+                    "record() to take it inside the hook"
+                )
             groups.setdefault((t.device, t.dtype, t.shape[1:]), []).append(i)
         for members in groups.values():
             tensors = [copies[i][1] for i in members]
@@ -395,8 +392,8 @@ def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n
     """Hook the selected modules; returns the handles to remove.
 
     A large selection is served by one process-wide forward hook that looks the module up:
-    registering and removing hundreds of per-module hooks cost more host time than a host-bound
-    forward pass takes for them (benchmarks/capture_profile.py). A module that already has forward
+    registering and removing hundreds of per-module hooks was most of the time spent entering and
+    leaving a block (``benchmarks/capture_profile.py`` times both). A module that already has forward
     hooks keeps a hook of its own, appended after them, so the recording sees what those hooks (a
     dtype cast, a perturbation) return, as on the per-module path.
     """

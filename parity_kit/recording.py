@@ -612,8 +612,9 @@ class TensorFileWriter:
     header that outgrows its reserve makes :meth:`finish` rewrite the file once with a larger one.
     The bytes go through a :class:`~parity_kit.filesink.FileSink`: :meth:`write` copies them into
     reused buffers and returns while a thread writes them out (with ``O_DIRECT`` where allowed), so
-    the tensor may change afterwards and the disk works while the model runs. Each tensor's checksum (:func:`tensor_checksum`) is computed as it is written. A failed write (a
-    full disk, say) raises ParityKitError. Used as a context manager, the file is closed in any case;
+    the tensor may change afterwards and the disk works while the model runs. Each tensor's checksum
+    (:func:`tensor_checksum`) is computed as it is written. A failed write (a full disk, say) raises
+    ParityKitError. Used as a context manager, the file is closed in any case;
     the caller removes a file whose writing failed.
 
     >>> import tempfile
