@@ -4,8 +4,10 @@ The tensors are shaped like the module outputs of one forward of a 7B-shaped Lla
 (per layer ten [1, 512, 4096] and three [1, 512, 11008] outputs, 32 layers, and [1, 512, 32000]
 logits; bf16; each its own allocation, as a model's outputs are). For each path: GPU time per call
 (CUDA events, median of ``--repeats``), the rate in GB of tensors read per second, and the host time
-to queue one call. ``torch`` is what ``StatsBatch`` does without the kernel (``PARITY_KIT_KERNEL=0``):
-one concatenation and four reductions per row width.
+to queue one call. ``kernel`` is the row statistics alone; ``kernel_totals`` adds each tensor's totals
+and the per-row rms (``tensor_statistics_triton``, what ``StatsBatch`` runs on CUDA); ``torch_totals``
+is what ``StatsBatch`` does without the kernels (``PARITY_KIT_KERNEL=0``): one concatenation and four
+reductions per row width, then segment reductions for the totals.
 
     PYTHONPATH=. python benchmarks/row_stats_throughput.py --out $OUT/row_stats_throughput_h200.json
 """
@@ -21,17 +23,22 @@ from pathlib import Path
 
 import torch
 
-from parity_kit.kernels import row_statistics_triton
+from parity_kit.kernels import row_statistics_triton, tensor_statistics_triton
 from parity_kit.recording import StatsBatch
 
 RESULT = Path(__file__).resolve().parent / "results" / "row_stats_throughput_h200.json"
 
 
-def _torch_path(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def _torch_path(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     by_width: dict[int, list[torch.Tensor]] = {}
     for t in tensors:
         by_width.setdefault(t.shape[-1], []).append(t.reshape(-1, t.shape[-1]))  # [rows, width]
-    return [StatsBatch._reduce_rows(torch.cat(rows)) for rows in by_width.values()]
+    results = []
+    for width, rows in by_width.items():
+        packed = StatsBatch._reduce_rows(torch.cat(rows))  # [4, R]
+        counts = [r.shape[0] for r in rows]
+        results.append(StatsBatch._segment_totals(packed, counts, [width] * len(rows), True))
+    return results
 
 
 def _time(fn, tensors: list[torch.Tensor], repeats: int) -> tuple[float, float]:
@@ -65,26 +72,31 @@ def main() -> None:
     tensors.append(torch.randn(1, args.tokens, 32000, device="cuda", dtype=torch.bfloat16))
     gigabytes = sum(t.numel() * t.element_size() for t in tensors) / 1e9
     results = {}
-    for name, fn in (("kernel", row_statistics_triton), ("torch", _torch_path)):
+    for name, fn in (("kernel", row_statistics_triton), ("kernel_totals", tensor_statistics_triton),
+                     ("torch_totals", _torch_path)):
         gpu_ms, host_ms = _time(fn, tensors, args.repeats)
         results[name] = {"gpu_ms": round(gpu_ms, 3), "gb_per_s": round(gigabytes / (gpu_ms / 1e3), 1),
                          "host_ms_to_queue": round(host_ms, 3)}
-        print(f"{name:7s} gpu {gpu_ms:7.3f} ms  {results[name]['gb_per_s']:7.1f} GB/s  host {host_ms:6.3f} ms",
+        print(f"{name:13s} gpu {gpu_ms:7.3f} ms  {results[name]['gb_per_s']:7.1f} GB/s  host {host_ms:6.3f} ms",
               flush=True)
-    # the two paths agree (fp32 accumulation in a different order: ~1e-6 relative)
+    # the paths agree (fp32 accumulation in a different order: ~1e-6 relative)
     kernel = row_statistics_triton(tensors)
     reference = torch.cat([StatsBatch._reduce_rows(t.reshape(-1, t.shape[-1])) for t in tensors], dim=1)
     agree = bool(torch.allclose(kernel, reference.float(), rtol=1e-4, atol=1e-3))
+    totals, row_rms, rows, widths = tensor_statistics_triton(tensors)
+    expected_totals, expected_rms = StatsBatch._segment_totals(reference.float(), rows, widths, True)
+    agree = agree and bool(torch.allclose(totals, expected_totals, rtol=1e-4)) and \
+        bool(torch.allclose(row_rms, expected_rms, rtol=1e-4, atol=1e-6))
     out = {
         "command": " ".join(["python", *sys.argv]),
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "tensors": len(tensors), "gigabytes": round(gigabytes, 3), "dtype": "bf16", "tokens": args.tokens,
-        "repeats": args.repeats, "results": results, "kernel_matches_torch": agree,
+        "repeats": args.repeats, "results": results, "kernels_match_torch": agree,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"kernel matches torch: {agree}; wrote {args.out}")
+    print(f"kernels match torch: {agree}; wrote {args.out}")
 
 
 if __name__ == "__main__":

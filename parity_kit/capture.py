@@ -14,14 +14,14 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules import module as _torch_module
 from torch.utils.hooks import RemovableHandle
 
 from .dtypes import DtypeLike, dtype_name, parse_dtype
@@ -35,7 +35,6 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _MAX_DEPTH = 8
 _AUTO_BATCH = 2**30
-_SHARED_HOOK_FRACTION = 4  # one shared hook once a quarter of the model's modules are selected
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -165,6 +164,22 @@ class _Slot:
         self.tensors[self.leaf] = value
 
 
+class _Labels(Sequence[str]):
+    """A batch's (module, leaf) pairs, formatted for an error message only when one is raised."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]  # no slices: an index from StatsBatch
+        module, leaf = self.pairs[i]
+        return f"module {module!r} leaf {leaf!r}"
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
 class _Capturer:
     """The hook callbacks of one ``record()`` block; writes into ``recording``.
 
@@ -190,10 +205,15 @@ class _Capturer:
         self.track_slots = inputs
         self.stats_batch, self.copy_batch, self.defer_cpu = stats_batch, copy_batch, defer_cpu
         self.writer = writer
+        # Stats of outputs that are one deferrable tensor take the cheapest path: the hook appends a
+        # placeholder tuple (module, index, tensor, version) to the recording's calls, and the Call is
+        # made when its batch resolves. Positions before ``scanned`` hold no placeholder not yet batched.
+        self.lean = self.stats_mode and stats_batch is not None and not inputs
+        self.scanned = 0
         # deferred work: slot, tensor, version counter to check (None: cannot be checked), (module, leaf)
         self.deferred: list[tuple[_Slot, torch.Tensor, int | None, tuple[str, str]]] = []
         self.deferred_bytes = 0
-        self.inflight: list[tuple[StatsBatch, list[_Slot]]] = []
+        self.inflight: list[tuple[StatsBatch, list[_Slot | int]]] = []  # targets: slots, placeholder positions
         self.copies: list[tuple[_Slot, torch.Tensor, int, tuple[str, str]]] = []
         self.copies_bytes = 0
         # pinned host copies of CUDA tensors waiting for the writer: slot, tensor, copy-done event
@@ -262,18 +282,45 @@ class _Capturer:
     # ------------------------------------------------------------------ deferred work
     def flush_stats(self) -> None:
         """Queue the reduction of the deferred tensors; resolve the batch before it (double buffering)."""
-        if self.deferred:
-            slots, tensors, versions, labels = (list(x) for x in zip(*self.deferred))
-            labels = [f"module {module!r} leaf {leaf!r}" for module, leaf in labels]
-            self.inflight.append((StatsBatch(tensors, self.per_token, versions, labels), slots))
-            self.deferred, self.deferred_bytes = [], 0
+        calls = self.rec.calls
+        targets: list[_Slot | int] = []
+        tensors: list[torch.Tensor] = []
+        versions: list[int | None] = []
+        labels: list[tuple[str, str]] = []
+        for slot, t, version, label in self.deferred:
+            targets.append(slot)
+            tensors.append(t)
+            versions.append(version)
+            labels.append(label)
+        for position in range(self.scanned, len(calls)):
+            entry = calls[position]
+            if type(entry) is tuple:  # a placeholder: (module, index, tensor, version)
+                targets.append(position)
+                tensors.append(entry[2])
+                versions.append(entry[3])
+                labels.append((entry[0], "output"))
+        if tensors:
+            self.inflight.append((StatsBatch(tensors, self.per_token, versions, _Labels(labels)), targets))
+            self.deferred, self.deferred_bytes, self.scanned = [], 0, len(calls)
         while len(self.inflight) > 1:
             self.resolve_oldest()
 
     def resolve_oldest(self) -> None:
-        batch, slots = self.inflight.pop(0)
-        for slot, stats in zip(slots, batch.result()):
-            slot.fill(stats)
+        batch, targets = self.inflight.pop(0)
+        calls = self.rec.calls
+        for target, stats in zip(targets, batch.result()):
+            if type(target) is int:
+                module, index, _, _ = calls[target]
+                calls[target] = Call(module, index, target, {"output": stats}, {})
+            else:
+                target.fill(stats)
+
+    def settle_placeholders(self) -> None:
+        """Turn placeholders left by a failed block into Calls without statistics (``None``)."""
+        calls = self.rec.calls
+        for position, entry in enumerate(calls):
+            if type(entry) is tuple:
+                calls[position] = Call(entry[0], entry[1], position, {"output": None}, {})
 
     def flush_copies(self) -> None:
         """Copy the deferred tensors: one concatenation per (device, dtype, trailing shape) group."""
@@ -327,14 +374,18 @@ class _Capturer:
 
     def finish(self) -> None:
         """Wait for queued copies and reductions; every slot is filled afterwards."""
-        for stream in self.copy_streams.values():
-            stream.synchronize()
-        self.flush_stats()
-        while self.inflight:
-            self.resolve_oldest()
-        self.flush_copies()
-        if self.writer is not None:
-            self.write_pending()
+        try:
+            for stream in self.copy_streams.values():
+                stream.synchronize()
+            self.flush_stats()
+            while self.inflight:
+                self.resolve_oldest()
+            self.flush_copies()
+            if self.writer is not None:
+                self.write_pending()
+        finally:
+            if self.lean:
+                self.settle_placeholders()
 
     # ------------------------------------------------------------------ hooks
     def grab(self, obj: Any, prefix: str, name: str) -> tuple[dict, dict]:
@@ -362,6 +413,16 @@ class _Capturer:
 
     def output(self, name: str, output: Any) -> None:
         """Record one call of module ``name``, which returned ``output`` (the forward hooks' body)."""
+        if self.lean and type(output) is torch.Tensor and (output.is_cuda or self.defer_cpu):
+            # the common case, at its cheapest: a placeholder now, the Call when the batch resolves
+            counts = self.counts
+            index = counts.get(name, 0)
+            counts[name] = index + 1
+            self.rec.calls.append((name, index, output, None if output.is_inference() else output._version))
+            self.deferred_bytes += output.nbytes
+            if self.deferred_bytes >= self.stats_batch:
+                self.flush_stats()
+            return
         if type(output) is torch.Tensor:  # most modules return one tensor: skip the tree walk
             tensors: dict[str, Any] = {}
             orig: dict[str, str] = {}
@@ -387,35 +448,68 @@ class _Capturer:
         return hook
 
 
-def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n_modules: int,
-                   inputs: bool) -> list[RemovableHandle]:
-    """Hook the selected modules; returns the handles to remove.
+class _ForwardWrap:
+    """A selected module's ``forward`` replaced by one that records what it returns; ``remove()`` puts
+    back what was there (the class's method, or an instance attribute such as accelerate's).
 
-    A large selection is served by one process-wide forward hook that looks the module up:
-    registering and removing hundreds of per-module hooks was most of the time spent entering and
-    leaving a block (``benchmarks/capture_profile.py`` times both). A module that already has forward
-    hooks keeps a hook of its own, appended after them, so the recording sees what those hooks (a
-    dtype cast, a perturbation) return, as on the per-module path.
+    Cheaper than a forward hook: a module without hooks keeps torch's fast call path, and the torch
+    hook machinery that ran for every call of every module was the larger part of a hook's cost.
     """
-    handles: list[RemovableHandle] = []
-    shared: dict[int, str] = {}
-    use_shared = len(selected) * _SHARED_HOOK_FRACTION >= n_modules
+
+    __slots__ = ("module", "previous", "wrapper", "sink")
+
+    def __init__(self, module: nn.Module, name: str, record_output: Callable[[str, Any], None]) -> None:
+        self.module = module
+        self.previous = module.__dict__.get("forward", _NOT_SET)
+        inner = module.forward  # the bound method, or the instance attribute found above
+        sink = self.sink = [record_output]  # emptied by remove(): a wrapper left behind lets go of the capture
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            output = inner(*args, **kwargs)
+            if sink:
+                sink[0](name, output)
+            return output
+
+        forward.__wrapped__ = inner  # type: ignore[attr-defined]  # inspect.signature() sees the real one
+        self.wrapper = forward
+        # straight into the instance dict: what Module.__setattr__ would do for a function, without
+        # its checks (they were most of the time spent entering a block)
+        module.__dict__["forward"] = forward
+
+    def remove(self) -> None:
+        self.sink.clear()
+        attributes = self.module.__dict__
+        if attributes.get("forward") is not self.wrapper:
+            return  # replaced since (another wrapper on top, or removed by its owner): ours now passes through
+        if self.previous is _NOT_SET:
+            del attributes["forward"]
+        else:
+            attributes["forward"] = self.previous
+
+
+_NOT_SET = object()
+
+
+def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], named: list[tuple[str, nn.Module]],
+                   inputs: bool) -> list[RemovableHandle | _ForwardWrap]:
+    """Hook the selected modules; returns the handles to remove (``RemovableHandle``/``_ForwardWrap``).
+
+    A module without forward hooks of its own, while no process-wide forward hook is registered, gets
+    its ``forward`` wrapped (:class:`_ForwardWrap`): the recording sees exactly what a forward hook
+    would, at a fraction of the cost per call (``benchmarks/capture_profile.py`` times both). The
+    others get a forward hook appended after their existing ones, so the recording sees what those
+    hooks (a dtype cast, a perturbation) return. Inside ``nn.DataParallel`` replicas are made by
+    copying modules, which would copy a wrapper bound to the original, so only hooks are used there.
+    """
+    handles: list[RemovableHandle | _ForwardWrap] = []
+    wrap = not _torch_module._global_forward_hooks and not any(isinstance(m, nn.DataParallel) for _, m in named)
     for name, module in selected:
         if inputs:
             handles.append(module.register_forward_pre_hook(capturer.pre_hook(name), with_kwargs=True))
-        if use_shared and not module._forward_hooks:
-            shared[id(module)] = name
+        if wrap and not module._forward_hooks:
+            handles.append(_ForwardWrap(module, name, capturer.output))
         else:
             handles.append(module.register_forward_hook(capturer.forward_hook(name)))
-    if shared:
-        lookup, record_output = shared.get, capturer.output
-
-        def dispatch(module: nn.Module, args: tuple, output: Any) -> None:
-            name = lookup(id(module))
-            if name is not None:  # modules of other models run inside the block are not ours
-                record_output(name, output)
-
-        handles.append(register_module_forward_hook(dispatch))
     return handles
 
 
@@ -501,9 +595,10 @@ def record(
     so a parent module follows its children.
 
     The recording sees each output as the module's forward hooks that exist when the block starts
-    returned it; hooks registered inside the block run after the capture. A large selection is hooked
-    through one process-wide forward hook (cheaper for hundreds of modules), so ``torch``'s global
-    hook registry holds one entry while the block runs; it is removed with the rest.
+    returned it; hooks registered inside the block run after the capture. A selected module without
+    forward hooks (while no process-wide forward hook exists) is captured by wrapping its ``forward``
+    for the block, which costs far less per call than a hook; ``module.forward`` is then an instance
+    attribute until the block ends, and a direct ``module.forward(...)`` call is recorded too.
 
     >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     >>> with record(m, "*", mode="stats") as rec:
@@ -546,7 +641,7 @@ def record(
     failed = False
     try:
         handles.append(model.register_forward_pre_hook(root_shapes, with_kwargs=True))
-        handles.extend(_install_hooks(capturer, selected, len(named), inputs))
+        handles.extend(_install_hooks(capturer, selected, named, inputs))
         yield rec
     except BaseException:
         failed = True

@@ -40,13 +40,17 @@ not slow down the rest.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .errors import ParityKitError
 
-__all__ = ["pair_reductions_triton", "row_statistics_triton", "KERNEL_DTYPES"]
+__all__ = ["pair_reductions_triton", "row_statistics_triton", "tensor_statistics_triton", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _UNIT_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -263,7 +267,6 @@ def _launch(r: torch.Tensor, c: torch.Tensor, partials: torch.Tensor, out: torch
 _ROW_TILE = 4096  # elements per program and step (rows × columns): 16 per thread at 8 warps
 _ROW_BLOCK_MAX = 1024  # widest column block: longer rows are walked in steps of it
 _ROW_BLOCK_MIN = 16
-_RowSource = tuple[torch.Tensor, int, int, int, int]  # tensor, address, rows, row length, first output row
 
 
 @triton.jit(do_not_specialize=["n_tensors", "search_steps", "total_rows"])
@@ -331,64 +334,171 @@ def row_statistics_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
     ...     stats = row_statistics_triton([x, torch.tensor(6.0, device="cuda")]).tolist()
     ...     assert stats == [[5.0, 2.0, 6.0], [7.0, -2.0, 6.0], [3.0, -2.0, 6.0], [4.0, 0.0, 6.0]]
     """
-    if not tensors:
-        raise ParityKitError("row_statistics_triton got no tensors; pass at least one")
-    dtype, device = tensors[0].dtype, tensors[0].device
-    if dtype not in KERNEL_DTYPES:
-        raise ParityKitError(f"the row statistics kernel reads fp16/bf16/fp32 tensors, not {dtype}; "
-                             "use TensorStats.of (or StatsBatch, which falls back to torch for it)")
-    itemsize = tensors[0].element_size()
-    vec = 16 // itemsize
-    # the tensors whose rows all start on 16 bytes, and the others: one launch each
-    aligned: list[_RowSource] = []
-    unaligned: list[_RowSource] = []
-    total_rows = 0
-    for i, t in enumerate(tensors):
-        if t.dtype != dtype or t.device != device:
-            raise ParityKitError(f"tensor {i} is {t.dtype} on {t.device}, tensor 0 {dtype} on {device}; "
-                                 "call row_statistics_triton once per (device, dtype) group")
-        n = t.numel()
-        if n == 0:
-            raise ParityKitError(f"tensor {i} (shape {tuple(t.shape)}) is empty and has no row statistics; "
-                                 "leave empty tensors out")
-        ptr = t.data_ptr()
-        if ptr % itemsize or not t.is_contiguous():
-            # rows must be dense and offsets from the base whole elements: a fresh allocation is both
-            t = t.clone(memory_format=torch.contiguous_format)
+    plan = _RowPlan(tensors)
+    return plan.launch_rows(plan.upload())
+
+
+def tensor_statistics_triton(tensors: list[torch.Tensor],
+                             per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Each tensor's totals and each row's rms, from :func:`row_statistics_triton`'s rows and one more
+    launch: ``(totals, row_rms, rows, widths)``.
+
+    ``totals`` is fp64 ``[4, n]``: per tensor the sum of its rows' squared norms, the sum of its row
+    sums, the least row minimum and the greatest row maximum (NaN when any of its rows has one), summed
+    in fp64 in a fixed order (deterministic). ``row_rms`` is fp32 ``[R]``, each row's norm divided by
+    the square root of its length (computed in fp64, then rounded), or empty without ``per_token``.
+    ``rows`` and ``widths`` are the row count and row length of each tensor, as the kernel viewed it.
+    Both results stay on the device, queued without waiting; the inputs are as for
+    :func:`row_statistics_triton`.
+
+    >>> import torch
+    >>> if torch.cuda.is_available():
+    ...     x = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0]], device="cuda")
+    ...     totals, rms, rows, widths = tensor_statistics_triton([x])
+    ...     assert totals.tolist() == [[29.0], [5.0], [-2.0], [4.0]] and (rows, widths) == ([2], [4])
+    ...     assert rms.tolist() == [2.5, 1.0]
+    """
+    plan = _RowPlan(tensors)
+    table = plan.upload()
+    packed = plan.launch_rows(table)  # [4, R]
+    n = len(plan.rows)
+    totals = torch.empty((4, n), dtype=torch.float64, device=packed.device)  # [4, n]
+    row_rms = torch.empty(packed.shape[1] if per_token else 0, dtype=torch.float32, device=packed.device)
+    with plan.on_device():
+        _tensor_totals[(n,)](packed, plan.segments(table), totals, row_rms, n, packed.shape[1],
+                             PER_TOKEN=per_token, BLOCK=_TOTALS_BLOCK, num_warps=4)
+    return totals, row_rms, plan.rows, plan.widths
+
+
+_TOTALS_BLOCK = 256  # rows per step of a tensor's totals: most tensors have a few hundred to thousands
+
+
+@triton.jit(do_not_specialize=["n_tensors", "total_rows"])
+def _tensor_totals(rows_ptr, segments_ptr, totals_ptr, rms_ptr, n_tensors, total_rows,
+                   PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr):
+    # segments[tensor, 3]: first row in rows[4, R], rows, row length; one program per tensor
+    tensor = tl.program_id(0)
+    first = tl.load(segments_ptr + tensor * 3)
+    count = tl.load(segments_ptr + tensor * 3 + 1)
+    width = tl.load(segments_ptr + tensor * 3 + 2).to(tl.float64)
+    total_rows = total_rows.to(tl.int64)
+    squares = tl.zeros([BLOCK], dtype=tl.float64)
+    sums = tl.zeros([BLOCK], dtype=tl.float64)
+    low = tl.full([BLOCK], float("inf"), tl.float32)
+    high = tl.full([BLOCK], float("-inf"), tl.float32)
+    offsets = tl.arange(0, BLOCK)
+    for r0 in range(0, count, BLOCK):
+        r = r0 + offsets
+        m = r < count
+        at = rows_ptr + first + r
+        norm = tl.load(at, mask=m, other=0.0).to(tl.float64)
+        squares += norm * norm
+        sums += tl.load(at + total_rows, mask=m, other=0.0).to(tl.float64)
+        low = tl.minimum(low, tl.load(at + 2 * total_rows, mask=m, other=float("inf")),
+                         propagate_nan=tl.PropagateNan.ALL)
+        high = tl.maximum(high, tl.load(at + 3 * total_rows, mask=m, other=float("-inf")),
+                          propagate_nan=tl.PropagateNan.ALL)
+        if PER_TOKEN:
+            tl.store(rms_ptr + first + r, (norm / tl.sqrt(width)).to(tl.float32), mask=m)
+    # tl.min/tl.max skip NaN, so a NaN kept per lane above is put back
+    any_nan = tl.sum((low != low).to(tl.int32), axis=0) > 0
+    tl.store(totals_ptr + tensor, tl.sum(squares, axis=0))
+    tl.store(totals_ptr + n_tensors + tensor, tl.sum(sums, axis=0))
+    tl.store(totals_ptr + 2 * n_tensors + tensor, tl.where(any_nan, float("nan"), tl.min(low, axis=0)).to(tl.float64))
+    tl.store(totals_ptr + 3 * n_tensors + tensor, tl.where(any_nan, float("nan"), tl.max(high, axis=0)).to(tl.float64))
+
+
+class _RowPlan:
+    """Where the rows of a batch of tensors lie: the int64 tables the kernels read, built with NumPy.
+
+    One Python pass over the tensors reads their addresses and shapes; offsets, first rows and work
+    items are then computed on arrays. The tables of both row launches (rows aligned to 16 bytes and
+    the others) and the per-tensor segments go to the device in one upload.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        if not tensors:
+            raise ParityKitError("row_statistics_triton got no tensors; pass at least one")
+        dtype, device = tensors[0].dtype, tensors[0].device
+        if dtype not in KERNEL_DTYPES:
+            raise ParityKitError(f"the row statistics kernel reads fp16/bf16/fp32 tensors, not {dtype}; "
+                                 "use TensorStats.of (or StatsBatch, which falls back to torch for it)")
+        self.device, self.itemsize = device, tensors[0].element_size()
+        index = tensors[0].get_device()
+        self.tensors = list(tensors)  # with private copies of the non-contiguous ones, alive until launched
+        ptrs: list[int] = []
+        self.rows: list[int] = []
+        self.widths: list[int] = []
+        for i, t in enumerate(tensors):
+            if t.dtype is not dtype or t.get_device() != index:
+                raise ParityKitError(f"tensor {i} is {t.dtype} on {t.device}, tensor 0 {dtype} on {device}; "
+                                     "call row_statistics_triton once per (device, dtype) group")
+            n = t.numel()
+            if n == 0:
+                raise ParityKitError(f"tensor {i} (shape {tuple(t.shape)}) is empty and has no row statistics; "
+                                     "leave empty tensors out")
             ptr = t.data_ptr()
-        cols = t.shape[-1] if t.dim() else 1
-        n_rows = n // cols
-        (aligned if ptr % 16 == 0 and cols % vec == 0 else unaligned).append((t, ptr, n_rows, cols, total_rows))
-        total_rows += n_rows
-    out = torch.empty((4, total_rows), dtype=torch.float32, device=device)  # [4, R]: norm, sum, min, max
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            _launch_rows(aligned, unaligned, out, itemsize)
-    else:
-        _launch_rows(aligned, unaligned, out, itemsize)
-    return out
+            if ptr % self.itemsize or not t.is_contiguous():
+                # rows must be dense and offsets from the base whole elements: a fresh allocation is both
+                t = self.tensors[i] = t.clone(memory_format=torch.contiguous_format)
+                ptr = t.data_ptr()
+            width = t.shape[-1] if t.dim() else 1
+            ptrs.append(ptr)
+            self.rows.append(n // width)
+            self.widths.append(width)
+        self.ptrs = np.array(ptrs, dtype=np.int64)
+        self.row_counts = np.array(self.rows, dtype=np.int64)
+        self.width_arr = np.array(self.widths, dtype=np.int64)
+        self.first_rows = np.cumsum(self.row_counts) - self.row_counts
+        self.total_rows = int(self.row_counts.sum())
 
+    def upload(self) -> torch.Tensor:
+        """Both launches' tables and the segments, one int64 tensor on the device; keeps each launch's
+        (members, base tensor, table slice, block) for :meth:`launch_rows`."""
+        aligned = (self.ptrs % 16 == 0) & (self.width_arr % (16 // self.itemsize) == 0)
+        parts: list[np.ndarray] = []
+        self.launches: list[tuple[int, torch.Tensor, int, int, int, int, bool]] = []
+        start = 0
+        for mask, hint in ((aligned, True), (~aligned, False)):
+            members = np.flatnonzero(mask)
+            if not len(members):
+                continue
+            ptrs = self.ptrs[members]
+            lowest = int(np.argmin(ptrs))  # the lowest address as base keeps every offset >= 0
+            widest = int(self.width_arr[members].max())
+            # plain integer maths here: triton.cdiv and next_power_of_2 cost microseconds a call on the host
+            block = min(_ROW_BLOCK_MAX, max(_ROW_BLOCK_MIN, 1 << (widest - 1).bit_length()))
+            rows_per_item = _ROW_TILE // block
+            rows = self.row_counts[members]
+            items = -(-rows // rows_per_item)
+            first_work = np.cumsum(items) - items
+            table = np.stack([(ptrs - ptrs[lowest]) // self.itemsize, rows, self.width_arr[members],
+                              self.first_rows[members], first_work], axis=1)  # [members, 5]
+            parts.append(table.reshape(-1))
+            self.launches.append((start, self.tensors[int(members[lowest])], len(members), int(items.sum()),
+                                  block, rows_per_item, hint))
+            start += table.size
+        self.segments_start = start
+        parts.append(np.stack([self.first_rows, self.row_counts, self.width_arr], axis=1).reshape(-1))  # [n, 3]
+        host = torch.from_numpy(np.concatenate(parts))
+        if self.device.type == "cuda":
+            # from pinned memory the upload is queued on the stream, ahead of the kernels, without waiting
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
 
-def _launch_rows(aligned: list[_RowSource], unaligned: list[_RowSource], out: torch.Tensor, itemsize: int) -> None:
-    for members, hint in ((aligned, True), (unaligned, False)):
-        if not members:
-            continue
-        # the lowest address as base keeps every offset >= 0
-        base_ptr = min(m[1] for m in members)
-        base = next(m[0] for m in members if m[1] == base_ptr)
-        widest = max(m[3] for m in members)
-        # plain integer maths here: triton.cdiv and next_power_of_2 cost microseconds a call on the host
-        block = min(_ROW_BLOCK_MAX, max(_ROW_BLOCK_MIN, 1 << (widest - 1).bit_length()))
-        rows_per_item = _ROW_TILE // block
-        table: list[int] = []
-        work_items = 0
-        for _, ptr, n_rows, cols, first_row in members:
-            table += ((ptr - base_ptr) // itemsize, n_rows, cols, first_row, work_items)
-            work_items += -(-n_rows // rows_per_item)
-        table_t = torch.tensor(table, dtype=torch.int64)  # [tensors * 5]
-        if out.is_cuda:
-            # from pinned memory the upload is queued on the stream, ahead of the kernel, without waiting
-            table_t = table_t.pin_memory().to(out.device, non_blocking=True)
-        _row_stats[(work_items,)](base, table_t, out, len(members), (len(members) - 1).bit_length(), out.shape[1],
-                                  ROWS=rows_per_item, BLOCK=block, VEC=16 // itemsize, ALIGNED=hint,
-                                  num_warps=_WARPS)
+    def segments(self, table: torch.Tensor) -> torch.Tensor:
+        return table[self.segments_start:]
+
+    def on_device(self) -> Any:
+        if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+    def launch_rows(self, table: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((4, self.total_rows), dtype=torch.float32, device=self.device)  # [4, R]: norm, sum, min, max
+        with self.on_device():
+            for start, base, members, work_items, block, rows_per_item, hint in self.launches:
+                _row_stats[(work_items,)](base, table[start:], out, members, (members - 1).bit_length(),
+                                          self.total_rows, ROWS=rows_per_item, BLOCK=block,
+                                          VEC=16 // self.itemsize, ALIGNED=hint, num_warps=_WARPS)
+        return out

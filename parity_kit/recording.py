@@ -20,7 +20,7 @@ import struct
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -138,21 +138,21 @@ class TensorStats:
                 "mean": self.mean, "rms": self.rms, "absmax": self.absmax, "nan": self.nan, "inf": self.inf}
 
 
-_RowKernel = Callable[[list[torch.Tensor]], torch.Tensor]
+_TotalsKernel = Callable[[list[torch.Tensor], bool], tuple[torch.Tensor, torch.Tensor, list[int], list[int]]]
 
 
 class StatsBatch:
     """Statistics of many tensors, reduced together: a few kernels per group of rows, one transfer.
 
     Every row (``reshape(-1, shape[-1])``) yields its norm and sum (fp32 accumulation, fp64 for fp64
-    tensors) and its min and max. CUDA tensors of fp16/bf16/fp32 are grouped by (device, dtype) and
-    each group is reduced by one Triton launch (two if some rows are not 16-byte aligned) that reads
-    the tensors in place, whatever their row lengths (:func:`parity_kit.kernels.row_statistics_triton`);
-    its results stay fp32 up to the host. The others (CPU tensors, other dtypes, no Triton,
-    ``PARITY_KIT_KERNEL=0``) are grouped by (device, dtype, last dimension), and each group's rows are
-    concatenated and reduced by a handful of torch launches. Segment reductions then give each
-    tensor's totals (fp64) and each row's rms on the device, so the host reads a few numbers per
-    tensor. On CUDA the reductions and the copy of their results into pinned host memory are queued
+    tensors) and its min and max; each tensor's totals (fp64) and each row's rms follow from those on
+    the device, so the host reads a few numbers per tensor. CUDA tensors of fp16/bf16/fp32 are grouped
+    by (device, dtype) and each group takes two Triton launches (three if some rows are not 16-byte
+    aligned) that read the tensors in place, whatever their row lengths
+    (:func:`parity_kit.kernels.tensor_statistics_triton`). The others (CPU tensors, other dtypes, no
+    Triton, ``PARITY_KIT_KERNEL=0``) are grouped by (device, dtype, last dimension), each group's rows
+    are concatenated and reduced by a handful of torch launches, and segment reductions give the
+    totals. On CUDA the reductions and the copy of their results into pinned host memory are queued
     without waiting: nothing blocks until :meth:`result`.
     A tensor whose totals are not finite (NaN/Inf present, or squares that overflowed fp32) is
     recomputed exactly by :meth:`TensorStats.of`, which is why the tensors are held until
@@ -168,10 +168,10 @@ class StatsBatch:
     """
 
     _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-    _kernel_state: str | _RowKernel = "unloaded"  # or "unavailable", "failed", kernels.row_statistics_triton
+    _kernel_state: str | _TotalsKernel = "unloaded"  # or "unavailable", "failed", kernels.tensor_statistics_triton
 
     def __init__(self, tensors: list[torch.Tensor], per_token: bool = True,
-                 versions: list[int | None] | None = None, labels: list[str] | None = None):
+                 versions: list[int | None] | None = None, labels: Sequence[str] | None = None):
         self.tensors = [t.detach() if t.requires_grad else t for t in tensors]
         self.per_token = per_token
         self.versions = versions
@@ -180,9 +180,10 @@ class StatsBatch:
         kernel = self._kernel() if any(t.is_cuda for t in self.tensors) else None
         # last dimension None: one kernel launch for the group, whatever its members' row lengths
         groups: dict[tuple[torch.device, torch.dtype, int | None], list[int]] = {}
+        kernel_dtypes = self._KERNEL_DTYPES
         for i, t in enumerate(self.tensors):
             if t.numel():
-                if kernel is not None and t.is_cuda and t.dtype in self._KERNEL_DTYPES:
+                if kernel is not None and t.is_cuda and t.dtype in kernel_dtypes:
                     key = (t.device, t.dtype, None)
                 else:
                     key = (t.device, t.dtype, t.shape[-1] if t.dim() else 1)
@@ -191,8 +192,8 @@ class StatsBatch:
                     groups[key] = [i]
                 else:
                     members.append(i)
-        # per device: the members' totals (fp64 [4, n] per group) and per-row rms (fp32 [R] per group),
-        # reduced on the device so the host only reads n numbers per statistic, not R
+        # per group: device, where its totals and row rms start in the device's flat results, members,
+        # rows per member, row length per member
         self._layout: list[tuple[torch.device, int, int, list[int], list[int], list[int]]] = []
         self._host: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._event: dict[torch.device, Any] = {}
@@ -200,14 +201,14 @@ class StatsBatch:
         starts: dict[torch.device, tuple[int, int]] = {}
         for (device, _, last), members in groups.items():
             tensors = [self.tensors[i] for i in members]
-            lasts = [t.shape[-1] if t.dim() else 1 for t in tensors] if last is None else [last] * len(tensors)
-            counts = [t.numel() // n for t, n in zip(tensors, lasts)]
             if last is None:
-                packed = self._fused(kernel, tensors, lasts)  # [4, R] fp32
+                totals, row_rms, counts, lasts = self._fused(kernel, tensors, self.per_token)  # type: ignore[arg-type]
             else:
+                lasts = [last] * len(tensors)
+                counts = [t.numel() // last for t in tensors]
                 rows = [t.reshape(-1, last) for t in tensors]  # [rows_i, last]
                 packed = self._reduce_rows(torch.cat(rows) if len(rows) > 1 else rows[0])  # [4, R]
-            totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
+                totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
             t_start, r_start = starts.get(device, (0, 0))
             self._layout.append((device, t_start, r_start, members, counts, lasts))
             starts[device] = (t_start + totals.numel(), r_start + row_rms.numel())
@@ -250,32 +251,36 @@ class StatsBatch:
         return totals, (norm / row_width.double().sqrt()).float()
 
     @classmethod
-    def _kernel(cls) -> _RowKernel | None:
-        """The row statistics kernel where it can run, else None (no Triton, ``PARITY_KIT_KERNEL=0``, or
+    def _kernel(cls) -> _TotalsKernel | None:
+        """The statistics kernels where they can run, else None (no Triton, ``PARITY_KIT_KERNEL=0``, or
         an earlier failure)."""
         if os.environ.get("PARITY_KIT_KERNEL", "1") == "0":
             return None
         if cls._kernel_state == "unloaded":
             try:
-                from .kernels import row_statistics_triton
+                from .kernels import tensor_statistics_triton
             except ImportError:  # no Triton in this environment
                 cls._kernel_state = "unavailable"
             else:
-                cls._kernel_state = row_statistics_triton
+                cls._kernel_state = tensor_statistics_triton
         return None if isinstance(cls._kernel_state, str) else cls._kernel_state
 
     @classmethod
-    def _fused(cls, kernel: _RowKernel, tensors: list[torch.Tensor], lasts: list[int]) -> torch.Tensor:
-        """``[4, R]`` fp32 row statistics of ``tensors`` from the kernel, or from torch if it fails."""
+    def _fused(cls, kernel: _TotalsKernel, tensors: list[torch.Tensor],
+               per_token: bool) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """``(totals, row rms, rows, row lengths)`` of ``tensors`` from the kernels, or from torch if they fail."""
         try:
-            return kernel(tensors)
+            return kernel(tensors, per_token)
         except (ParityKitError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # a GPU or Triton build the kernel cannot run on: torch gives the same numbers
             cls._kernel_state = "failed"
             warnings.warn(f"the row statistics kernel failed ({type(e).__name__}: {e}); reducing with torch "
                           "(same results, slower)", RuntimeWarning, stacklevel=3)
-            return torch.cat([cls._reduce_rows(t.reshape(-1, n)) for t, n in zip(tensors, lasts)], dim=1)
+            lasts = [t.shape[-1] if t.dim() else 1 for t in tensors]
+            counts = [t.numel() // n for t, n in zip(tensors, lasts)]
+            packed = torch.cat([cls._reduce_rows(t.reshape(-1, n)) for t, n in zip(tensors, lasts)], dim=1)
+            return (*cls._segment_totals(packed, counts, lasts, per_token), counts, lasts)
 
     @staticmethod
     def _reduce_rows(block: torch.Tensor) -> torch.Tensor:
@@ -308,33 +313,34 @@ class StatsBatch:
 
         for event in self._event.values():
             event.synchronize()
-        out: list[TensorStats | None] = [None] * len(self.tensors)
-        for i, t in enumerate(self.tensors):
-            if not t.numel():
-                out[i] = TensorStats.of(t, self.per_token)
+        tensors, per_token = self.tensors, self.per_token
+        out: list[TensorStats | None] = [None] * len(tensors)
         for device, t_start, r_start, members, counts, lasts in self._layout:
             n = len(members)
             totals_host, rms_host = self._host[device]
-            total_sq, total, lo_t, hi_t = totals_host[t_start:t_start + 4 * n].numpy().reshape(4, n)
-            finite = (np.isfinite(total_sq) & np.isfinite(total) & np.isfinite(lo_t) & np.isfinite(hi_t)).tolist()
+            totals = totals_host[t_start:t_start + 4 * n].numpy().reshape(4, n)
+            total_sq, total, lo_t, hi_t = totals
+            finite = np.isfinite(totals).all(axis=0).tolist()
             elements = np.asarray(counts, dtype=np.float64) * np.asarray(lasts, dtype=np.float64)
             with np.errstate(invalid="ignore", over="ignore"):
                 mean, rms = (total / elements).tolist(), np.sqrt(total_sq / elements).tolist()
                 absmax = np.maximum(np.abs(lo_t), np.abs(hi_t)).tolist()
             lo_l, hi_l = lo_t.tolist(), hi_t.tolist()
-            if self.per_token:  # one copy per group (not views of pinned memory), split into per-tensor views
-                token_rms = rms_host[r_start:r_start + sum(counts)].clone().split(counts)
-            dtype = dtype_name(self.tensors[members[0]].dtype)
+            # one copy per group (not views of pinned memory), split into per-tensor views
+            token_rms = rms_host[r_start:r_start + sum(counts)].clone().split(counts) if per_token else None
+            dtype = dtype_name(tensors[members[0]].dtype)
             for k, i in enumerate(members):
-                t = self.tensors[i]
+                t = tensors[i]
                 if not finite[k]:
                     if self.versions is not None:
                         self._check_versions()
-                    out[i] = TensorStats.of(t, self.per_token)  # exact masked path, rare
+                    out[i] = TensorStats.of(t, per_token)  # exact masked path, rare
                     continue
-                per_token_rms = token_rms[k] if self.per_token and t.dim() > 0 else None
-                out[i] = TensorStats(tuple(t.shape), dtype, lo_l[k], hi_l[k], mean[k], rms[k], absmax[k],
-                                     0, 0, per_token_rms)
+                out[i] = TensorStats(tuple(t.shape), dtype, lo_l[k], hi_l[k], mean[k], rms[k], absmax[k], 0, 0,
+                                     token_rms[k] if token_rms is not None and t.dim() else None)
+        for i, t in enumerate(tensors):
+            if out[i] is None:  # empty tensors
+                out[i] = TensorStats.of(t, per_token)
         self.tensors = []  # the statistics are final: let the tensors go
         return out  # type: ignore[return-value]
 

@@ -30,15 +30,17 @@ def build_tiny_bert(seed: int = 0) -> BertModel:
     return BertModel(config).eval()
 
 
-def hook_counts(model: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
-    """Number of forward, forward-pre and kwargs hooks on every module, and in torch's process-wide
+def hook_counts(model: torch.nn.Module) -> dict[str, tuple[int, int, int, int]]:
+    """Number of forward, forward-pre and kwargs hooks on every module and whether its ``forward`` is
+    replaced by an instance attribute (a capture wrapper), and the hooks in torch's process-wide
     registry under ``"<global>"`` (to prove none leak)."""
     from torch.nn.modules import module as torch_module
 
-    counts = {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._forward_hooks_with_kwargs))
+    counts = {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._forward_hooks_with_kwargs),
+                     int("forward" in m.__dict__))
               for name, m in model.named_modules()}
     counts["<global>"] = (len(torch_module._global_forward_hooks), len(torch_module._global_forward_pre_hooks),
-                          len(torch_module._global_forward_hooks_with_kwargs))
+                          len(torch_module._global_forward_hooks_with_kwargs), 0)
     return counts
 
 

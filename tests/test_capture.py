@@ -103,38 +103,72 @@ def test_hooks_removed_after_exception_in_forward(tiny_llama, input_ids):
     assert hook_counts(tiny_llama) == before
 
 
-def test_shared_hook_records_like_per_module_hooks(tiny_llama, input_ids, monkeypatch):
-    """A whole-model selection goes through one process-wide hook: it must record the same calls, in
-    the same order, as per-module hooks, see what a module's existing hook returns, skip other
-    models run inside the block, and leave no hook behind."""
-    from torch.nn.modules import module as torch_module
+@pytest.mark.parametrize("mode", ["tensors", "stats"])
+def test_wrapped_forwards_record_like_hooks(tiny_llama, input_ids, mode):
+    """Modules without hooks are captured by wrapping their forward; while a process-wide forward hook
+    exists every module gets a forward hook instead. Both must record the same calls in the same
+    order with the same values, see what a module's existing hook returns, skip other models run
+    inside the block, keep forward's signature visible, and leave nothing behind."""
+    import inspect
 
-    from parity_kit import capture
+    from torch.nn.modules.module import register_module_forward_hook
 
     before = hook_counts(tiny_llama)
+    attn = tiny_llama.model.layers[0].self_attn
     shift = tiny_llama.model.layers[0].mlp.register_forward_hook(lambda m, a, out: out + 1000.0)
     other = build_tiny_llama(seed=1)
-    recordings = {}
+    recordings, during = {}, {}
     try:
-        for path, fraction in (("per_module", 0), ("shared", capture._SHARED_HOOK_FRACTION)):
-            monkeypatch.setattr(capture, "_SHARED_HOOK_FRACTION", fraction)
-            with pk.record(tiny_llama, "*", inputs=True) as rec:
-                shared_hooks = len(torch_module._global_forward_hooks) - before["<global>"][0]
-                tiny_llama(input_ids)
-                other(input_ids)  # not selected: must not appear
-            assert shared_hooks == (path == "shared")
+        for path in ("hooks", "wrapped"):
+            bystander = register_module_forward_hook(lambda m, a, out: None) if path == "hooks" else None
+            try:
+                with pk.record(tiny_llama, "*", mode=mode, inputs=mode == "tensors") as rec:
+                    during[path] = hook_counts(tiny_llama)
+                    assert inspect.signature(attn.forward) == inspect.signature(type(attn).forward.__get__(attn))
+                    tiny_llama(input_ids)
+                    other(input_ids)  # not selected: must not appear
+            finally:
+                if bystander is not None:
+                    bystander.remove()
             recordings[path] = rec
     finally:
         shift.remove()
-    assert hook_counts(tiny_llama) == before and hook_counts(other)["<global>"] == before["<global>"]
-    per_module, shared = recordings["per_module"], recordings["shared"]
-    assert [(c.module, c.index) for c in shared.calls] == [(c.module, c.index) for c in per_module.calls]
-    for a, b in zip(shared.calls, per_module.calls):
+    assert during["wrapped"]["model.layers.0.self_attn"][3] == 1 and during["hooks"]["model.layers.0.self_attn"][3] == 0
+    assert during["wrapped"]["model.layers.0.mlp"][:1] == (2,)  # its own hook and ours after it, not wrapped
+    assert hook_counts(tiny_llama) == before and hook_counts(other) == hook_counts(build_tiny_llama(seed=1))
+    hooked, wrapped = recordings["hooks"], recordings["wrapped"]
+    assert [(c.module, c.index, c.order) for c in wrapped.calls] == [(c.module, c.index, c.order) for c in hooked.calls]
+    for a, b in zip(wrapped.calls, hooked.calls):
         assert a.tensors.keys() == b.tensors.keys()
         for leaf in a.tensors:
-            torch.testing.assert_close(a.tensors[leaf], b.tensors[leaf], atol=0, rtol=0)
-    mlp_out = shared["model.layers.0.mlp"][0].output  # the existing hook's +1000 is seen
-    assert mlp_out.abs().min() > 900
+            x, y = a.tensors[leaf], b.tensors[leaf]
+            if mode == "stats":
+                assert (x.shape, x.min, x.max, x.rms) == (y.shape, y.min, y.max, y.rms)
+            else:
+                torch.testing.assert_close(x, y, atol=0, rtol=0)
+    mlp_out = wrapped["model.layers.0.mlp"][0].output  # the existing hook's +1000 is seen
+    assert (mlp_out.min if mode == "stats" else mlp_out.abs().min()) > 900
+
+
+def test_wrapper_replaced_inside_the_block_passes_through():
+    """Something that wraps forward again inside the block (as accelerate's attach does) keeps its own
+    wrapper; ours below it stops recording and no longer holds the recording."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pk.record(model, "*") as rec:
+        ours = model[0].forward
+        model[0].forward = lambda x: ours(x) * 2
+        model(torch.ones(1, 4))
+    assert len(rec) == 1 and "forward" in model[0].__dict__
+    alive = weakref.ref(rec)
+    del rec
+    gc.collect()
+    out = model(torch.ones(1, 4))  # still works, through our inert wrapper
+    assert alive() is None and out.shape == (1, 4)
+    del model[0].forward
+    assert hook_counts(model)["0"] == (0, 0, 0, 0)
 
 
 def test_memory_budget_raises_and_removes_hooks(tiny_llama, input_ids):
@@ -273,7 +307,7 @@ def test_batched_stats_detect_outputs_modified_in_place():
     with pytest.raises(ParityKitError, match="modified in place.*stats_batch=0"):
         with pk.record(model, "proj", mode="stats", stats_batch="1GiB"):
             model(torch.ones(2, 4))
-    assert all(n == (0, 0, 0) for n in hook_counts(model).values())
+    assert all(n == (0, 0, 0, 0) for n in hook_counts(model).values())
     with pk.record(model, "proj", mode="stats", stats_batch=0) as rec:  # the in-hook path handles it
         model(torch.ones(2, 4))
     assert len(rec) == 2
@@ -311,7 +345,7 @@ def test_batched_copies_detect_outputs_modified_in_place():
     with pytest.raises(ParityKitError, match="modified in place.*copy_batch=0"):
         with pk.record(model, "proj", copy_batch="1GiB"):
             model(torch.ones(2, 4))
-    assert all(n == (0, 0, 0) for n in hook_counts(model).values())
+    assert all(n == (0, 0, 0, 0) for n in hook_counts(model).values())
     with pk.record(model, "proj", copy_batch=0) as rec:
         model(torch.ones(2, 4))
     assert rec["proj"][0].output.abs().sum() > 0  # the value before h.mul_(0)

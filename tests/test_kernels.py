@@ -305,6 +305,23 @@ def _non_finite_rows(dtype: torch.dtype, device: str) -> list[torch.Tensor]:
     return [t.to(device=device, dtype=dtype) for t in (rows, wide, torch.tensor(NAN), torch.tensor([INF]))]
 
 
+def _assert_totals_match(got: tuple, tensors: list[torch.Tensor], name: str) -> None:
+    """tensor_statistics_triton against the torch path's segment reductions over the torch rows."""
+    from parity_kit.recording import StatsBatch
+
+    totals, row_rms, rows, widths = got
+    assert widths == [t.shape[-1] if t.dim() else 1 for t in tensors], name
+    assert rows == [t.numel() // w for t, w in zip(tensors, widths)], name
+    expected_totals, expected_rms = StatsBatch._segment_totals(_torch_rows(tensors).cpu(), rows, widths, True)
+    assert totals.dtype == torch.float64 and totals.shape == (4, len(tensors)), name
+    assert row_rms.dtype == torch.float32 and row_rms.device == tensors[0].device, name
+    totals, row_rms = totals.cpu(), row_rms.cpu()
+    # sums in another order (fp64 over fp32 rows that themselves differ in their last bits)
+    torch.testing.assert_close(totals[:2], expected_totals[:2], rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+    torch.testing.assert_close(totals[2:], expected_totals[2:], rtol=0, atol=0, equal_nan=True, msg=name)
+    torch.testing.assert_close(row_rms, expected_rms, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
+
+
 def _interpreted_row_checks() -> None:
     """Every CPU check of the row statistics kernel, through the interpreter (see _interpreted_checks)."""
     _require_interpreted_loops()
@@ -314,6 +331,11 @@ def _interpreted_row_checks() -> None:
         for name, tensors in (("mixed", _row_cases(dtype, "cpu")), ("aligned", _aligned_row_cases(dtype, "cpu")),
                               ("non-finite", _non_finite_rows(dtype, "cpu"))):
             _assert_rows_match(kernels.row_statistics_triton(tensors), tensors, f"{name} {dtype}")
+            _assert_totals_match(kernels.tensor_statistics_triton(tensors), tensors, f"totals {name} {dtype}")
+    # a tensor with more rows than one step of the totals kernel; without per-token rms
+    long = [torch.randn(kernels._TOTALS_BLOCK * 2 + 3, 8), torch.randn(5, 8)]
+    _assert_totals_match(kernels.tensor_statistics_triton(long), long, "long")
+    assert kernels.tensor_statistics_triton(long, per_token=False)[1].numel() == 0
     # one tensor; and inputs left as they were
     one = torch.arange(12.0).reshape(3, 4)
     got = kernels.row_statistics_triton([one])
@@ -340,7 +362,7 @@ def test_row_statistics_reject_what_they_cannot_reduce():
 
 @cuda
 def test_cuda_row_statistics_match_torch():
-    from parity_kit.kernels import row_statistics_triton
+    from parity_kit.kernels import row_statistics_triton, tensor_statistics_triton
 
     for dtype in DTYPES:
         for name, tensors in (("mixed", _row_cases(dtype, "cuda")), ("aligned", _aligned_row_cases(dtype, "cuda")),
@@ -351,3 +373,6 @@ def test_cuda_row_statistics_match_torch():
         big = [torch.randn(1, 512, width, device="cuda", generator=g).to(dtype) for width in (4096, 11008, 128, 32000)]
         big.append(torch.randn(4096, device="cuda", generator=g).to(dtype))
         _assert_rows_match(row_statistics_triton(big), big, f"large {dtype}")
+        _assert_totals_match(tensor_statistics_triton(big), big, f"totals large {dtype}")
+        for name, tensors in (("mixed", _row_cases(dtype, "cuda")), ("non-finite", _non_finite_rows(dtype, "cuda"))):
+            _assert_totals_match(tensor_statistics_triton(tensors), tensors, f"totals {name} {dtype}")

@@ -39,8 +39,8 @@ def test_live_equals_compare_of_full_recordings(input_ids):
     live = compare_live(ref, cand, input_ids)
     _assert_tables_equal(live, expected)
     assert (live["status"] == "ok").all() and (live["rel_rms"] > 0).any()
-    assert all(n == (0, 0, 0) for n in hook_counts(ref).values())
-    assert all(n == (0, 0, 0) for n in hook_counts(cand).values())
+    assert all(n == (0, 0, 0, 0) for n in hook_counts(ref).values())
+    assert all(n == (0, 0, 0, 0) for n in hook_counts(cand).values())
 
 
 def test_live_memory_stays_within_the_window(input_ids):
@@ -79,7 +79,7 @@ def test_reordered_candidate_needs_a_large_enough_window():
     x = torch.randn(2, 4)
     with pytest.raises(ParityKitError, match="window"):
         compare_live(ref, cand, x, modules=["a", "b"], mapping=swap, window=1)
-    assert all(n == (0, 0, 0) for n in hook_counts(ref).values())
+    assert all(n == (0, 0, 0, 0) for n in hook_counts(ref).values())
     table = compare_live(ref, cand, x, modules=["a", "b"], mapping=swap, window=2)
     _assert_tables_equal(table, _recorded(ref, cand, x, mapping=swap).pipe(
         lambda t: t[t["module"].isin(["a", "b"])].reset_index(drop=True)))
@@ -93,4 +93,4 @@ def test_errors_are_reported_and_hooks_removed(input_ids):
         compare_live(ref, build_tiny_llama(), input_ids, window=0)
     with pytest.raises(ParityKitError, match="a model raised"):
         compare_live(ref, build_tiny_llama(), torch.tensor([[999]]))  # token id out of range
-    assert all(n == (0, 0, 0) for n in hook_counts(ref).values())
+    assert all(n == (0, 0, 0, 0) for n in hook_counts(ref).values())

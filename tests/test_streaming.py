@@ -97,7 +97,7 @@ def test_failed_block_publishes_nothing_and_removes_hooks(tiny_llama, input_ids,
             tiny_llama(input_ids)
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
-    assert all(n == (0, 0, 0) for n in hook_counts(tiny_llama).values())
+    assert all(n == (0, 0, 0, 0) for n in hook_counts(tiny_llama).values())
 
 
 def test_bad_destinations_are_refused_before_hooking(tiny_llama, input_ids, tmp_path):
@@ -107,7 +107,7 @@ def test_bad_destinations_are_refused_before_hooking(tiny_llama, input_ids, tmp_
         with pk.record(tiny_llama, "*", save_to=tmp_path / "notes"):
             tiny_llama(input_ids)
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
-    assert all(n == (0, 0, 0) for n in hook_counts(tiny_llama).values())
+    assert all(n == (0, 0, 0, 0) for n in hook_counts(tiny_llama).values())
     if torch.cuda.is_available():
         with pytest.raises(ParityKitError, match="device='cpu'"):
             with pk.record(tiny_llama, "*", device="cuda", save_to=tmp_path / "x"):
@@ -156,4 +156,4 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tiny_llama, input_ids, 
         with pk.record(tiny_llama, "*", save_to=tmp_path / "rec"):
             tiny_llama(input_ids)
     assert list(tmp_path.iterdir()) == []
-    assert all(n == (0, 0, 0) for n in hook_counts(tiny_llama).values())
+    assert all(n == (0, 0, 0, 0) for n in hook_counts(tiny_llama).values())
