@@ -214,6 +214,7 @@ class _Capturer:
         self.deferred: list[tuple[_Slot, torch.Tensor, int | None, tuple[str, str]]] = []
         self.deferred_bytes = 0
         self.inflight: list[tuple[StatsBatch, list[_Slot | int]]] = []  # targets: slots, placeholder positions
+        self.settled: list[tuple[StatsBatch, list[_Slot | int]]] = []  # waited for, statistics not built yet
         self.copies: list[tuple[_Slot, torch.Tensor, int, tuple[str, str]]] = []
         self.copies_bytes = 0
         # pinned host copies of CUDA tensors waiting for the writer: slot, tensor, copy-done event
@@ -282,7 +283,7 @@ class _Capturer:
     # ------------------------------------------------------------------ deferred work
     def flush_stats(self) -> None:
         """Queue the reduction of the deferred tensors; resolve the batch before it (double buffering)."""
-        calls = self.rec.calls
+        calls = self.rec._calls
         targets: list[_Slot | int] = []
         tensors: list[torch.Tensor] = []
         versions: list[int | None] = []
@@ -301,23 +302,33 @@ class _Capturer:
                 labels.append((entry[0], "output"))
         if tensors:
             self.inflight.append((StatsBatch(tensors, self.per_token, versions, _Labels(labels)), targets))
+            for position in targets[len(self.deferred):]:
+                calls[position] = calls[position][:2]  # the batch holds the tensor now, and lets it go when settled
             self.deferred, self.deferred_bytes, self.scanned = [], 0, len(calls)
         while len(self.inflight) > 1:
             self.resolve_oldest()
 
     def resolve_oldest(self) -> None:
+        """Wait for the oldest batch and let its tensors go; its statistics are built with the others."""
         batch, targets = self.inflight.pop(0)
-        calls = self.rec.calls
-        for target, stats in zip(targets, batch.result()):
-            if type(target) is int:
-                module, index, _, _ = calls[target]
-                calls[target] = Call(module, index, target, {"output": stats}, {})
-            else:
-                target.fill(stats)
+        batch.settle()
+        self.settled.append((batch, targets))
+
+    def build_stats(self) -> None:
+        """Turn the settled batches' numbers into TensorStats: placeholders become Calls, slots are filled."""
+        calls = self.rec._calls
+        settled, self.settled = self.settled, []
+        for batch, targets in settled:
+            for target, stats in zip(targets, batch.result()):
+                if type(target) is int:
+                    module, index = calls[target]  # type: ignore[misc]
+                    calls[target] = Call(module, index, target, {"output": stats}, {})
+                else:
+                    target.fill(stats)
 
     def settle_placeholders(self) -> None:
         """Turn placeholders left by a failed block into Calls without statistics (``None``)."""
-        calls = self.rec.calls
+        calls = self.rec._calls
         for position, entry in enumerate(calls):
             if type(entry) is tuple:
                 calls[position] = Call(entry[0], entry[1], position, {"output": None}, {})
@@ -372,8 +383,11 @@ class _Capturer:
             copied.synchronize()
             slot.fill(self.writer.write(t))
 
-    def finish(self) -> None:
-        """Wait for queued copies and reductions; every slot is filled afterwards."""
+    def finish(self, failed: bool) -> None:
+        """Wait for queued copies and reductions. Afterwards every copy is in place and every statistic is
+        on the host; the TensorStats are built when the recording's calls are first read (right away
+        when the block ``failed``, for whatever was computed)."""
+        done = False
         try:
             for stream in self.copy_streams.values():
                 stream.synchronize()
@@ -383,8 +397,16 @@ class _Capturer:
             self.flush_copies()
             if self.writer is not None:
                 self.write_pending()
+            done = True
         finally:
-            if self.lean:
+            if done and not failed:
+                if self.settled:
+                    self.rec._unbuilt.append(self.build_stats)
+            else:
+                try:
+                    self.build_stats()
+                except Exception:  # noqa: S110  # the error being raised is the one to report
+                    pass
                 self.settle_placeholders()
 
     # ------------------------------------------------------------------ hooks
@@ -418,7 +440,7 @@ class _Capturer:
             counts = self.counts
             index = counts.get(name, 0)
             counts[name] = index + 1
-            self.rec.calls.append((name, index, output, None if output.is_inference() else output._version))
+            self.rec._calls.append((name, index, output, None if output.is_inference() else output._version))  # type: ignore[arg-type]
             self.deferred_bytes += output.nbytes
             if self.deferred_bytes >= self.stats_batch:
                 self.flush_stats()
@@ -435,7 +457,7 @@ class _Capturer:
             orig.update(in_orig)
             for made in in_slots:  # deferred input leaves now belong to the call's dict
                 made.tensors = tensors
-        counts, calls = self.counts, self.rec.calls
+        counts, calls = self.counts, self.rec._calls
         index = counts.get(name, 0)
         counts[name] = index + 1
         calls.append(Call(name, index, len(calls), tensors, orig))
@@ -651,7 +673,7 @@ def record(
             handle.remove()
         capturer.pending.clear()
         try:
-            capturer.finish()
+            capturer.finish(failed)
             if not failed and destination is not None:
                 if writer is not None:
                     _publish_stream(rec, writer, folder, destination)

@@ -197,6 +197,8 @@ class StatsBatch:
         self._layout: list[tuple[torch.device, int, int, list[int], list[int], list[int]]] = []
         self._host: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._event: dict[torch.device, Any] = {}
+        self._dtypes: dict[tuple[torch.device, int], str] = {}
+        self._settled: tuple[list[torch.Size], list[bool], dict[int, TensorStats]] | None = None
         parts: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         starts: dict[torch.device, tuple[int, int]] = {}
         for (device, _, last), members in groups.items():
@@ -211,6 +213,7 @@ class StatsBatch:
                 totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
             t_start, r_start = starts.get(device, (0, 0))
             self._layout.append((device, t_start, r_start, members, counts, lasts))
+            self._dtypes[device, t_start] = dtype_name(tensors[0].dtype)
             starts[device] = (t_start + totals.numel(), r_start + row_rms.numel())
             totals_parts, rms_parts = parts.setdefault(device, ([], []))
             totals_parts.append(totals.reshape(-1))
@@ -295,6 +298,9 @@ class StatsBatch:
     def _check_versions(self) -> None:
         if self.versions is None:
             return
+        now = [None if v is None else t._version for t, v in zip(self.tensors, self.versions)]
+        if now == self.versions:
+            return
         for i, (t, v) in enumerate(zip(self.tensors, self.versions)):
             if v is not None and t._version != v:
                 what = self.labels[i] if self.labels else f"tensor {i}"
@@ -307,41 +313,56 @@ class StatsBatch:
         """Whether the queued reductions have finished (always True for CPU tensors)."""
         return all(event.query() for event in self._event.values())
 
-    def result(self) -> list[TensorStats]:
-        """The statistics, in the order of the tensors given; waits for the queued reductions."""
+    def settle(self) -> None:
+        """Wait for the queued reductions, then let the tensors go: the few whose totals are not finite
+        (and empty ones) get their exact statistics now, the others keep only their shapes. Cheap: no
+        Python object per tensor; :meth:`result` builds those."""
+        if self._settled is not None:
+            return
         import numpy as np
 
         for event in self._event.values():
             event.synchronize()
-        tensors, per_token = self.tensors, self.per_token
-        out: list[TensorStats | None] = [None] * len(tensors)
+        tensors, exact = self.tensors, {}
+        for device, t_start, _, members, _, _ in self._layout:
+            n = len(members)
+            totals = self._host[device][0][t_start:t_start + 4 * n].numpy().reshape(4, n)
+            for k in np.flatnonzero(~np.isfinite(totals).all(axis=0)).tolist():  # NaN/Inf present: rare
+                if self.versions is not None:
+                    self._check_versions()
+                exact[members[k]] = TensorStats.of(tensors[members[k]], self.per_token)  # exact masked path
+        for i, t in enumerate(tensors):
+            if not t.numel():
+                exact[i] = TensorStats.of(t, self.per_token)
+        self._settled = ([t.shape for t in tensors], [t.dim() > 0 for t in tensors], exact)
+        self.tensors = []  # what is left to compute is on the host
+        if self._event:  # out of pinned memory, which an unread recording should not hold
+            self._host = {device: (totals.clone(), rms.clone()) for device, (totals, rms) in self._host.items()}
+
+    def result(self) -> list[TensorStats]:
+        """The statistics, in the order of the tensors given; waits for the queued reductions."""
+        import numpy as np
+
+        self.settle()
+        shapes, has_rows, exact = self._settled  # type: ignore[misc]
+        per_token = self.per_token
+        out: list[TensorStats | None] = [None] * len(shapes)
         for device, t_start, r_start, members, counts, lasts in self._layout:
             n = len(members)
             totals_host, rms_host = self._host[device]
-            totals = totals_host[t_start:t_start + 4 * n].numpy().reshape(4, n)
-            total_sq, total, lo_t, hi_t = totals
-            finite = np.isfinite(totals).all(axis=0).tolist()
+            total_sq, total, lo_t, hi_t = totals_host[t_start:t_start + 4 * n].numpy().reshape(4, n)
             elements = np.asarray(counts, dtype=np.float64) * np.asarray(lasts, dtype=np.float64)
             with np.errstate(invalid="ignore", over="ignore"):
                 mean, rms = (total / elements).tolist(), np.sqrt(total_sq / elements).tolist()
                 absmax = np.maximum(np.abs(lo_t), np.abs(hi_t)).tolist()
-            lo_l, hi_l = lo_t.tolist(), hi_t.tolist()
-            # one copy per group (not views of pinned memory), split into per-tensor views
-            token_rms = rms_host[r_start:r_start + sum(counts)].clone().split(counts) if per_token else None
-            dtype = dtype_name(tensors[members[0]].dtype)
-            for k, i in enumerate(members):
-                t = tensors[i]
-                if not finite[k]:
-                    if self.versions is not None:
-                        self._check_versions()
-                    out[i] = TensorStats.of(t, per_token)  # exact masked path, rare
-                    continue
-                out[i] = TensorStats(tuple(t.shape), dtype, lo_l[k], hi_l[k], mean[k], rms[k], absmax[k], 0, 0,
-                                     token_rms[k] if token_rms is not None and t.dim() else None)
-        for i, t in enumerate(tensors):
-            if out[i] is None:  # empty tensors
-                out[i] = TensorStats.of(t, per_token)
-        self.tensors = []  # the statistics are final: let the tensors go
+            token_rms = rms_host[r_start:r_start + sum(counts)].split(counts) if per_token else [None] * n
+            dtype = self._dtypes[device, t_start]
+            for i, lo, hi, mean_, rms_, absmax_, rows in zip(members, lo_t.tolist(), hi_t.tolist(), mean, rms,
+                                                              absmax, token_rms):
+                out[i] = TensorStats(tuple(shapes[i]), dtype, lo, hi, mean_, rms_, absmax_, 0, 0,
+                                     rows if has_rows[i] else None)
+        for i, stats in exact.items():  # non-finite and empty tensors
+            out[i] = stats
         return out  # type: ignore[return-value]
 
 
@@ -405,8 +426,30 @@ class Recording:
         if mode not in ("tensors", "stats"):
             raise ParityKitError(f"unknown recording mode {mode!r}; use 'tensors' or 'stats'")
         self.mode: Mode = mode
-        self.calls: list[Call] = list(calls or [])
+        self._calls: list[Call] = list(calls or [])
+        # Work that turns numbers already on the host into TensorStats and Calls, run on first access
+        # to ``calls``: a stats capture ends without building a Python object per tensor.
+        self._unbuilt: list[Callable[[], None]] = []
         self.metadata: dict[str, Any] = dict(metadata or {})
+
+    @property
+    def calls(self) -> list[Call]:
+        """The calls, in completion order (statistics left to build by ``record()`` are built first)."""
+        while self._unbuilt:
+            self._unbuilt.pop(0)()
+        return self._calls
+
+    @calls.setter
+    def calls(self, calls: list[Call]) -> None:
+        self._calls, self._unbuilt = list(calls), []
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.calls  # noqa: B018  # build what is left: the builders cannot be pickled or copied
+        return {k: v for k, v in self.__dict__.items() if k != "_unbuilt"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._unbuilt = []
 
     @property
     def names(self) -> list[str]:

@@ -302,6 +302,37 @@ def test_batched_stats_equal_per_hook_stats(tiny_llama, input_ids):
     assert all(isinstance(v, TensorStats) for c in batched for v in c.tensors.values())
 
 
+def test_stats_are_built_on_first_read_and_the_outputs_released(tiny_llama, input_ids):
+    """A batched stats capture ends with its numbers on the host and no module output held; the
+    TensorStats are built when the calls are first read (also by pickling or copying)."""
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    held = []
+
+    def keep(module, args, out):
+        if isinstance(out, torch.Tensor):
+            held.append(weakref.ref(out))
+
+    with pk.record(tiny_llama, "*", mode="stats", stats_batch=0) as direct:
+        tiny_llama(input_ids)
+    handle = tiny_llama.model.norm.register_forward_hook(keep)
+    try:
+        with pk.record(tiny_llama, "*", mode="stats", stats_batch="1GiB") as rec:
+            tiny_llama(input_ids)
+    finally:
+        handle.remove()
+    gc.collect()
+    assert held and all(ref() is None for ref in held)  # the recording did not keep the output
+    assert rec._unbuilt and any(type(entry) is tuple for entry in rec._calls)
+    twin = pickle.loads(pickle.dumps(rec))
+    assert not rec._unbuilt and all(type(c) is pk.Call for c in rec._calls)
+    for other in (rec, twin, copy.deepcopy(rec)):
+        _stats_equal(other, direct)
+
+
 def test_batched_stats_detect_outputs_modified_in_place():
     model = TwiceLinear()
     with pytest.raises(ParityKitError, match="modified in place.*stats_batch=0"):
