@@ -60,11 +60,19 @@ def _time(fn, tensors: list[torch.Tensor], repeats: int) -> tuple[float, float]:
     return statistics.median(gpu), statistics.median(host)
 
 
+def kernels_default() -> dict[str, int]:
+    from parity_kit import kernels
+
+    return {"elements_per_step": kernels._ROW_TILE, "warps": kernels._ROW_WARPS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time kernel_totals at each tile size and warp count of the row kernel")
     args = parser.parse_args()
     torch.manual_seed(0)
     widths = [4096] * 10 + [11008] * 3
@@ -79,6 +87,18 @@ def main() -> None:
                          "host_ms_to_queue": round(host_ms, 3)}
         print(f"{name:13s} gpu {gpu_ms:7.3f} ms  {results[name]['gb_per_s']:7.1f} GB/s  host {host_ms:6.3f} ms",
               flush=True)
+    sweep = []
+    if args.sweep:  # how the defaults (kernels._ROW_TILE, kernels._ROW_WARPS) were chosen
+        from parity_kit import kernels
+
+        chosen = kernels._ROW_TILE, kernels._ROW_WARPS
+        for tile in (1024, 2048, 4096, 8192):
+            for warps in (2, 4, 8):
+                kernels._ROW_TILE, kernels._ROW_WARPS = tile, warps
+                gpu_ms, _ = _time(tensor_statistics_triton, tensors, args.repeats)
+                sweep.append({"tile": tile, "warps": warps, "gpu_ms": round(gpu_ms, 3)})
+                print(f"sweep: tile {tile:5d}, {warps} warps: gpu {gpu_ms:7.3f} ms", flush=True)
+        kernels._ROW_TILE, kernels._ROW_WARPS = chosen
     # the paths agree (fp32 accumulation in a different order: ~1e-6 relative)
     kernel = row_statistics_triton(tensors)
     reference = torch.cat([StatsBatch._reduce_rows(t.reshape(-1, t.shape[-1])) for t in tensors], dim=1)
@@ -92,7 +112,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "tensors": len(tensors), "gigabytes": round(gigabytes, 3), "dtype": "bf16", "tokens": args.tokens,
-        "repeats": args.repeats, "results": results, "kernels_match_torch": agree,
+        "repeats": args.repeats, "results": results, "kernels_match_torch": agree, "row_tile": kernels_default(),
+        **({"sweep": sweep} if sweep else {}),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -61,7 +61,7 @@ def _select(named: list[tuple[str, nn.Module]], modules: ModuleSpec) -> list[tup
         classes = modules if isinstance(modules, tuple) else (modules,)
         if not all(issubclass(c, nn.Module) for c in classes):
             raise ParityKitError(f"modules={modules!r}: classes must be torch.nn.Module subclasses")
-        found = [(n, m) for n, m in named if isinstance(m, classes)]
+        found = [pair for pair in named if isinstance(pair[1], classes)]
         if not found:
             present = sorted({type(m).__name__ for _, m in named})
             raise ParityKitError(
@@ -86,7 +86,7 @@ def _select(named: list[tuple[str, nn.Module]], modules: ModuleSpec) -> list[tup
         if not hits:
             raise ParityKitError(_no_match_message(pattern, names))
         chosen.update(hits)
-    return [(n, m) for n, m in named if n in chosen]
+    return [pair for pair in named if pair[0] in chosen]  # the same tuples: no allocation per module
 
 
 def _match(pattern: str, names: list[str]) -> list[str]:
@@ -165,19 +165,21 @@ class _Slot:
 
 
 class _Labels(Sequence[str]):
-    """A batch's (module, leaf) pairs, formatted for an error message only when one is raised."""
+    """Names of a batch's tensors for an error message, formatted only when one is raised: (module, leaf)
+    pairs, then the placeholders' modules (their leaf is "output")."""
 
-    __slots__ = ("pairs",)
+    __slots__ = ("pairs", "placeholders")
 
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
-        self.pairs = pairs
+    def __init__(self, pairs: list[tuple[str, str]], placeholders: list[list]) -> None:
+        self.pairs, self.placeholders = pairs, placeholders
 
     def __getitem__(self, i: int) -> str:  # type: ignore[override]  # no slices: an index from StatsBatch
-        module, leaf = self.pairs[i]
+        n = len(self.pairs)
+        module, leaf = self.pairs[i] if i < n else (self.placeholders[i - n][0], "output")
         return f"module {module!r} leaf {leaf!r}"
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.pairs) + len(self.placeholders)
 
 
 class _Capturer:
@@ -206,7 +208,7 @@ class _Capturer:
         self.stats_batch, self.copy_batch, self.defer_cpu = stats_batch, copy_batch, defer_cpu
         self.writer = writer
         # Stats of outputs that are one deferrable tensor take the cheapest path: the hook appends a
-        # placeholder tuple (module, index, tensor, version) to the recording's calls, and the Call is
+        # placeholder list [module, index, tensor, version] to the recording's calls, and the Call is
         # made when its batch resolves. Positions before ``scanned`` hold no placeholder not yet batched.
         self.lean = self.stats_mode and stats_batch is not None and not inputs
         self.scanned = 0
@@ -293,17 +295,19 @@ class _Capturer:
             tensors.append(t)
             versions.append(version)
             labels.append(label)
+        placeholders: list[list] = []
         for position in range(self.scanned, len(calls)):
             entry = calls[position]
-            if type(entry) is tuple:  # a placeholder: (module, index, tensor, version)
+            if type(entry) is list:  # a placeholder: [module, index, tensor, version]
                 targets.append(position)
                 tensors.append(entry[2])
                 versions.append(entry[3])
-                labels.append((entry[0], "output"))
+                placeholders.append(entry)
         if tensors:
-            self.inflight.append((StatsBatch(tensors, self.per_token, versions, _Labels(labels)), targets))
-            for position in targets[len(self.deferred):]:
-                calls[position] = calls[position][:2]  # the batch holds the tensor now, and lets it go when settled
+            batch = StatsBatch(tensors, self.per_token, versions, _Labels(labels, placeholders))
+            self.inflight.append((batch, targets))
+            for entry in placeholders:
+                entry[2] = None  # the batch holds the tensor now, and lets it go when settled
             self.deferred, self.deferred_bytes, self.scanned = [], 0, len(calls)
         while len(self.inflight) > 1:
             self.resolve_oldest()
@@ -321,8 +325,8 @@ class _Capturer:
         for batch, targets in settled:
             for target, stats in zip(targets, batch.result()):
                 if type(target) is int:
-                    module, index = calls[target]  # type: ignore[misc]
-                    calls[target] = Call(module, index, target, {"output": stats}, {})
+                    entry = calls[target]
+                    calls[target] = Call(entry[0], entry[1], target, {"output": stats}, {})  # type: ignore[index]
                 else:
                     target.fill(stats)
 
@@ -330,7 +334,7 @@ class _Capturer:
         """Turn placeholders left by a failed block into Calls without statistics (``None``)."""
         calls = self.rec._calls
         for position, entry in enumerate(calls):
-            if type(entry) is tuple:
+            if type(entry) is list:
                 calls[position] = Call(entry[0], entry[1], position, {"output": None}, {})
 
     def flush_copies(self) -> None:
@@ -440,7 +444,7 @@ class _Capturer:
             counts = self.counts
             index = counts.get(name, 0)
             counts[name] = index + 1
-            self.rec._calls.append((name, index, output, None if output.is_inference() else output._version))  # type: ignore[arg-type]
+            self.rec._calls.append([name, index, output, None if output.is_inference() else output._version])  # type: ignore[arg-type]
             self.deferred_bytes += output.nbytes
             if self.deferred_bytes >= self.stats_batch:
                 self.flush_stats()
@@ -471,38 +475,42 @@ class _Capturer:
 
 
 class _ForwardWrap:
-    """A selected module's ``forward`` replaced by one that records what it returns; ``remove()`` puts
-    back what was there (the class's method, or an instance attribute such as accelerate's).
+    """Stands in for a selected module's ``forward`` and records what it returns; ``remove()`` puts back
+    what was there (the class's method, or an instance attribute such as accelerate's).
 
     Cheaper than a forward hook: a module without hooks keeps torch's fast call path, and the torch
-    hook machinery that ran for every call of every module was the larger part of a hook's cost.
+    hook machinery that ran for every call of every module was the larger part of a hook's cost. One
+    object per module, without closures: entering a block allocates little, so it does not set off
+    garbage collections (a closure with its cells and a bound method per module did, several per block).
     """
 
-    __slots__ = ("module", "previous", "wrapper", "sink")
+    __slots__ = ("module", "name", "function", "previous", "record")
 
-    def __init__(self, module: nn.Module, name: str, record_output: Callable[[str, Any], None]) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, name: str, record_output: Callable[[str, Any], None] | None) -> None:
+        self.module, self.name, self.record = module, name, record_output
         self.previous = module.__dict__.get("forward", _NOT_SET)
-        inner = module.forward  # the bound method, or the instance attribute found above
-        sink = self.sink = [record_output]  # emptied by remove(): a wrapper left behind lets go of the capture
+        self.function = type(module).forward
+        # straight into the instance dict: what Module.__setattr__ would do, without its checks
+        module.__dict__["forward"] = self
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            output = inner(*args, **kwargs)
-            if sink:
-                sink[0](name, output)
-            return output
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        previous = self.previous
+        output = self.function(self.module, *args, **kwargs) if previous is _NOT_SET else previous(*args, **kwargs)
+        record = self.record
+        if record is not None:
+            record(self.name, output)
+        return output
 
-        forward.__wrapped__ = inner  # type: ignore[attr-defined]  # inspect.signature() sees the real one
-        self.wrapper = forward
-        # straight into the instance dict: what Module.__setattr__ would do for a function, without
-        # its checks (they were most of the time spent entering a block)
-        module.__dict__["forward"] = forward
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        """What this stands in for, so ``inspect.signature(module.forward)`` sees the real signature."""
+        return self.function.__get__(self.module) if self.previous is _NOT_SET else self.previous
 
     def remove(self) -> None:
-        self.sink.clear()
+        self.record = None  # left in place (see below), it passes calls through and holds no recording
         attributes = self.module.__dict__
-        if attributes.get("forward") is not self.wrapper:
-            return  # replaced since (another wrapper on top, or removed by its owner): ours now passes through
+        if attributes.get("forward") is not self:
+            return  # replaced since (another wrapper on top, or removed by its owner)
         if self.previous is _NOT_SET:
             del attributes["forward"]
         else:

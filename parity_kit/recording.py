@@ -198,7 +198,7 @@ class StatsBatch:
         self._host: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._event: dict[torch.device, Any] = {}
         self._dtypes: dict[tuple[torch.device, int], str] = {}
-        self._settled: tuple[list[torch.Size], list[bool], dict[int, TensorStats]] | None = None
+        self._settled: tuple[list[int], list[int], dict[int, TensorStats]] | None = None
         parts: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         starts: dict[torch.device, tuple[int, int]] = {}
         for (device, _, last), members in groups.items():
@@ -334,7 +334,12 @@ class StatsBatch:
         for i, t in enumerate(tensors):
             if not t.numel():
                 exact[i] = TensorStats.of(t, self.per_token)
-        self._settled = ([t.shape for t in tensors], [t.dim() > 0 for t in tensors], exact)
+        # shapes as one flat list of ints (no object per tensor left for the garbage collector) and ranks
+        dims = [t.dim() for t in tensors]
+        sizes: list[int] = []
+        for t in tensors:
+            sizes += t.shape
+        self._settled = (sizes, dims, exact)
         self.tensors = []  # what is left to compute is on the host
         if self._event:  # out of pinned memory, which an unread recording should not hold
             self._host = {device: (totals.clone(), rms.clone()) for device, (totals, rms) in self._host.items()}
@@ -344,7 +349,9 @@ class StatsBatch:
         import numpy as np
 
         self.settle()
-        shapes, has_rows, exact = self._settled  # type: ignore[misc]
+        sizes, dims, exact = self._settled  # type: ignore[misc]
+        ends = np.cumsum(dims).tolist()
+        shapes = [tuple(sizes[end - dim:end]) for end, dim in zip(ends, dims)]
         per_token = self.per_token
         out: list[TensorStats | None] = [None] * len(shapes)
         for device, t_start, r_start, members, counts, lasts in self._layout:
@@ -359,8 +366,7 @@ class StatsBatch:
             dtype = self._dtypes[device, t_start]
             for i, lo, hi, mean_, rms_, absmax_, rows in zip(members, lo_t.tolist(), hi_t.tolist(), mean, rms,
                                                               absmax, token_rms):
-                out[i] = TensorStats(tuple(shapes[i]), dtype, lo, hi, mean_, rms_, absmax_, 0, 0,
-                                     rows if has_rows[i] else None)
+                out[i] = TensorStats(shapes[i], dtype, lo, hi, mean_, rms_, absmax_, 0, 0, rows if dims[i] else None)
         for i, stats in exact.items():  # non-finite and empty tensors
             out[i] = stats
         return out  # type: ignore[return-value]
