@@ -45,6 +45,10 @@ def rows() -> list[str]:
         for config, target in gpu["targets"].items():
             out.append(_row(f"H200, 7B-shaped Llama bf16, {tokens} tokens: {config} / plain forward",
                             seconds[config] / seconds["plain"], target, "×", "capture_overhead_h200.json"))
+        if "stats_then_first_read" in seconds:  # the TensorStats are built on the first read of rec.calls
+            out.append(_row(f"H200, {tokens} tokens: stats, then the first read of `rec.calls` / plain forward",
+                            seconds["stats_then_first_read"] / seconds["plain"], None, "×",
+                            "capture_overhead_h200.json"))
     throughput = _load("compare_throughput_h200.json")
     default = throughput["default_path"].split()[0]
     out.append(_row(f"H200: compare throughput ({default})", throughput["results"][default]["gb_per_s"],

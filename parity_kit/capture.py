@@ -544,12 +544,12 @@ def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n
 
 
 def _model_metadata(model: nn.Module, named: list[tuple[str, nn.Module]]) -> dict[str, Any]:
-    params = [p for _, m in named for p in m._parameters.values() if p is not None]
-    dtypes = sorted({dtype_name(d) for d in {p.dtype for p in params}})
+    dtypes = sorted({dtype_name(d) for d in {p.dtype for _, m in named for p in m._parameters.values() if p is not None}})
+    first = next((p for _, m in named for p in m._parameters.values() if p is not None), None)
     meta: dict[str, Any] = {
         "model_class": type(model).__name__,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "device": str(params[0].device) if params else "cpu",
+        "device": str(first.device) if first is not None else "cpu",
         "input_shapes": None,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -565,10 +565,23 @@ def _environment() -> dict[str, Any] | None:
     return environment_capsule()
 
 
-def _batch_bytes(value: int | str | None, knob: str) -> tuple[int | None, bool]:
+def _auto_stats_batch(device: str) -> int:
+    """``stats_batch="auto"`` for a model on ``device``: 4 GiB, at most 1/32 of a GPU's memory.
+
+    The outputs of a batch stay alive until its reduction has run, so the batch is memory the model
+    would otherwise have reused; in return, fewer batches cost less host time (each one is a few
+    launches and tables), and a forward of a 7B model at 512 tokens (2.2 GiB of outputs) is one batch.
+    """
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return _AUTO_BATCH
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return min(4 * _AUTO_BATCH, max(_AUTO_BATCH // 4, total // 32))
+
+
+def _batch_bytes(value: int | str | None, knob: str, auto: int = _AUTO_BATCH) -> tuple[int | None, bool]:
     """(batch size in bytes or None for "in the hook", whether CPU tensors are batched too)."""
     if value == "auto":
-        return _AUTO_BATCH, False
+        return auto, False
     try:
         return parse_bytes(value) or None, True
     except ParityKitError:
@@ -613,8 +626,10 @@ def record(
     ``mode="stats"`` keeps only :class:`TensorStats` per leaf (``per_token`` adds the per-row rms, at
     no extra cost in the batched path). With ``stats_batch="auto"`` the statistics of CUDA tensors are
     reduced in batches: a hook only keeps a reference to the output, and once the referenced outputs
-    reach 1 GiB (or the block ends) they are reduced together with a few kernels and no host
-    synchronisation inside the forward; CPU tensors are reduced in their hook. An int or size string
+    reach 4 GiB (at most 1/32 of the GPU's memory; or the block ends) they are reduced together with a
+    few kernels and no host synchronisation inside the forward; CPU tensors are reduced in their hook.
+    The block ends with every statistic on the host and no output held; the :class:`TensorStats` are
+    built when ``rec.calls`` is first read. An int or size string
     ("256MiB") sets the batch size and batches CPU tensors too; ``0`` or None reduces each tensor in
     its hook (one host synchronisation per tensor on CUDA). ``copy_batch`` does the same for the
     copies ``mode="tensors"`` keeps on the tensor's own device: "auto" batches CUDA tensors (one
@@ -650,9 +665,10 @@ def record(
         target = torch.device("cuda", torch.cuda.current_device())
     if save_to is not None and target.type != "cpu":
         raise ParityKitError(f"save_to= streams tensors through host memory; pass device='cpu' (not {str(target)!r})")
-    stats_bytes, defer_cpu_stats = _batch_bytes(stats_batch, "stats_batch")
+    metadata = _model_metadata(model, named)
+    stats_bytes, defer_cpu_stats = _batch_bytes(stats_batch, "stats_batch", _auto_stats_batch(metadata["device"]))
     copy_bytes, defer_cpu_copies = _batch_bytes(copy_batch, "copy_batch")
-    rec = Recording(mode, metadata=_model_metadata(model, named))
+    rec = Recording(mode, metadata=metadata)
     destination = _writable_target(save_to) if save_to is not None else None
     folder = writer = None
     if destination is not None and mode == "tensors":

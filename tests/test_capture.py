@@ -383,3 +383,15 @@ def test_batched_copies_detect_outputs_modified_in_place():
     with pytest.raises(ParityKitError, match="copy_batch"):
         with pk.record(model, "proj", copy_batch="lots"):
             pass
+
+
+def test_auto_stats_batch_depends_on_the_device():
+    from parity_kit import capture
+
+    assert capture._auto_stats_batch("cpu") == capture._AUTO_BATCH
+    assert capture._auto_stats_batch("meta") == capture._AUTO_BATCH
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        got = capture._auto_stats_batch("cuda:0")
+        assert capture._AUTO_BATCH // 4 <= got <= 4 * capture._AUTO_BATCH
+        assert got <= total // 32 or got == capture._AUTO_BATCH // 4
