@@ -68,6 +68,8 @@ def _select(named: list[tuple[str, nn.Module]], modules: ModuleSpec) -> list[tup
                 f"no module is an instance of {[c.__name__ for c in classes]}; classes in this model: {present}"
             )
         return found
+    if modules == "*":  # the common case: every module but the root, without building a name set
+        return [pair for pair in named if pair[0]]
     if isinstance(modules, str):
         patterns = [modules]
     elif isinstance(modules, Sequence) and all(isinstance(p, str) for p in modules):
@@ -197,6 +199,7 @@ class _Capturer:
                  budget: int | None, per_token: bool, stats_batch: int | None, copy_batch: int | None,
                  defer_cpu: bool, writer: TensorFileWriter | None, inputs: bool):
         self.rec, self.device, self.dtype, self.budget, self.per_token = recording, device, dtype, budget, per_token
+        self.calls: list[Any] = recording._calls  # Calls, and placeholders until their batch is built
         self.stats_mode = recording.mode == "stats"
         self.stored = 0
         self.counts: dict[str, int] = {}
@@ -285,7 +288,7 @@ class _Capturer:
     # ------------------------------------------------------------------ deferred work
     def flush_stats(self) -> None:
         """Queue the reduction of the deferred tensors; resolve the batch before it (double buffering)."""
-        calls = self.rec._calls
+        calls = self.calls
         targets: list[_Slot | int] = []
         tensors: list[torch.Tensor] = []
         versions: list[int | None] = []
@@ -320,7 +323,7 @@ class _Capturer:
 
     def build_stats(self) -> None:
         """Turn the settled batches' numbers into TensorStats: placeholders become Calls, slots are filled."""
-        calls = self.rec._calls
+        calls = self.calls
         settled, self.settled = self.settled, []
         for batch, targets in settled:
             for target, stats in zip(targets, batch.result()):
@@ -332,7 +335,7 @@ class _Capturer:
 
     def settle_placeholders(self) -> None:
         """Turn placeholders left by a failed block into Calls without statistics (``None``)."""
-        calls = self.rec._calls
+        calls = self.calls
         for position, entry in enumerate(calls):
             if type(entry) is list:
                 calls[position] = Call(entry[0], entry[1], position, {"output": None}, {})
@@ -444,7 +447,7 @@ class _Capturer:
             counts = self.counts
             index = counts.get(name, 0)
             counts[name] = index + 1
-            self.rec._calls.append([name, index, output, None if output.is_inference() else output._version])  # type: ignore[arg-type]
+            self.calls.append([name, index, output, None if output.is_inference() else output._version])
             self.deferred_bytes += output.nbytes
             if self.deferred_bytes >= self.stats_batch:
                 self.flush_stats()
@@ -461,7 +464,7 @@ class _Capturer:
             orig.update(in_orig)
             for made in in_slots:  # deferred input leaves now belong to the call's dict
                 made.tensors = tensors
-        counts, calls = self.counts, self.rec._calls
+        counts, calls = self.counts, self.calls
         index = counts.get(name, 0)
         counts[name] = index + 1
         calls.append(Call(name, index, len(calls), tensors, orig))
@@ -544,17 +547,23 @@ def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n
 
 
 def _model_metadata(model: nn.Module, named: list[tuple[str, nn.Module]]) -> dict[str, Any]:
-    dtypes = sorted({dtype_name(d) for d in {p.dtype for _, m in named for p in m._parameters.values() if p is not None}})
+    """What ``record()`` knows of the model when the block starts; :func:`_complete_metadata` adds the
+    parameters' dtypes and the environment when it ends (while the GPU finishes, not before the forward)."""
     first = next((p for _, m in named for p in m._parameters.values() if p is not None), None)
-    meta: dict[str, Any] = {
+    return {
         "model_class": type(model).__name__,
-        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "dtype": None,
         "device": str(first.device) if first is not None else "cpu",
         "input_shapes": None,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": None,
     }
-    meta["environment"] = _environment()
-    return meta
+
+
+def _complete_metadata(metadata: dict[str, Any], named: list[tuple[str, nn.Module]]) -> None:
+    dtypes = sorted({dtype_name(d) for d in {p.dtype for _, m in named for p in m._parameters.values() if p is not None}})
+    metadata["dtype"] = dtypes[0] if len(dtypes) == 1 else dtypes
+    metadata["environment"] = _environment()
 
 
 def _environment() -> dict[str, Any] | None:
@@ -696,6 +705,7 @@ def record(
         for handle in handles:
             handle.remove()
         capturer.pending.clear()
+        _complete_metadata(rec.metadata, named)
         try:
             capturer.finish(failed)
             if not failed and destination is not None:
