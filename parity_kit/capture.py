@@ -703,6 +703,11 @@ def record(
         failed = True
         raise
     finally:
+        if not failed:
+            try:  # queue the last reductions first: the GPU runs them while the host tidies up below
+                capturer.flush_stats()
+            except Exception:  # noqa: S110  # finish() flushes again and raises it, after the clean-up
+                pass
         for handle in handles:
             handle.remove()
         capturer.pending.clear()

@@ -321,9 +321,15 @@ class StatsBatch:
             return
         import numpy as np
 
+        tensors, exact = self.tensors, {}
+        # shapes as one flat list of ints (no object per tensor left for the garbage collector) and
+        # ranks, read while the device may still be reducing
+        dims = [t.dim() for t in tensors]
+        sizes: list[int] = []
+        for t in tensors:
+            sizes += t.shape
         for event in self._event.values():
             event.synchronize()
-        tensors, exact = self.tensors, {}
         for device, t_start, _, members, _, _ in self._layout:
             n = len(members)
             totals = self._host[device][0][t_start:t_start + 4 * n].numpy().reshape(4, n)
@@ -334,11 +340,6 @@ class StatsBatch:
         for i, t in enumerate(tensors):
             if not t.numel():
                 exact[i] = TensorStats.of(t, self.per_token)
-        # shapes as one flat list of ints (no object per tensor left for the garbage collector) and ranks
-        dims = [t.dim() for t in tensors]
-        sizes: list[int] = []
-        for t in tensors:
-            sizes += t.shape
         self._settled = (sizes, dims, exact)
         self.tensors = []  # what is left to compute is on the host
         if self._event:  # out of pinned memory, which an unread recording should not hold
