@@ -63,7 +63,8 @@ def _time(fn, tensors: list[torch.Tensor], repeats: int) -> tuple[float, float]:
 def kernels_default() -> dict[str, int]:
     from parity_kit import kernels
 
-    return {"elements_per_step": kernels._ROW_TILE, "warps": kernels._ROW_WARPS}
+    return {"elements_per_step": kernels._ROW_TILE, "warps": kernels._ROW_WARPS,
+            "widest_column_block": kernels._ROW_BLOCK_MAX}
 
 
 def main() -> None:
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--out", type=Path, default=RESULT)
     parser.add_argument("--sweep", action="store_true",
-                        help="also time kernel_totals at each tile size and warp count of the row kernel")
+                        help="also time kernel_totals at each column block, tile size and warp count of the row kernel")
     args = parser.parse_args()
     torch.manual_seed(0)
     widths = [4096] * 10 + [11008] * 3
@@ -91,14 +92,18 @@ def main() -> None:
     if args.sweep:  # how the defaults (kernels._ROW_TILE, kernels._ROW_WARPS) were chosen
         from parity_kit import kernels
 
-        chosen = kernels._ROW_TILE, kernels._ROW_WARPS
-        for tile in (1024, 2048, 4096, 8192):
-            for warps in (2, 4, 8):
-                kernels._ROW_TILE, kernels._ROW_WARPS = tile, warps
-                gpu_ms, _ = _time(tensor_statistics_triton, tensors, args.repeats)
-                sweep.append({"tile": tile, "warps": warps, "gpu_ms": round(gpu_ms, 3)})
-                print(f"sweep: tile {tile:5d}, {warps} warps: gpu {gpu_ms:7.3f} ms", flush=True)
-        kernels._ROW_TILE, kernels._ROW_WARPS = chosen
+        chosen = kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX
+        for block in (256, 512, 1024, 2048):
+            for tile in (1024, 2048, 4096):
+                for warps in (2, 4, 8):
+                    if tile < block:
+                        continue
+                    kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX = tile, warps, block
+                    gpu_ms, _ = _time(tensor_statistics_triton, tensors, args.repeats)
+                    sweep.append({"widest_block": block, "tile": tile, "warps": warps, "gpu_ms": round(gpu_ms, 3)})
+                    print(f"sweep: widest column block {block:4d}, tile {tile:5d}, {warps} warps: gpu {gpu_ms:7.3f} ms",
+                          flush=True)
+        kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX = chosen
     # the paths agree (fp32 accumulation in a different order: ~1e-6 relative)
     kernel = row_statistics_triton(tensors)
     reference = torch.cat([StatsBatch._reduce_rows(t.reshape(-1, t.shape[-1])) for t in tensors], dim=1)

@@ -1,7 +1,8 @@
 """Fused Triton kernels: :func:`pair_reductions_triton` for :func:`parity_kit.metrics.pair_reductions`
 (one pass over a (reference, candidate) pair computes every reduction the metrics derive from) and
-:func:`row_statistics_triton` for :class:`parity_kit.recording.StatsBatch` (per-row statistics of many
-tensors in one launch).
+:func:`row_statistics_triton` and :func:`tensor_statistics_triton` for
+:class:`parity_kit.recording.StatsBatch` (per-row statistics of many tensors in one launch, and each
+tensor's totals in one more).
 
 Imported only where Triton is installed (``metrics.pair_reductions`` and ``StatsBatch`` use them for
 CUDA tensors of fp16/bf16/fp32 and fall back to their torch paths otherwise). With
@@ -35,7 +36,9 @@ and ``aminmax`` give, NaN propagating into min and max as in torch. The row addr
 so the compiler cannot see that they are aligned; a variant told so (``tl.multiple_of``) issues 16-byte
 loads instead of one element at a time. Tensors whose rows do not all start on 16 bytes (a 0-d loss, a
 width of 1, a view at an odd offset) go to a second launch of the plain variant, so one of them does
-not slow down the rest.
+not slow down the rest. :func:`tensor_statistics_triton` adds one launch, a program per tensor, that
+sums the tensor's rows in fp64 in a fixed order (its totals) and writes each row's rms; the tables of
+all launches go to the device in one upload.
 """
 
 from __future__ import annotations
@@ -264,11 +267,12 @@ def _launch(r: torch.Tensor, c: torch.Tensor, partials: torch.Tensor, out: torch
     _finish[(1,)](partials, out, programs, COUNT=_REDUCTION_COUNT, ROWS=_MAX_PROGRAMS, num_warps=4)
 
 
-# elements per program and step (rows × columns), 16 per thread: on the H200, 2048 at 4 warps read a
-# 7B-shaped forward's outputs in 1.5 ms, 4096 at 8 warps in 2.0 ms (benchmarks/row_stats_throughput.py)
-_ROW_TILE = 2048
+# elements per program and step (rows × columns), warps, and the widest column block (longer rows are
+# walked in steps of it): chosen by `benchmarks/row_stats_throughput.py --sweep` on the H200, where
+# small tiles (more programs in flight) read a 7B-shaped forward's outputs fastest
+_ROW_TILE = 1024
 _ROW_WARPS = 4
-_ROW_BLOCK_MAX = 1024  # widest column block: longer rows are walked in steps of it
+_ROW_BLOCK_MAX = 256
 _ROW_BLOCK_MIN = 16
 
 
