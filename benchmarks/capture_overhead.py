@@ -12,7 +12,9 @@ CUDA (``--device cuda``): a 7B-shaped Llama (32 layers, hidden 4096, intermediat
 vocab 32000), bf16, random weights initialised on the GPU, batch 1 × 512 and × 2048 tokens, every
 module hooked. Each configuration's time is the whole ``with record(...)`` block (forward, and the
 wait for queued reductions/copies at its end), timed with CUDA events after a warm-up; median of
-``--repeats`` interleaved rounds.
+``--repeats`` interleaved rounds. A stats recording builds its TensorStats on the first read of
+``rec.calls``: that host time is measured apart and reported added to the block too
+(``stats_then_first_read``).
 
     python benchmarks/capture_overhead.py --device cuda --repeats 10 --out $OUT/capture_overhead_h200.json
 """
