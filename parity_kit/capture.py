@@ -530,9 +530,9 @@ def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n
     A module without forward hooks of its own, while no process-wide forward hook is registered, gets
     its ``forward`` wrapped (:class:`_ForwardWrap`): the recording sees exactly what a forward hook
     would, and torch keeps its fast call path (what per-module hooks that do nothing cost is
-    ``noop_hooks`` in ``benchmarks/capture_overhead.py``). The
-    others get a forward hook appended after their existing ones, so the recording sees what those
-    hooks (a dtype cast, a perturbation) return. Inside ``nn.DataParallel`` replicas are made by
+    ``noop_hooks`` in ``benchmarks/capture_overhead.py``). The others get a forward hook appended
+    after their existing ones, so the recording sees what those hooks (a dtype cast, a perturbation)
+    return. Inside ``nn.DataParallel`` replicas are made by
     copying modules, which would copy a wrapper bound to the original, so only hooks are used there.
     """
     handles: list[RemovableHandle | _ForwardWrap] = []
