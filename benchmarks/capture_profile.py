@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profiled", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds of plain forwards before timing")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -70,6 +71,9 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in configs}
         for fn in configs.values():
             fn(), fn()
+        settle_until = time.perf_counter() + args.settle  # as in capture_overhead.py: clocks and host settle
+        while time.perf_counter() < settle_until:
+            model(ids)
         for _ in range(args.repeats):
             for name, fn in configs.items():
                 torch.cuda.synchronize()
