@@ -64,7 +64,7 @@ def kernels_default() -> dict[str, int]:
     from parity_kit import kernels
 
     return {"elements_per_step": kernels._ROW_TILE, "warps": kernels._ROW_WARPS,
-            "widest_column_block": kernels._ROW_BLOCK_MAX}
+            "widest_column_block": kernels._ROW_BLOCK_MAX, "stages": kernels._ROW_STAGES}
 
 
 def main() -> None:
@@ -72,14 +72,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds of reductions before timing")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time kernel_totals at each column block, tile size and warp count of the row kernel")
+                        help="also time kernel_totals at each column block, tile size, warp count and pipelining depth of the row kernel")
     args = parser.parse_args()
     torch.manual_seed(0)
     widths = [4096] * 10 + [11008] * 3
     tensors = [torch.randn(1, args.tokens, w, device="cuda", dtype=torch.bfloat16) for _ in range(32) for w in widths]
     tensors.append(torch.randn(1, args.tokens, 32000, device="cuda", dtype=torch.bfloat16))
     gigabytes = sum(t.numel() * t.element_size() for t in tensors) / 1e9
+    # a few seconds of work first: the first timings of a cold GPU ran up to 1.4x slower
+    settle_until = time.perf_counter() + args.settle
+    while time.perf_counter() < settle_until:
+        tensor_statistics_triton(tensors)
+    torch.cuda.synchronize()
     results = {}
     for name, fn in (("kernel", row_statistics_triton), ("kernel_totals", tensor_statistics_triton),
                      ("torch_totals", _torch_path)):
@@ -92,18 +98,21 @@ def main() -> None:
     if args.sweep:  # how the defaults (kernels._ROW_TILE, kernels._ROW_WARPS) were chosen
         from parity_kit import kernels
 
-        chosen = kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX
-        for block in (256, 512, 1024, 2048):
-            for tile in (1024, 2048, 4096):
+        chosen = kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX, kernels._ROW_STAGES
+        for block in (128, 256, 512, 1024):
+            for tile in (512, 1024, 2048, 4096):
                 for warps in (2, 4, 8):
-                    if tile < block:
-                        continue
-                    kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX = tile, warps, block
-                    gpu_ms, _ = _time(tensor_statistics_triton, tensors, args.repeats)
-                    sweep.append({"widest_block": block, "tile": tile, "warps": warps, "gpu_ms": round(gpu_ms, 3)})
-                    print(f"sweep: widest column block {block:4d}, tile {tile:5d}, {warps} warps: gpu {gpu_ms:7.3f} ms",
-                          flush=True)
-        kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX = chosen
+                    for stages in (1, 2, 3, 4):
+                        if tile < block or (stages != 3 and (block, tile) not in ((128, 512), (256, 1024))):
+                            continue  # pipelining depth only around the fastest shapes
+                        kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX = tile, warps, block
+                        kernels._ROW_STAGES = stages
+                        gpu_ms, _ = _time(tensor_statistics_triton, tensors, args.repeats)
+                        sweep.append({"widest_block": block, "tile": tile, "warps": warps, "stages": stages,
+                                      "gpu_ms": round(gpu_ms, 3)})
+                        print(f"sweep: widest column block {block:4d}, tile {tile:5d}, {warps} warps, {stages} stages: "
+                              f"gpu {gpu_ms:7.3f} ms", flush=True)
+        kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX, kernels._ROW_STAGES = chosen
     # the paths agree (fp32 accumulation in a different order: ~1e-6 relative)
     kernel = row_statistics_triton(tensors)
     reference = torch.cat([StatsBatch._reduce_rows(t.reshape(-1, t.shape[-1])) for t in tensors], dim=1)

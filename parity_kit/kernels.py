@@ -272,6 +272,7 @@ def _launch(r: torch.Tensor, c: torch.Tensor, partials: torch.Tensor, out: torch
 # small tiles (more programs in flight) read a 7B-shaped forward's outputs fastest
 _ROW_TILE = 1024
 _ROW_WARPS = 4
+_ROW_STAGES = 3  # Triton's software pipelining of the column loop
 _ROW_BLOCK_MAX = 256
 _ROW_BLOCK_MIN = 16
 
@@ -507,5 +508,6 @@ class _RowPlan:
             for start, base, members, work_items, block, rows_per_item, hint in self.launches:
                 _row_stats[(work_items,)](base, table[start:], out, members, (members - 1).bit_length(),
                                           self.total_rows, ROWS=rows_per_item, BLOCK=block,
-                                          VEC=16 // self.itemsize, ALIGNED=hint, num_warps=_ROW_WARPS)
+                                          VEC=16 // self.itemsize, ALIGNED=hint, num_warps=_ROW_WARPS,
+                                          num_stages=_ROW_STAGES)
         return out
