@@ -60,7 +60,7 @@ def _time(fn, tensors: list[torch.Tensor], repeats: int) -> tuple[float, float]:
     return statistics.median(gpu), statistics.median(host)
 
 
-def kernels_default() -> dict[str, int]:
+def _row_kernel_settings() -> dict[str, int]:
     from parity_kit import kernels
 
     return {"elements_per_step": kernels._ROW_TILE, "warps": kernels._ROW_WARPS,
@@ -126,7 +126,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "tensors": len(tensors), "gigabytes": round(gigabytes, 3), "dtype": "bf16", "tokens": args.tokens,
-        "repeats": args.repeats, "results": results, "kernels_match_torch": agree, "row_tile": kernels_default(),
+        "repeats": args.repeats, "results": results, "kernels_match_torch": agree, "row_tile": _row_kernel_settings(),
         **({"sweep": sweep} if sweep else {}),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -269,7 +269,7 @@ def _launch(r: torch.Tensor, c: torch.Tensor, partials: torch.Tensor, out: torch
 
 # elements per program and step (rows × columns), warps, and the widest column block (longer rows are
 # walked in steps of it): chosen by `benchmarks/row_stats_throughput.py --sweep` on the H200, where
-# small tiles (more programs in flight) read a 7B-shaped forward's outputs fastest
+# small tiles read a 7B-shaped forward's outputs fastest
 _ROW_TILE = 1024
 _ROW_WARPS = 4
 _ROW_STAGES = 3  # Triton's software pipelining of the column loop
@@ -462,7 +462,8 @@ class _RowPlan:
 
     def upload(self) -> torch.Tensor:
         """Both launches' tables and the segments, one int64 tensor on the device; keeps each launch's
-        (members, base tensor, table slice, block) for :meth:`launch_rows`."""
+        (table start, base tensor, members, work items, column block, rows per item, aligned) for
+        :meth:`launch_rows`."""
         aligned = (self.ptrs % 16 == 0) & (self.width_arr % (16 // self.itemsize) == 0)
         parts: list[np.ndarray] = []
         self.launches: list[tuple[int, torch.Tensor, int, int, int, int, bool]] = []

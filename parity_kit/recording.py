@@ -193,11 +193,10 @@ class StatsBatch:
                 else:
                     members.append(i)
         # per group: device, where its totals and row rms start in the device's flat results, members,
-        # rows per member, row length per member
-        self._layout: list[tuple[torch.device, int, int, list[int], list[int], list[int]]] = []
+        # rows per member, row length per member, dtype name
+        self._layout: list[tuple[torch.device, int, int, list[int], list[int], list[int], str]] = []
         self._host: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._event: dict[torch.device, Any] = {}
-        self._dtypes: dict[tuple[torch.device, int], str] = {}
         self._settled: tuple[list[int], list[int], dict[int, TensorStats]] | None = None
         parts: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         starts: dict[torch.device, tuple[int, int]] = {}
@@ -212,8 +211,7 @@ class StatsBatch:
                 packed = self._reduce_rows(torch.cat(rows) if len(rows) > 1 else rows[0])  # [4, R]
                 totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
             t_start, r_start = starts.get(device, (0, 0))
-            self._layout.append((device, t_start, r_start, members, counts, lasts))
-            self._dtypes[device, t_start] = dtype_name(tensors[0].dtype)
+            self._layout.append((device, t_start, r_start, members, counts, lasts, dtype_name(tensors[0].dtype)))
             starts[device] = (t_start + totals.numel(), r_start + row_rms.numel())
             totals_parts, rms_parts = parts.setdefault(device, ([], []))
             totals_parts.append(totals.reshape(-1))
@@ -330,7 +328,7 @@ class StatsBatch:
             sizes += t.shape
         for event in self._event.values():
             event.synchronize()
-        for device, t_start, _, members, _, _ in self._layout:
+        for device, t_start, _, members, _, _, _ in self._layout:
             n = len(members)
             totals = self._host[device][0][t_start:t_start + 4 * n].numpy().reshape(4, n)
             for k in np.flatnonzero(~np.isfinite(totals).all(axis=0)).tolist():  # NaN/Inf present: rare
@@ -355,7 +353,7 @@ class StatsBatch:
         shapes = [tuple(sizes[end - dim:end]) for end, dim in zip(ends, dims)]
         per_token = self.per_token
         out: list[TensorStats | None] = [None] * len(shapes)
-        for device, t_start, r_start, members, counts, lasts in self._layout:
+        for device, t_start, r_start, members, counts, lasts, dtype in self._layout:
             n = len(members)
             totals_host, rms_host = self._host[device]
             total_sq, total, lo_t, hi_t = totals_host[t_start:t_start + 4 * n].numpy().reshape(4, n)
@@ -364,7 +362,6 @@ class StatsBatch:
                 mean, rms = (total / elements).tolist(), np.sqrt(total_sq / elements).tolist()
                 absmax = np.maximum(np.abs(lo_t), np.abs(hi_t)).tolist()
             token_rms = rms_host[r_start:r_start + sum(counts)].split(counts) if per_token else [None] * n
-            dtype = self._dtypes[device, t_start]
             for i, lo, hi, mean_, rms_, absmax_, rows in zip(members, lo_t.tolist(), hi_t.tolist(), mean, rms,
                                                               absmax, token_rms):
                 out[i] = TensorStats(shapes[i], dtype, lo, hi, mean_, rms_, absmax_, 0, 0, rows if dims[i] else None)
