@@ -51,7 +51,33 @@ def select_modules(model: nn.Module, modules: ModuleSpec = "*") -> list[tuple[st
     >>> [n for n, _ in select_modules(m, "*")], [n for n, _ in select_modules(m, nn.ReLU)]
     (['0', '1'], ['1'])
     """
-    return _select(list(model.named_modules()), modules)
+    return _select(_named_modules(model), modules)
+
+
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())``: the same pairs in the same order, without a generator per
+    module (nested generators pass each name up through every level). A model where some module
+    overrides ``named_modules`` gets its own answer."""
+    standard = nn.Module.named_modules
+    if type(model).named_modules is not standard:
+        return list(model.named_modules())
+    found: list[tuple[str, nn.Module]] = [("", model)]
+    seen = {model}
+
+    def walk(module: nn.Module, prefix: str) -> bool:
+        for name, child in module._modules.items():
+            if child is None or child in seen:
+                continue
+            if type(child).named_modules is not standard:
+                return False
+            seen.add(child)
+            qualified = f"{prefix}.{name}" if prefix else name
+            found.append((qualified, child))
+            if child._modules and not walk(child, qualified):
+                return False
+        return True
+
+    return found if walk(model, "") else list(model.named_modules())
 
 
 def _select(named: list[tuple[str, nn.Module]], modules: ModuleSpec) -> list[tuple[str, nn.Module]]:
@@ -665,7 +691,7 @@ def record(
     """
     if mode not in ("tensors", "stats"):
         raise ParityKitError(f"mode={mode!r} is not a capture mode; use 'tensors' or 'stats'")
-    named = list(model.named_modules())
+    named = _named_modules(model)
     selected = _select(named, modules)
     cast = parse_dtype(dtype) if dtype is not None else None
     if cast is not None and not cast.is_floating_point:

@@ -280,22 +280,22 @@ _ROW_BLOCK_MIN = 16
 @triton.jit(do_not_specialize=["n_tensors", "search_steps", "total_rows"])
 def _row_stats(base_ptr, table_ptr, out_ptr, n_tensors, search_steps, total_rows,
                ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
-    # table[tensor, 5]: element offset from the base, rows, row length, first output row, first work item
+    # table[5, tensor]: element offset from the base, rows, row length, first output row, first work item
     work = tl.program_id(0)
     # the tensor whose work items include this one: the last row of the table whose first item <= work
     lo = work * 0  # a tensor, not 0: a loop-carried value keeps one type
     hi = n_tensors
     for _ in range(search_steps):
         mid = (lo + hi) // 2
-        before = tl.load(table_ptr + mid * 5 + 4) <= work
+        before = tl.load(table_ptr + 4 * n_tensors + mid) <= work
         lo = tl.where(before, mid, lo)
         hi = tl.where(before, hi, mid)
-    entry = table_ptr + lo * 5
+    entry = table_ptr + lo
     offset = tl.load(entry)
-    n_rows = tl.load(entry + 1)
-    n_cols = tl.load(entry + 2)
-    first_row = tl.load(entry + 3)
-    first_work = tl.load(entry + 4)
+    n_rows = tl.load(entry + n_tensors)
+    n_cols = tl.load(entry + 2 * n_tensors)
+    first_row = tl.load(entry + 3 * n_tensors)
+    first_work = tl.load(entry + 4 * n_tensors)
     if ALIGNED:  # every row starts on 16 bytes, checked on the host
         offset = tl.multiple_of(offset, VEC)
         n_cols = tl.multiple_of(n_cols, VEC)
@@ -342,12 +342,13 @@ def row_statistics_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
     ...     stats = row_statistics_triton([x, torch.tensor(6.0, device="cuda")]).tolist()
     ...     assert stats == [[5.0, 2.0, 6.0], [7.0, -2.0, 6.0], [3.0, -2.0, 6.0], [4.0, 0.0, 6.0]]
     """
-    plan = _RowPlan(tensors)
+    plan = _plan(tensors)
     return plan.launch_rows(plan.upload())
 
 
-def tensor_statistics_triton(tensors: list[torch.Tensor],
-                             per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+def tensor_statistics_triton(tensors: list[torch.Tensor], per_token: bool = True, *,
+                             layout: tuple[list[int], list[int], list[int]] | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
     """Each tensor's totals and each row's rms, from :func:`row_statistics_triton`'s rows and one more
     launch: ``(totals, row_rms, rows, widths)``.
 
@@ -357,7 +358,9 @@ def tensor_statistics_triton(tensors: list[torch.Tensor],
     the square root of its length (computed in fp64, then rounded), or empty without ``per_token``.
     ``rows`` and ``widths`` are the row count and row length of each tensor, as the kernel viewed it.
     Both results stay on the device, queued without waiting; the inputs are as for
-    :func:`row_statistics_triton`.
+    :func:`row_statistics_triton`. A caller that has already read every tensor's address, row count
+    and row length passes them as ``layout`` (three lists) and vouches that the tensors are dense,
+    start on whole elements and share one dtype and device; that saves a pass over the tensors.
 
     >>> import torch
     >>> if torch.cuda.is_available():
@@ -366,7 +369,7 @@ def tensor_statistics_triton(tensors: list[torch.Tensor],
     ...     assert totals.tolist() == [[29.0], [5.0], [-2.0], [4.0]] and (rows, widths) == ([2], [4])
     ...     assert rms.tolist() == [2.5, 1.0]
     """
-    plan = _RowPlan(tensors)
+    plan = _plan(tensors) if layout is None else _RowPlan(tensors, *layout)
     table = plan.upload()
     packed = plan.launch_rows(table)  # [4, R]
     n = len(plan.rows)
@@ -384,11 +387,11 @@ _TOTALS_BLOCK = 256  # rows per step of a tensor's totals: most tensors have a f
 @triton.jit(do_not_specialize=["n_tensors", "total_rows"])
 def _tensor_totals(rows_ptr, segments_ptr, totals_ptr, rms_ptr, n_tensors, total_rows,
                    PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr):
-    # segments[tensor, 3]: first row in rows[4, R], rows, row length; one program per tensor
+    # segments[3, tensor]: first row in rows[4, R], rows, row length; one program per tensor
     tensor = tl.program_id(0)
-    first = tl.load(segments_ptr + tensor * 3)
-    count = tl.load(segments_ptr + tensor * 3 + 1)
-    width = tl.load(segments_ptr + tensor * 3 + 2).to(tl.float64)
+    first = tl.load(segments_ptr + tensor)
+    count = tl.load(segments_ptr + n_tensors + tensor)
+    width = tl.load(segments_ptr + 2 * n_tensors + tensor).to(tl.float64)
     total_rows = total_rows.to(tl.int64)
     squares = tl.zeros([BLOCK], dtype=tl.float64)
     sums = tl.zeros([BLOCK], dtype=tl.float64)
@@ -416,79 +419,97 @@ def _tensor_totals(rows_ptr, segments_ptr, totals_ptr, rms_ptr, n_tensors, total
     tl.store(totals_ptr + 3 * n_tensors + tensor, tl.where(any_nan, float("nan"), tl.max(high, axis=0)).to(tl.float64))
 
 
+def _plan(tensors: list[torch.Tensor]) -> _RowPlan:
+    """Check ``tensors`` for the kernels and read where their rows lie; non-contiguous (or misaligned)
+    ones are copied first."""
+    if not tensors:
+        raise ParityKitError("row_statistics_triton got no tensors; pass at least one")
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in KERNEL_DTYPES:
+        raise ParityKitError(f"the row statistics kernel reads fp16/bf16/fp32 tensors, not {dtype}; "
+                             "use TensorStats.of (or StatsBatch, which falls back to torch for it)")
+    itemsize, index = tensors[0].element_size(), tensors[0].get_device()
+    dense = list(tensors)
+    ptrs: list[int] = []
+    rows: list[int] = []
+    widths: list[int] = []
+    for i, t in enumerate(tensors):
+        if t.dtype is not dtype or t.get_device() != index:
+            raise ParityKitError(f"tensor {i} is {t.dtype} on {t.device}, tensor 0 {dtype} on {device}; "
+                                 "call row_statistics_triton once per (device, dtype) group")
+        n = t.numel()
+        if n == 0:
+            raise ParityKitError(f"tensor {i} (shape {tuple(t.shape)}) is empty and has no row statistics; "
+                                 "leave empty tensors out")
+        ptr = t.data_ptr()
+        if ptr % itemsize or not t.is_contiguous():
+            # rows must be dense and offsets from the base whole elements: a fresh allocation is both
+            t = dense[i] = t.clone(memory_format=torch.contiguous_format)
+            ptr = t.data_ptr()
+        width = t.shape[-1] if t.dim() else 1
+        ptrs.append(ptr)
+        rows.append(n // width)
+        widths.append(width)
+    return _RowPlan(dense, ptrs, rows, widths)
+
+
 class _RowPlan:
     """Where the rows of a batch of tensors lie: the int64 tables the kernels read, built with NumPy.
 
-    One Python pass over the tensors reads their addresses and shapes; offsets, first rows and work
-    items are then computed on arrays. The tables of both row launches (rows aligned to 16 bytes and
-    the others) and the per-tensor segments go to the device in one upload.
+    From the tensors' addresses, row counts and row lengths (one Python pass, :func:`_plan`, or the
+    caller's), offsets, first rows and work items are computed on arrays. The tables of both row
+    launches (rows aligned to 16 bytes and the others) and the per-tensor segments go to the device
+    in one upload.
     """
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        if not tensors:
-            raise ParityKitError("row_statistics_triton got no tensors; pass at least one")
-        dtype, device = tensors[0].dtype, tensors[0].device
-        if dtype not in KERNEL_DTYPES:
-            raise ParityKitError(f"the row statistics kernel reads fp16/bf16/fp32 tensors, not {dtype}; "
-                                 "use TensorStats.of (or StatsBatch, which falls back to torch for it)")
-        self.device, self.itemsize = device, tensors[0].element_size()
-        index = tensors[0].get_device()
-        self.tensors = list(tensors)  # with private copies of the non-contiguous ones, alive until launched
-        ptrs: list[int] = []
-        self.rows: list[int] = []
-        self.widths: list[int] = []
-        for i, t in enumerate(tensors):
-            if t.dtype is not dtype or t.get_device() != index:
-                raise ParityKitError(f"tensor {i} is {t.dtype} on {t.device}, tensor 0 {dtype} on {device}; "
-                                     "call row_statistics_triton once per (device, dtype) group")
-            n = t.numel()
-            if n == 0:
-                raise ParityKitError(f"tensor {i} (shape {tuple(t.shape)}) is empty and has no row statistics; "
-                                     "leave empty tensors out")
-            ptr = t.data_ptr()
-            if ptr % self.itemsize or not t.is_contiguous():
-                # rows must be dense and offsets from the base whole elements: a fresh allocation is both
-                t = self.tensors[i] = t.clone(memory_format=torch.contiguous_format)
-                ptr = t.data_ptr()
-            width = t.shape[-1] if t.dim() else 1
-            ptrs.append(ptr)
-            self.rows.append(n // width)
-            self.widths.append(width)
+    def __init__(self, tensors: list[torch.Tensor], ptrs: list[int], rows: list[int], widths: list[int]) -> None:
+        """``tensors`` dense, each starting on a whole element, of one kernel dtype on one device; their
+        addresses, row counts and row lengths already read (:func:`_plan` reads and checks them)."""
+        self.device, self.itemsize = tensors[0].device, tensors[0].element_size()
+        self.tensors = tensors  # alive until launched: private copies of non-contiguous inputs among them
+        self.rows, self.widths = rows, widths
         self.ptrs = np.array(ptrs, dtype=np.int64)
-        self.row_counts = np.array(self.rows, dtype=np.int64)
-        self.width_arr = np.array(self.widths, dtype=np.int64)
-        self.first_rows = np.cumsum(self.row_counts) - self.row_counts
-        self.total_rows = int(self.row_counts.sum())
+        self.row_counts = np.array(rows, dtype=np.int64)
+        self.width_arr = np.array(widths, dtype=np.int64)
+        self.first_rows = self.row_counts.cumsum() - self.row_counts
+        self.total_rows = int(self.first_rows[-1] + self.row_counts[-1])
 
     def upload(self) -> torch.Tensor:
         """Both launches' tables and the segments, one int64 tensor on the device; keeps each launch's
         (table start, base tensor, members, work items, column block, rows per item, aligned) for
-        :meth:`launch_rows`."""
-        aligned = (self.ptrs % 16 == 0) & (self.width_arr % (16 // self.itemsize) == 0)
+        :meth:`launch_rows`.
+
+        Every table is column-major (``[5, members]``, segments ``[3, n]``), so the whole upload is one
+        concatenation of 1-d arrays: every NumPy call has a fixed host cost, and at the end of a capture
+        block the host is what the caller waits for.
+        """
+        itemsize, ptrs, widths, rows = self.itemsize, self.ptrs, self.width_arr, self.row_counts
+        aligned = (ptrs % 16 == 0) & (widths % (16 // itemsize) == 0)
+        groups: list[tuple[Any, bool]]
+        if aligned.all():  # the usual case (allocator blocks, even row lengths): one launch, no index arrays
+            groups = [(slice(None), True)]
+        else:
+            groups = [(m, hint) for m, hint in ((np.flatnonzero(aligned), True), (np.flatnonzero(~aligned), False))
+                      if len(m)]
         parts: list[np.ndarray] = []
         self.launches: list[tuple[int, torch.Tensor, int, int, int, int, bool]] = []
         start = 0
-        for mask, hint in ((aligned, True), (~aligned, False)):
-            members = np.flatnonzero(mask)
-            if not len(members):
-                continue
-            ptrs = self.ptrs[members]
-            lowest = int(np.argmin(ptrs))  # the lowest address as base keeps every offset >= 0
-            widest = int(self.width_arr[members].max())
+        for members, hint in groups:
+            member_ptrs, member_rows, member_widths = ptrs[members], rows[members], widths[members]
+            lowest = int(member_ptrs.argmin())  # the lowest address as base keeps every offset >= 0
+            base = self.tensors[lowest if isinstance(members, slice) else int(members[lowest])]
+            widest = int(member_widths.max())
             # plain integer maths here: triton.cdiv and next_power_of_2 cost microseconds a call on the host
             block = min(_ROW_BLOCK_MAX, max(_ROW_BLOCK_MIN, 1 << (widest - 1).bit_length()))
             rows_per_item = _ROW_TILE // block
-            rows = self.row_counts[members]
-            items = -(-rows // rows_per_item)
-            first_work = np.cumsum(items) - items
-            table = np.stack([(ptrs - ptrs[lowest]) // self.itemsize, rows, self.width_arr[members],
-                              self.first_rows[members], first_work], axis=1)  # [members, 5]
-            parts.append(table.reshape(-1))
-            self.launches.append((start, self.tensors[int(members[lowest])], len(members), int(items.sum()),
-                                  block, rows_per_item, hint))
-            start += table.size
+            items = (member_rows + (rows_per_item - 1)) // rows_per_item
+            ends = items.cumsum()
+            parts += [(member_ptrs - member_ptrs[lowest]) // itemsize, member_rows, member_widths,
+                      self.first_rows[members], ends - items]  # [5, members]
+            self.launches.append((start, base, len(member_ptrs), int(ends[-1]), block, rows_per_item, hint))
+            start += 5 * len(member_ptrs)
         self.segments_start = start
-        parts.append(np.stack([self.first_rows, self.row_counts, self.width_arr], axis=1).reshape(-1))  # [n, 3]
+        parts += [self.first_rows, rows, widths]  # [3, n]
         host = torch.from_numpy(np.concatenate(parts))
         if self.device.type == "cuda":
             # from pinned memory the upload is queued on the stream, ahead of the kernels, without waiting

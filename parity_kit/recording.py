@@ -138,7 +138,8 @@ class TensorStats:
                 "mean": self.mean, "rms": self.rms, "absmax": self.absmax, "nan": self.nan, "inf": self.inf}
 
 
-_TotalsKernel = Callable[[list[torch.Tensor], bool], tuple[torch.Tensor, torch.Tensor, list[int], list[int]]]
+_TotalsKernel = Callable[..., tuple[torch.Tensor, torch.Tensor, list[int], list[int]]]  # tensor_statistics_triton
+_ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}  # the kernel dtypes
 
 
 class StatsBatch:
@@ -167,7 +168,7 @@ class StatsBatch:
     [(4.0, 3.535534), (3.0, 1.870829)]
     """
 
-    _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+    _KERNEL_DTYPES = tuple(_ITEMSIZE)
     _kernel_state: str | _TotalsKernel = "unloaded"  # or "unavailable", "failed", kernels.tensor_statistics_triton
 
     def __init__(self, tensors: list[torch.Tensor], per_token: bool = True,
@@ -178,20 +179,48 @@ class StatsBatch:
         self.labels = labels
         self._check_versions()
         kernel = self._kernel() if any(t.is_cuda for t in self.tensors) else None
-        # last dimension None: one kernel launch for the group, whatever its members' row lengths
-        groups: dict[tuple[torch.device, torch.dtype, int | None], list[int]] = {}
         kernel_dtypes = self._KERNEL_DTYPES
+        # One pass reads everything the rest needs: the shapes (as one flat list of ints and the ranks,
+        # no object per tensor left for the garbage collector) and, for the kernel's tensors, their
+        # address, rows and row length. Kernel groups are keyed (device index, dtype): one launch each,
+        # whatever their members' row lengths; the others (device, dtype, row length).
+        sizes: list[int] = []
+        dims: list[int] = []
+        self._empty: list[int] = []  # no statistics to reduce: made exactly when settled
+        # members, tensors (private dense copies where needed), addresses, rows, row lengths
+        fused: dict[tuple[int, torch.dtype], tuple[list[int], list[torch.Tensor], list[int], list[int], list[int]]] = {}
+        others: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
         for i, t in enumerate(self.tensors):
-            if t.numel():
-                if kernel is not None and t.is_cuda and t.dtype in kernel_dtypes:
-                    key = (t.device, t.dtype, None)
-                else:
-                    key = (t.device, t.dtype, t.shape[-1] if t.dim() else 1)
-                members = groups.get(key)
+            shape = t.shape
+            sizes += shape
+            dims.append(len(shape))
+            n = t.numel()
+            if not n:
+                self._empty.append(i)
+                continue
+            width = shape[-1] if shape else 1
+            dtype = t.dtype
+            if kernel is not None and t.is_cuda and dtype in kernel_dtypes:
+                group = fused.get((t.get_device(), dtype))
+                if group is None:
+                    group = fused[(t.get_device(), dtype)] = ([], [], [], [], [])
+                ptr = t.data_ptr()
+                if ptr % _ITEMSIZE[dtype] or not t.is_contiguous():
+                    # the kernels read dense rows at whole-element offsets: a fresh allocation has both
+                    t = t.clone(memory_format=torch.contiguous_format)
+                    ptr = t.data_ptr()
+                group[0].append(i)
+                group[1].append(t)
+                group[2].append(ptr)
+                group[3].append(n // width)
+                group[4].append(width)
+            else:
+                members = others.get((t.device, dtype, width))
                 if members is None:
-                    groups[key] = [i]
+                    others[(t.device, dtype, width)] = [i]
                 else:
                     members.append(i)
+        self._shapes = (sizes, dims)
         # per group: device, where its totals and row rms start in the device's flat results, members,
         # rows per member, row length per member, dtype name
         self._layout: list[tuple[torch.device, int, int, list[int], list[int], list[int], str]] = []
@@ -200,22 +229,27 @@ class StatsBatch:
         self._settled: tuple[list[int], list[int], dict[int, TensorStats]] | None = None
         parts: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         starts: dict[torch.device, tuple[int, int]] = {}
-        for (device, _, last), members in groups.items():
-            tensors = [self.tensors[i] for i in members]
-            if last is None:
-                totals, row_rms, counts, lasts = self._fused(kernel, tensors, self.per_token)  # type: ignore[arg-type]
-            else:
-                lasts = [last] * len(tensors)
-                counts = [t.numel() // last for t in tensors]
-                rows = [t.reshape(-1, last) for t in tensors]  # [rows_i, last]
-                packed = self._reduce_rows(torch.cat(rows) if len(rows) > 1 else rows[0])  # [4, R]
-                totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
+
+        def add(device: torch.device, dtype: torch.dtype, totals: torch.Tensor, row_rms: torch.Tensor,
+                members: list[int], counts: list[int], lasts: list[int]) -> None:
             t_start, r_start = starts.get(device, (0, 0))
-            self._layout.append((device, t_start, r_start, members, counts, lasts, dtype_name(tensors[0].dtype)))
+            self._layout.append((device, t_start, r_start, members, counts, lasts, dtype_name(dtype)))
             starts[device] = (t_start + totals.numel(), r_start + row_rms.numel())
             totals_parts, rms_parts = parts.setdefault(device, ([], []))
             totals_parts.append(totals.reshape(-1))
             rms_parts.append(row_rms)
+
+        for (_, dtype), (members, dense, ptrs, rows, widths) in fused.items():
+            totals, row_rms, counts, lasts = self._fused(kernel, dense, self.per_token,  # type: ignore[arg-type]
+                                                         (ptrs, rows, widths))
+            add(dense[0].device, dtype, totals, row_rms, members, counts, lasts)
+        for (device, dtype, last), members in others.items():
+            tensors = [self.tensors[i] for i in members]
+            counts, lasts = [t.numel() // last for t in tensors], [last] * len(tensors)
+            row_views = [t.reshape(-1, last) for t in tensors]  # [rows_i, last]
+            packed = self._reduce_rows(torch.cat(row_views) if len(row_views) > 1 else row_views[0])  # [4, R]
+            totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
+            add(device, dtype, totals, row_rms, members, counts, lasts)
         for device, (totals_parts, rms_parts) in parts.items():
             flat = [torch.cat(x) if len(x) > 1 else x[0] for x in (totals_parts, rms_parts)]
             if device.type == "cuda":
@@ -267,11 +301,12 @@ class StatsBatch:
         return None if isinstance(cls._kernel_state, str) else cls._kernel_state
 
     @classmethod
-    def _fused(cls, kernel: _TotalsKernel, tensors: list[torch.Tensor],
-               per_token: bool) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-        """``(totals, row rms, rows, row lengths)`` of ``tensors`` from the kernels, or from torch if they fail."""
+    def _fused(cls, kernel: _TotalsKernel, tensors: list[torch.Tensor], per_token: bool,
+               layout: tuple[list[int], list[int], list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """``(totals, row rms, rows, row lengths)`` of ``tensors`` (dense, one dtype and device; their
+        addresses, rows and row lengths in ``layout``) from the kernels, or from torch if they fail."""
         try:
-            return kernel(tensors, per_token)
+            return kernel(tensors, per_token, layout=layout)
         except (ParityKitError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # a GPU or Triton build the kernel cannot run on: torch gives the same numbers
@@ -320,12 +355,7 @@ class StatsBatch:
         import numpy as np
 
         tensors, exact = self.tensors, {}
-        # shapes as one flat list of ints (no object per tensor left for the garbage collector) and
-        # ranks, read while the device may still be reducing
-        dims = [t.dim() for t in tensors]
-        sizes: list[int] = []
-        for t in tensors:
-            sizes += t.shape
+        sizes, dims = self._shapes
         for event in self._event.values():
             event.synchronize()
         for device, t_start, _, members, _, _, _ in self._layout:
@@ -335,9 +365,8 @@ class StatsBatch:
                 if self.versions is not None:
                     self._check_versions()
                 exact[members[k]] = TensorStats.of(tensors[members[k]], self.per_token)  # exact masked path
-        for i, t in enumerate(tensors):
-            if not t.numel():
-                exact[i] = TensorStats.of(t, self.per_token)
+        for i in self._empty:
+            exact[i] = TensorStats.of(tensors[i], self.per_token)
         self._settled = (sizes, dims, exact)
         self.tensors = []  # what is left to compute is on the host
         if self._event:  # out of pinned memory, which an unread recording should not hold

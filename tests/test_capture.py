@@ -395,3 +395,29 @@ def test_auto_stats_batch_depends_on_the_device():
         got = capture._auto_stats_batch("cuda:0")
         assert capture._AUTO_BATCH // 4 <= got <= 4 * capture._AUTO_BATCH
         assert got <= total // 32 or got == capture._AUTO_BATCH // 4
+
+
+def test_module_walk_equals_named_modules():
+    from parity_kit.capture import _named_modules
+
+    shared = nn.Linear(2, 2)
+    inner = nn.Sequential(shared, nn.ReLU(), nn.Sequential(nn.Tanh(), shared))
+    model = nn.Sequential(inner, shared, nn.Identity())
+    model.add_module("gap", None)  # a None child is skipped, as named_modules does
+    model.add_module("again", inner)  # a module reached twice is listed once, under its first name
+    assert _named_modules(model) == list(model.named_modules())
+    assert [n for n, _ in _named_modules(model)] == ["", "0", "0.0", "0.1", "0.2", "0.2.0", "2"]
+
+    class Flat(nn.Module):  # overrides named_modules: its own answer is the one used
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = nn.Linear(2, 2)
+
+        def named_modules(self, *args, **kwargs):
+            yield "", self
+
+    flat = Flat()
+    nested = nn.Sequential(nn.ReLU(), flat)
+    assert _named_modules(flat) == [("", flat)]
+    assert _named_modules(nested) == list(nested.named_modules())
+    assert all(m is not flat.hidden for _, m in _named_modules(nested))
