@@ -180,46 +180,54 @@ class StatsBatch:
         self._check_versions()
         kernel = self._kernel() if any(t.is_cuda for t in self.tensors) else None
         kernel_dtypes = self._KERNEL_DTYPES
-        # One pass reads everything the rest needs: the shapes (as one flat list of ints and the ranks,
-        # no object per tensor left for the garbage collector) and, for the kernel's tensors, their
-        # address, rows and row length. Kernel groups are keyed (device index, dtype): one launch each,
-        # whatever their members' row lengths; the others (device, dtype, row length).
-        sizes: list[int] = []
-        dims: list[int] = []
-        self._empty: list[int] = []  # no statistics to reduce: made exactly when settled
+        # The shapes are kept as one flat list of ints and the ranks (no object per tensor left for the
+        # garbage collector). Kernel groups are keyed (device index, dtype): one launch each, whatever
+        # their members' row lengths, reading every member's address, rows and row length from here;
+        # the other tensors are grouped by (device, dtype, row length).
+        tensors = self.tensors
+        shapes = [t.shape for t in tensors]
+        dims = [len(shape) for shape in shapes]
+        sizes = [size for shape in shapes for size in shape]
+        numels = [t.numel() for t in tensors]
+        widths = [shape[-1] if shape else 1 for shape in shapes]
+        self._empty = [i for i, n in enumerate(numels) if not n]  # nothing to reduce: exact when settled
         # members, tensors (private dense copies where needed), addresses, rows, row lengths
         fused: dict[tuple[int, torch.dtype], tuple[list[int], list[torch.Tensor], list[int], list[int], list[int]]] = {}
         others: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
-        for i, t in enumerate(self.tensors):
-            shape = t.shape
-            sizes += shape
-            dims.append(len(shape))
-            n = t.numel()
-            if not n:
-                self._empty.append(i)
-                continue
-            width = shape[-1] if shape else 1
-            dtype = t.dtype
-            if kernel is not None and t.is_cuda and dtype in kernel_dtypes:
-                group = fused.get((t.get_device(), dtype))
-                if group is None:
-                    group = fused[(t.get_device(), dtype)] = ([], [], [], [], [])
-                ptr = t.data_ptr()
-                if ptr % _ITEMSIZE[dtype] or not t.is_contiguous():
-                    # the kernels read dense rows at whole-element offsets: a fresh allocation has both
-                    t = t.clone(memory_format=torch.contiguous_format)
+        dtypes = [t.dtype for t in tensors]
+        dtype = dtypes[0] if dtypes else None
+        if (kernel is not None and dtype in kernel_dtypes and not self._empty and dtypes.count(dtype) == len(dtypes)
+                and len({t.get_device() for t in tensors}) == 1 and tensors[0].is_cuda):
+            # the usual batch, a forward's outputs: one dtype on one GPU, one pass per attribute
+            ptrs = [t.data_ptr() for t in tensors]
+            if all([t.is_contiguous() for t in tensors]) and not any([p % _ITEMSIZE[dtype] for p in ptrs]):
+                rows = [n // w for n, w in zip(numels, widths)]
+                fused[(tensors[0].get_device(), dtype)] = (list(range(len(tensors))), tensors, ptrs, rows, widths)
+        if not fused:
+            for i, t in enumerate(tensors):
+                n, width, dtype = numels[i], widths[i], dtypes[i]
+                if not n:
+                    continue
+                if kernel is not None and t.is_cuda and dtype in kernel_dtypes:
+                    group = fused.get((t.get_device(), dtype))
+                    if group is None:
+                        group = fused[(t.get_device(), dtype)] = ([], [], [], [], [])
                     ptr = t.data_ptr()
-                group[0].append(i)
-                group[1].append(t)
-                group[2].append(ptr)
-                group[3].append(n // width)
-                group[4].append(width)
-            else:
-                members = others.get((t.device, dtype, width))
-                if members is None:
-                    others[(t.device, dtype, width)] = [i]
+                    if ptr % _ITEMSIZE[dtype] or not t.is_contiguous():
+                        # the kernels read dense rows at whole-element offsets: a fresh allocation has both
+                        t = t.clone(memory_format=torch.contiguous_format)
+                        ptr = t.data_ptr()
+                    group[0].append(i)
+                    group[1].append(t)
+                    group[2].append(ptr)
+                    group[3].append(n // width)
+                    group[4].append(width)
                 else:
-                    members.append(i)
+                    members = others.get((t.device, dtype, width))
+                    if members is None:
+                        others[(t.device, dtype, width)] = [i]
+                    else:
+                        members.append(i)
         self._shapes = (sizes, dims)
         # per group: device, where its totals and row rms start in the device's flat results, members,
         # rows per member, row length per member, dtype name

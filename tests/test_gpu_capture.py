@@ -320,3 +320,34 @@ def test_batched_cuda_stats_recompute_non_finite_outputs_exactly(input_ids):
     assert hit.per_token_rms.shape == (ids.shape[1],) and bool(hit.per_token_rms.isfinite().all())
     assert sum(s.nan > 0 for c in batched for s in c.tensors.values()) > 1  # downstream outputs too
     _assert_same_stats(batched, direct)
+
+
+@cuda
+def test_stats_batch_of_one_dtype_on_one_gpu_takes_every_layout(monkeypatch):
+    """A forward's outputs (one dtype, one GPU) reach the kernel as they are, with their addresses; a
+    transpose among them (not dense) is copied first. Both agree with TensorStats.of."""
+    from test_recording import _assert_stats_close
+
+    from parity_kit.kernels import tensor_statistics_triton
+
+    seen = []
+
+    def spy(tensors, per_token, layout):
+        seen.append((list(tensors), layout))
+        return tensor_statistics_triton(tensors, per_token, layout=layout)
+
+    monkeypatch.setattr(StatsBatch, "_kernel_state", spy)
+    g = torch.Generator("cuda").manual_seed(3)
+    dense = [torch.randn(shape, device="cuda", generator=g).bfloat16() for shape in ((2, 9, 48), (7, 300), (5,), ())]
+    for tensors in (dense, [*dense, dense[1].t()]):
+        for per_token in (True, False):
+            seen.clear()
+            for t, got in zip(tensors, StatsBatch(tensors, per_token).result()):
+                _assert_stats_close(got, TensorStats.of(t, per_token))
+            (given, (ptrs, rows, widths)), = seen
+            assert all(a is b for a, b in zip(given[:4], dense))
+            assert ptrs == [t.data_ptr() for t in given] and widths == [48, 300, 5, 1, 7][:len(given)]
+            assert rows == [18, 7, 1, 1, 300][:len(given)]
+            if len(tensors) == 5:
+                assert given[4] is not tensors[4] and given[4].is_contiguous()
+                assert torch.equal(given[4], tensors[4])
