@@ -236,11 +236,14 @@ class _Capturer:
         self.track_slots = inputs
         self.stats_batch, self.copy_batch, self.defer_cpu = stats_batch, copy_batch, defer_cpu
         self.writer = writer
-        # Stats of outputs that are one deferrable tensor take the cheapest path: the hook appends a
-        # placeholder list [module, index, tensor, version] to the recording's calls, and the Call is
+        # Stats of outputs that are one deferrable tensor take the cheapest path: a wrapped forward appends
+        # a placeholder list [module, index, tensor, version] to the recording's calls, and the Call is
         # made when its batch resolves. Positions before ``scanned`` hold no placeholder not yet batched.
         self.lean = self.stats_mode and stats_batch is not None and not inputs
         self.scanned = 0
+        # Until the first inference tensor shows up, an output's version counter is read without asking
+        # whether it has one (an inference tensor raises); afterwards each output is asked first.
+        self.versions_unchecked = True
         # deferred work: slot, tensor, version counter to check (None: cannot be checked), (module, leaf)
         self.deferred: list[tuple[_Slot, torch.Tensor, int | None, tuple[str, str]]] = []
         self.deferred_bytes = 0
@@ -466,18 +469,10 @@ class _Capturer:
             self.new_slots = []
         return hook
 
-    def output(self, name: str, output: Any) -> None:
-        """Record one call of module ``name``, which returned ``output`` (the forward hooks' body)."""
-        if self.lean and type(output) is torch.Tensor and (output.is_cuda or self.defer_cpu):
-            # the common case, at its cheapest: a placeholder now, the Call when the batch resolves
-            counts = self.counts
-            index = counts.get(name, 0)
-            counts[name] = index + 1
-            self.calls.append([name, index, output, None if output.is_inference() else output._version])
-            self.deferred_bytes += output.nbytes
-            if self.deferred_bytes >= self.stats_batch:
-                self.flush_stats()
-            return
+    def output(self, name: str, output: Any, index: int | None = None) -> None:
+        """Record one call of module ``name``, which returned ``output`` (the forward hooks' body); ``index``
+        is the call's number among the module's calls, counted here when not given. A wrapped forward
+        takes its common case itself (:meth:`_ForwardWrap.__call__`) and comes here for the others."""
         if type(output) is torch.Tensor:  # most modules return one tensor: skip the tree walk
             tensors: dict[str, Any] = {}
             orig: dict[str, str] = {}
@@ -490,9 +485,10 @@ class _Capturer:
             orig.update(in_orig)
             for made in in_slots:  # deferred input leaves now belong to the call's dict
                 made.tensors = tensors
-        counts, calls = self.counts, self.calls
-        index = counts.get(name, 0)
-        counts[name] = index + 1
+        calls = self.calls
+        if index is None:
+            index = self.counts.get(name, 0)
+            self.counts[name] = index + 1
         calls.append(Call(name, index, len(calls), tensors, orig))
 
     def forward_hook(self, name: str):
@@ -508,16 +504,21 @@ class _ForwardWrap:
     what was there (the class's method, or an instance attribute such as accelerate's).
 
     Cheaper than a forward hook: a module without hooks keeps torch's fast call path, while with any
-    hook every call of every module goes through torch's hook machinery. One object per module,
-    without closures: entering a block allocates little, so it does not set off garbage collections
-    (a closure with its cells and a bound method per module did).
+    hook every call of every module goes through torch's hook machinery. In stats mode the common
+    output, one deferrable tensor, is recorded right here as a placeholder: this runs once per module
+    call, and each attribute read or call inside a forward costs the forward that much. One object per
+    module, without closures: entering a block allocates little, so it does not set off garbage
+    collections (a closure with its cells and a bound method per module did).
     """
 
-    __slots__ = ("module", "name", "function", "previous", "record")
+    __slots__ = ("module", "name", "function", "previous", "capturer", "placeholders", "count")
 
-    def __init__(self, module: nn.Module, name: str, record_output: Callable[[str, Any], None]) -> None:
+    def __init__(self, module: nn.Module, name: str, capturer: _Capturer) -> None:
         self.module, self.name = module, name
-        self.record: Callable[[str, Any], None] | None = record_output
+        self.capturer: _Capturer | None = capturer
+        # the recording's calls when its stats take the placeholder path, else None
+        self.placeholders: list[Any] | None = capturer.calls if capturer.lean else None
+        self.count = 0  # calls of this module so far: the index of the next one
         self.previous = module.__dict__.get("forward", _NOT_SET)
         self.function = type(module).forward
         # straight into the instance dict: what Module.__setattr__ would do, without its checks
@@ -526,9 +527,27 @@ class _ForwardWrap:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         previous = self.previous
         output = self.function(self.module, *args, **kwargs) if previous is _NOT_SET else previous(*args, **kwargs)
-        record = self.record
-        if record is not None:
-            record(self.name, output)
+        capturer = self.capturer
+        if capturer is None:
+            return output
+        index = self.count
+        self.count = index + 1
+        placeholders = self.placeholders
+        if placeholders is not None and type(output) is torch.Tensor and (output.is_cuda or capturer.defer_cpu):
+            if capturer.versions_unchecked:
+                try:
+                    version = output._version
+                except RuntimeError:  # an inference tensor: no version counter, in-place changes go unseen
+                    capturer.versions_unchecked = False
+                    version = None
+            else:
+                version = None if output.is_inference() else output._version
+            placeholders.append([self.name, index, output, version])
+            capturer.deferred_bytes += output.nbytes
+            if capturer.deferred_bytes >= capturer.stats_batch:  # type: ignore[operator]
+                capturer.flush_stats()
+        else:
+            capturer.output(self.name, output, index)
         return output
 
     @property
@@ -537,7 +556,7 @@ class _ForwardWrap:
         return self.function.__get__(self.module) if self.previous is _NOT_SET else self.previous
 
     def remove(self) -> None:
-        self.record = None  # left in place (see below), it passes calls through and holds no recording
+        self.capturer = self.placeholders = None  # left in place (see below), it passes calls through
         attributes = self.module.__dict__
         if attributes.get("forward") is not self:
             return  # replaced since (another wrapper on top, or removed by its owner)
@@ -568,7 +587,7 @@ def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n
         if inputs:
             handles.append(module.register_forward_pre_hook(capturer.pre_hook(name), with_kwargs=True))
         if wrap and not module._forward_hooks:
-            handles.append(_ForwardWrap(module, name, capturer.output))
+            handles.append(_ForwardWrap(module, name, capturer))
         else:
             handles.append(module.register_forward_hook(capturer.forward_hook(name)))
     return handles

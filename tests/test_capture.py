@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from conftest import build_tiny_llama, hook_counts
@@ -331,6 +333,55 @@ def test_stats_are_built_on_first_read_and_the_outputs_released(tiny_llama, inpu
     assert not rec._unbuilt and all(type(c) is pk.Call for c in rec._calls)
     for other in (rec, twin, copy.deepcopy(rec)):
         _stats_equal(other, direct)
+
+
+def test_batched_stats_of_inference_tensors(tiny_llama, input_ids):
+    """Outputs made under inference_mode have no version counter: the first one found switches the
+    block to asking each output, and the statistics are those of the in-hook path."""
+    with torch.inference_mode(), pk.record(tiny_llama, "*", mode="stats", stats_batch=0) as direct:
+        tiny_llama(input_ids)
+    with pk.record(tiny_llama, "*", mode="stats", stats_batch="1GiB") as rec:
+        with torch.no_grad():
+            tiny_llama(input_ids)
+        with torch.inference_mode():
+            tiny_llama(input_ids)
+    half = len(direct)
+    assert len(rec) == 2 * half
+    per_forward = collections.Counter(c.module for c in direct)
+    second = [pk.Call(c.module, c.index + per_forward[c.module], c.order + half, c.tensors) for c in direct]
+    _stats_equal(rec, pk.Recording("stats", [*direct.calls, *second]))
+
+
+class SometimesPair(nn.Module):
+    """Returns a tensor, then a (tensor, tensor) pair, then a tensor again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        y = self.proj(x)
+        return (y, -y) if self.calls % 2 == 0 else y
+
+
+def test_batched_stats_number_calls_across_output_kinds():
+    """A wrapped module whose output is sometimes one tensor (a placeholder) and sometimes a pair (the
+    general path) keeps one count of its calls."""
+    model = nn.Sequential(SometimesPair())
+    x = torch.randn(3, 4)
+    recordings = []
+    for batch in ("1GiB", 0):
+        model[0].calls = 0
+        with pk.record(model, "*", mode="stats", stats_batch=batch) as rec:
+            model[0](x), model[0](x), model[0](x)
+        recordings.append(rec)
+    batched, direct = recordings
+    assert [(c.module, c.index, list(c.tensors)) for c in batched] == [
+        ("0.proj", 0, ["output"]), ("0", 0, ["output"]), ("0.proj", 1, ["output"]), ("0", 1, ["output.0", "output.1"]),
+        ("0.proj", 2, ["output"]), ("0", 2, ["output"])]
+    _stats_equal(batched, direct)
 
 
 def test_batched_stats_detect_outputs_modified_in_place():
