@@ -327,14 +327,12 @@ class _Capturer:
             tensors.append(t)
             versions.append(version)
             labels.append(label)
-        placeholders: list[list] = []
-        for position in range(self.scanned, len(calls)):
-            entry = calls[position]
-            if type(entry) is list:  # a placeholder: [module, index, tensor, version]
-                targets.append(position)
-                tensors.append(entry[2])
-                versions.append(entry[3])
-                placeholders.append(entry)
+        # placeholders: [module, index, tensor, version] lists among the Calls
+        positions = [i for i, entry in enumerate(calls[self.scanned:], self.scanned) if type(entry) is list]
+        placeholders: list[list] = [calls[i] for i in positions]
+        targets += positions
+        tensors += [entry[2] for entry in placeholders]
+        versions += [entry[3] for entry in placeholders]
         if tensors:
             batch = StatsBatch(tensors, self.per_token, versions, _Labels(labels, placeholders))
             self.inflight.append((batch, targets))
@@ -582,7 +580,7 @@ def _install_hooks(capturer: _Capturer, selected: list[tuple[str, nn.Module]], n
     copying modules, which would copy a wrapper bound to the original, so only hooks are used there.
     """
     handles: list[RemovableHandle | _ForwardWrap] = []
-    wrap = not _torch_module._global_forward_hooks and not any(isinstance(m, nn.DataParallel) for _, m in named)
+    wrap = not _torch_module._global_forward_hooks and not any([isinstance(m, nn.DataParallel) for _, m in named])
     for name, module in selected:
         if inputs:
             handles.append(module.register_forward_pre_hook(capturer.pre_hook(name), with_kwargs=True))
