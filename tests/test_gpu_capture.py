@@ -351,3 +351,44 @@ def test_stats_batch_of_one_dtype_on_one_gpu_takes_every_layout(monkeypatch):
             if len(tensors) == 5:
                 assert given[4] is not tensors[4] and given[4].is_contiguous()
                 assert torch.equal(given[4], tensors[4])
+
+
+two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+@two_gpus
+def test_stats_across_two_gpus_equal_in_hook_stats(input_ids):
+    """A model split over two GPUs: a batch holds outputs of both, reduced on their own devices."""
+    from test_recording import _assert_stats_close
+
+    g = torch.Generator("cuda:1").manual_seed(5)
+    mixed = [torch.randn(3, 40, device="cuda:0"), torch.randn(2, 7, 33, device="cuda:1", generator=g).bfloat16(),
+             torch.randn(5, device="cuda:1", generator=g), torch.randn(4, 40, device="cuda:0").half()]
+    for t, got in zip(mixed, StatsBatch(mixed).result()):
+        _assert_stats_close(got, TensorStats.of(t))
+    model = build_tiny_llama(dtype=torch.bfloat16)
+    model.model.embed_tokens.cuda(0)
+    for i, layer in enumerate(model.model.layers):
+        layer.cuda(i % 2)
+    model.model.norm.cuda(1)
+    model.model.rotary_emb.cuda(0)
+    model.lm_head.cuda(1)
+
+    def run() -> None:  # moves the hidden states between the GPUs as the layers need them
+        h = model.model.embed_tokens(input_ids.cuda(0))
+        position_ids = torch.arange(h.shape[1], device="cuda:0")[None]
+        cos, sin = model.model.rotary_emb(h, position_ids)
+        for i, layer in enumerate(model.model.layers):
+            device = f"cuda:{i % 2}"
+            h = layer(h.to(device), position_embeddings=(cos.to(device), sin.to(device)))
+            h = h[0] if isinstance(h, tuple) else h
+        model.lm_head(model.model.norm(h.to("cuda:1")))
+
+    recordings = []
+    for batch in ("auto", 0):
+        with torch.no_grad(), pk.record(model, "*", mode="stats", stats_batch=batch) as rec:
+            run()
+        recordings.append(rec)
+    batched, direct = recordings
+    assert {c.output.per_token_rms.device.type for c in batched} == {"cpu"}
+    _assert_same_stats(batched, direct)
