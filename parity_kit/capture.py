@@ -228,7 +228,7 @@ class _Capturer:
         self.calls: list[Any] = recording._calls  # Calls, and placeholders until their batch is built
         self.stats_mode = recording.mode == "stats"
         self.stored = 0
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # calls so far per hooked module (a wrapper counts its own)
         # inputs are captured before forward runs (the model may modify them in place) and kept
         # until the matching output hook; a stack per module handles re-entrant calls
         self.pending: dict[str, list[tuple[dict, dict, list[_Slot]]]] = {}
