@@ -12,6 +12,9 @@ own code runs in between). Every selected module's ``forward`` is wrapped as ``r
 - ``keep_bytes``: keeps it and adds up ``nbytes`` against a batch limit;
 - ``keep_checked``: keeps it after checking it is a CUDA tensor;
 - ``keep_listed``: keeps it in a four-item list, as a placeholder does;
+- ``keep_parallel``: appends a marker to one list and name, index, output and version to four
+  others (a placeholder without a container per call);
+- ``keep_try_version``: keeps it with its version counter, read without asking first;
 - ``record_stats``: the capturer of ``record(mode="stats")``, whose wrappers record placeholders
   themselves (what a stats block's forward runs, without entering and leaving the block).
 
@@ -50,6 +53,10 @@ class _Recorder:
 
     def __init__(self, step: str) -> None:
         self.kept: list[Any] = []
+        self.counts_list: list[None] = []
+        self.names: list[str] = []
+        self.indexes: list[int | None] = []
+        self.versions: list[int | None] = []
         self.counts: dict[str, int] = {}
         self.nbytes = 0
         self.limit = 1 << 40
@@ -85,6 +92,21 @@ class _Recorder:
     def keep_listed(self, name: str, out: Any, index: int | None = None) -> None:
         self.kept.append([name, index, out, None])
 
+    def keep_parallel(self, name: str, out: Any, index: int | None = None) -> None:
+        self.counts_list.append(None)
+        self.names.append(name)
+        self.indexes.append(index)
+        self.kept.append(out)
+        self.versions.append(None)
+
+    def keep_try_version(self, name: str, out: Any, index: int | None = None) -> None:
+        if type(out) is torch.Tensor:
+            try:
+                version = out._version
+            except RuntimeError:  # an inference tensor
+                version = None
+            self.kept.append((out, version))
+
 
 def _stats_capturer() -> capture._Capturer:
     return capture._Capturer(Recording("stats"), torch.device("cpu"), None, None, True,
@@ -111,7 +133,8 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), device="cuda")
     named = capture._named_modules(model)
     selected = capture._select(named, "*")
-    steps = ["nothing", "keep", "keep_counted", "keep_versioned", "keep_bytes", "keep_checked", "keep_listed"]
+    steps = ["nothing", "keep", "keep_counted", "keep_versioned", "keep_bytes", "keep_checked", "keep_listed",
+             "keep_parallel", "keep_try_version"]
     makers: dict[str, Callable[[], Any]] = {step: (lambda step=step: _Recorder(step)) for step in steps}
     makers["record_stats"] = _stats_capturer
 
