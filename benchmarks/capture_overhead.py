@@ -188,18 +188,25 @@ def _versions() -> dict[str, str]:
             "parity_kit": pk.__version__}
 
 
-def main_cuda(args: argparse.Namespace) -> None:
-    torch.set_num_threads(4)
-    torch.manual_seed(0)
+def seven_b_shaped_llama(device: str = "cuda") -> LlamaForCausalLM:
+    """The model of the CUDA capture benchmarks (also ``capture_profile.py`` and ``capture_percall.py``):
+    a Llama shaped like a 7B one, random weights made directly on ``device`` in bf16, in eval mode."""
     config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):  # random init directly on the GPU, in bf16
-            model = LlamaForCausalLM(config).eval()
+        with torch.device(device):
+            return LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def main_cuda(args: argparse.Namespace) -> None:
+    torch.set_num_threads(4)
+    torch.manual_seed(0)
+    model = seven_b_shaped_llama()
+    config = model.config
     n_hooked = len(pk.select_modules(model, "*"))
     sizes: dict[str, int] = {}
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from capture_overhead import seven_b_shaped_llama
 
 from parity_kit import capture
 from parity_kit.recording import Recording
@@ -121,16 +121,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default_dtype)
-    ids = torch.randint(0, config.vocab_size, (1, args.tokens), device="cuda")
+    model = seven_b_shaped_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
     named = capture._named_modules(model)
     selected = capture._select(named, "*")
     steps = ["nothing", "keep", "keep_counted", "keep_versioned", "keep_bytes", "keep_checked", "keep_listed",

@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from capture_overhead import seven_b_shaped_llama
 
 import parity_kit as pk
 
@@ -32,13 +32,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=5.0, help="seconds of plain forwards before timing")
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
-    ids = torch.randint(0, config.vocab_size, (1, args.tokens), device="cuda")
+    model = seven_b_shaped_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
 
     phases: dict[str, list[tuple[float, float, float]]] = {}
 

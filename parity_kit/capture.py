@@ -471,12 +471,7 @@ class _Capturer:
         """Record one call of module ``name``, which returned ``output`` (the forward hooks' body); ``index``
         is the call's number among the module's calls, counted here when not given. A wrapped forward
         takes its common case itself (:meth:`_ForwardWrap.__call__`) and comes here for the others."""
-        if type(output) is torch.Tensor:  # most modules return one tensor: skip the tree walk
-            tensors: dict[str, Any] = {}
-            orig: dict[str, str] = {}
-            self.take(output, tensors, orig, "output", name)
-        else:
-            tensors, orig = self.grab(output, "output", name)
+        tensors, orig = self.grab(output, "output", name)
         if self.track_slots and self.pending.get(name):
             in_tensors, in_orig, in_slots = self.pending[name].pop()
             tensors.update(in_tensors)

@@ -234,7 +234,7 @@ class StatsBatch:
         self._layout: list[tuple[torch.device, int, int, list[int], list[int], list[int], str]] = []
         self._host: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._event: dict[torch.device, Any] = {}
-        self._settled: tuple[list[int], list[int], dict[int, TensorStats]] | None = None
+        self._settled: dict[int, TensorStats] | None = None  # once settled: exact statistics by position
         parts: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         starts: dict[torch.device, tuple[int, int]] = {}
 
@@ -363,7 +363,6 @@ class StatsBatch:
         import numpy as np
 
         tensors, exact = self.tensors, {}
-        sizes, dims = self._shapes
         for event in self._event.values():
             event.synchronize()
         for device, t_start, _, members, _, _, _ in self._layout:
@@ -375,7 +374,7 @@ class StatsBatch:
                 exact[members[k]] = TensorStats.of(tensors[members[k]], self.per_token)  # exact masked path
         for i in self._empty:
             exact[i] = TensorStats.of(tensors[i], self.per_token)
-        self._settled = (sizes, dims, exact)
+        self._settled = exact
         self.tensors = []  # what is left to compute is on the host
         if self._event:  # out of pinned memory, which an unread recording should not hold
             self._host = {device: (totals.clone(), rms.clone()) for device, (totals, rms) in self._host.items()}
@@ -385,7 +384,8 @@ class StatsBatch:
         import numpy as np
 
         self.settle()
-        sizes, dims, exact = self._settled  # type: ignore[misc]
+        sizes, dims = self._shapes
+        exact: dict[int, TensorStats] = self._settled  # type: ignore[assignment]
         ends = np.cumsum(dims).tolist()
         shapes = [tuple(sizes[end - dim:end]) for end, dim in zip(ends, dims)]
         per_token = self.per_token
