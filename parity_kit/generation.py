@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from .dtypes import DtypeLike, dtype_name, parse_dtype
 from .errors import ParityKitError
 from .metrics import max_abs, nominal_floor, rel_rms
+from .models.cache_compat import cache_argument, output_cache
 
 PromptLike = str | torch.Tensor | Sequence[int]
 
@@ -236,11 +237,12 @@ def _greedy_decode(model: nn.Module, prompt: list[int], max_new_tokens: int, top
     model.eval()
     trace = _Trace(prompt=list(prompt))
     sequence, cache, new = list(prompt), None, list(prompt)
+    cache_name = cache_argument(model)
     try:
         for _ in tqdm(range(max_new_tokens), desc="greedy decoding", disable=not progress, leave=False):
             ids = torch.tensor([sequence if cache is None else new], device=device)
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            cache = getattr(out, "past_key_values", None)
+            out = model(input_ids=ids, use_cache=True, **{cache_name: cache})
+            cache = output_cache(out)
             logits = (out.logits if hasattr(out, "logits") else out[0])[0, -1].detach().to("cpu")
             choice, margin, top_ids, top_values = _top(logits.to(torch.float64), top_k)
             trace.tokens.append(choice)

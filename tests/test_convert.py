@@ -67,6 +67,28 @@ def test_converted_llama_reproduces_fp32_logits(tmp_path, heads, kv_heads, hidde
         assert max_logit_gap(model, llama, ids) <= 1e-5
 
 
+def rope_of(config) -> dict:
+    """What transformers 5.x made of the rope fields (it keeps a 4.x-style ``type`` key beside them)."""
+    return {k: config.rope_parameters[k] for k in ("rope_type", "factor", "rope_theta")}
+
+
+def llama_4_36_accepts_rope_scaling(config: dict) -> bool:
+    """The rule of transformers 4.36's ``LlamaConfig._rope_scaling_validation`` (the generation InternLM2
+    checkpoints and InternLM's convert2llama.py were made with): None, or a dict of exactly the two fields
+    ``type`` ("linear" or "dynamic") and ``factor`` (a float above 1)."""
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        return True
+    return (isinstance(scaling, dict) and len(scaling) == 2 and scaling.get("type") in ("linear", "dynamic")
+            and isinstance(scaling.get("factor"), float) and scaling["factor"] > 1.0)
+
+
+def test_the_4_36_rule_refuses_what_transformers_5_alone_writes():
+    assert llama_4_36_accepts_rope_scaling({"rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    assert not llama_4_36_accepts_rope_scaling({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    assert not llama_4_36_accepts_rope_scaling({"rope_scaling": {"type": "dynamic", "factor": 2}})
+
+
 @pytest.mark.parametrize("kind", ["dynamic", "linear"])
 def test_rope_scaling_is_converted_and_matches_beyond_max_positions(tmp_path, kind):
     model = build(heads=8, kv_heads=2, max_position_embeddings=16, rope_theta=50000.0,
@@ -74,7 +96,8 @@ def test_rope_scaling_is_converted_and_matches_beyond_max_positions(tmp_path, ki
     model.save_pretrained(tmp_path / "src")
     convert_internlm2_to_llama(tmp_path / "src", tmp_path / "dst")
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
-    assert llama.config.rope_parameters == {"rope_type": kind, "factor": 2.0, "rope_theta": 50000.0}
+    assert rope_of(llama.config) == {"rope_type": kind, "factor": 2.0, "rope_theta": 50000.0}
+    assert llama_4_36_accepts_rope_scaling(json.loads((tmp_path / "dst" / "config.json").read_text()))
     long_ids = torch.randint(0, 64, (1, 28))  # beyond max_position_embeddings: dynamic NTK scaling is active
     assert max_logit_gap(model, llama, long_ids) <= 1e-5
 
@@ -181,7 +204,8 @@ def test_remote_code_style_folder(tmp_path):
         assert (tmp_path / "dst" / name).read_bytes() == (src / name).read_bytes()
     assert not (tmp_path / "dst" / "modeling_internlm2.py").exists()
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
-    assert llama.config.rope_parameters == {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}
+    assert rope_of(llama.config) == {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}
+    assert llama_4_36_accepts_rope_scaling(written)
     assert max_logit_gap(ours, llama, torch.randint(0, 64, (1, 24))) <= 1e-5
 
 

@@ -177,3 +177,26 @@ def test_unknown_attention_implementation_is_refused():
     model.config._attn_implementation_internal = "flash_attention_2"  # bypasses transformers' own check
     with pytest.raises(ParityKitError, match="eager"):
         model(torch.tensor([[0, 1, 2]]))
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_cache_is_taken_under_its_new_and_its_old_name(name):
+    from parity_kit.models.cache_compat import output_cache
+
+    model = build(layers=2, seed=5)
+    ids = torch.tensor([[0, 5, 9, 13, 17, 4]])
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, -1]
+        prefix = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], use_cache=True, **{name: output_cache(prefix)}).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+def test_an_argument_the_model_would_swallow_is_refused():
+    model = build(layers=1, seed=6)
+    ids = torch.tensor([[0, 5, 9]])
+    with pytest.raises(ParityKitError, match=r"does not take \['past_key_value'\]"):
+        model(ids, past_key_value=None)
+    with pytest.raises(ParityKitError, match="both cache= and past_key_values="):
+        from transformers import DynamicCache
+        model(ids, cache=DynamicCache(), past_key_values=DynamicCache())

@@ -100,3 +100,22 @@ def test_unknown_dtype_and_missing_builtin_files(tmp_path, monkeypatch):
     monkeypatch.setenv("PARITY_KIT_DATA", str(tmp_path))
     with pytest.raises(ParityKitError, match="parity-kit train tiny-rwkv7"):
         models.load("tiny-rwkv7")
+
+
+def _greedy_without_cache(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=-1)
+    return ids
+
+
+@pytest.mark.parametrize("name", ["tiny-internlm2", "tiny-internlm2-llama", "tiny-rwkv7"])
+def test_generate_with_cache_equals_a_greedy_chain_without_cache(name, deprecation_messages):
+    """``model.generate`` decodes with the cache the installed transformers passes (``cache=`` from 5.24 on);
+    a cache that did not reach the model would decode from position 0 and part from this chain within tokens."""
+    model, tok = models.load(name)
+    prompt = tok(PROMPT, return_tensors="pt").input_ids
+    generated = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=2, eos_token_id=None)
+    assert torch.equal(generated, _greedy_without_cache(model, prompt, 24))
+    assert deprecation_messages() == []

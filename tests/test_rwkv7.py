@@ -184,3 +184,9 @@ def test_bad_config_and_padding_raise():
         model(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
     with pytest.raises(ParityKitError, match="mode"):
         model.set_wkv_mode("fast")
+
+
+def test_an_unknown_argument_is_refused_not_swallowed():
+    model = make_model()
+    with pytest.raises(ParityKitError, match=r"does not take \['cache_params'\]"):
+        model(torch.tensor([[0, 3, 4]]), cache_params=None)

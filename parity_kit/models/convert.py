@@ -350,8 +350,9 @@ def _llama_config(config: dict[str, Any], layout: _Layout) -> dict[str, Any]:
                 f"rope_scaling {scaling!r} has no Llama equivalent here; only 'linear' and 'dynamic' are converted"
             )
         rope_parameters = {"rope_type": kind, "factor": float(scaling["factor"]), "rope_theta": rope_theta}
-        # transformers 4.x reads rope_scaling/rope_theta; 5.x reads rope_parameters (and agrees with the former).
-        llama["rope_scaling"] = {"rope_type": kind, "factor": float(scaling["factor"])}
+        # transformers 4.x reads rope_scaling and rope_theta (4.36 accepts exactly {"type", "factor"}, as InternLM's
+        # convert2llama.py writes it); 5.x reads rope_parameters and agrees with the former.
+        llama["rope_scaling"] = {"type": kind, "factor": float(scaling["factor"])}
     llama.update(
         model_type="llama",
         architectures=["LlamaForCausalLM"],

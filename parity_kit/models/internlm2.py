@@ -40,8 +40,12 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..errors import ParityKitError
+from .cache_compat import CACHE_FIELD, refuse_unknown_kwargs, resolve_cache
 
 _ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+_MODEL_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds", "use_cache",
+                    "output_hidden_states", "past_key_values")
+_CAUSAL_LM_ARGUMENTS = (*_MODEL_ARGUMENTS, "labels", "logits_to_keep")
 _ROPE_SCALING_TYPES = ("linear", "dynamic")
 
 
@@ -58,7 +62,7 @@ class InternLM2Config(PretrainedConfig):
     """
 
     model_type = "internlm2"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 103168
     hidden_size: int = 4096
@@ -351,7 +355,7 @@ class InternLM2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["InternLM2DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     @classmethod
@@ -396,16 +400,18 @@ class InternLM2Model(InternLM2PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """``cache`` and ``past_key_values`` are one argument under its new and old name (transformers 5.24)."""
+        refuse_unknown_kwargs(kwargs, type(self).__name__, _MODEL_ARGUMENTS)
+        past_key_values = resolve_cache(cache, past_key_values, type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ParityKitError("pass exactly one of input_ids and inputs_embeds")
-        if kwargs.get("output_attentions"):
-            raise ParityKitError("output_attentions is not supported by InternLM2; capture with parity_kit.record")
         if inputs_embeds is None:
             inputs_embeds = self.tok_embeddings(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -430,8 +436,8 @@ class InternLM2Model(InternLM2PreTrainedModel):
             all_hidden_states.append(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 
 
@@ -466,23 +472,25 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """``cache`` and ``past_key_values`` are one argument under its new and old name (transformers 5.24)."""
+        refuse_unknown_kwargs(kwargs, type(self).__name__, _CAUSAL_LM_ARGUMENTS)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values, type(self).__name__),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
@@ -494,8 +502,8 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
 

@@ -28,6 +28,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import ParityKitError
+from .cache_compat import CACHE_FIELD, refuse_unknown_kwargs, resolve_cache
 from ..recurrence import wkv_chunk, wkv_recurrent, wkv_reference
 
 __all__ = ["RWKV7Config", "RWKV7ForCausalLM", "RWKV7Model", "RWKV7State", "WKV7", "set_wkv_mode"]
@@ -36,6 +37,8 @@ __all__ = ["RWKV7Config", "RWKV7ForCausalLM", "RWKV7Model", "RWKV7State", "WKV7"
 _DECAY_SCALE = 0.6065306597126334
 WKV_MODES = ("recurrent", "chunk", "fp64")
 _STATE_DTYPES = ("fp32", "model")
+_FORWARD_ARGUMENTS = ("input_ids", "attention_mask", "inputs_embeds", "cache", "labels", "use_cache",
+                      "output_hidden_states", "return_dict", "logits_to_keep", "past_key_values")
 _INTERMEDIATE_DTYPES = ("fp32", "input")
 
 
@@ -59,7 +62,7 @@ class RWKV7Config(PretrainedConfig):
     """
 
     model_type = "rwkv7"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,
@@ -165,7 +168,8 @@ class RWKV7State:
     """Recurrent cache for incremental decoding: per layer the attention and FFN token-shift inputs
     (``[B, C]``) and the WKV state (``[B, H, N, V]``, key index first, FLA layout).
 
-    Passed as ``past_key_values``; ``forward(..., use_cache=True)`` returns the updated object.
+    Passed as ``cache`` (or its old name ``past_key_values``); ``forward(..., use_cache=True)`` returns the
+    updated object.
 
     >>> s = RWKV7State(2)
     >>> s.get_seq_length(), len(s)
@@ -376,7 +380,7 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["RWKV7Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -485,7 +489,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
 class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
     """RWKV-7 language model with FLA names (``model.*``, ``lm_head``), incremental decoding and ``generate()``.
 
-    ``past_key_values`` is an :class:`RWKV7State`; with ``use_cache=True`` (the default in eval mode)
+    The cache (``cache=``, or ``past_key_values=``) is an :class:`RWKV7State`; with ``use_cache=True`` (the default in eval mode)
     the returned state continues the sequence: prefill once, then feed one token at a time.
 
     >>> import torch
@@ -521,26 +525,29 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: RWKV7State | None = None,
+        cache: RWKV7State | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: RWKV7State | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """``cache`` and ``past_key_values`` are one argument under its new and old name (transformers 5.24)."""
+        refuse_unknown_kwargs(kwargs, type(self).__name__, _FORWARD_ARGUMENTS)
+        cache = resolve_cache(cache, past_key_values, type(self).__name__)
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ParityKitError(
                 "RWKV7ForCausalLM does not support padding (attention_mask has zeros): a recurrent model would "
                 "carry the pad tokens in its state; run prompts of different lengths one at a time"
             )
-        if past_key_values is not None and not isinstance(past_key_values, RWKV7State):
+        if cache is not None and not isinstance(cache, RWKV7State):
             raise ParityKitError(
-                f"past_key_values must be an RWKV7State (or None), got {type(past_key_values).__name__}"
+                f"the cache must be an RWKV7State (or None), got {type(cache).__name__}"
             )
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and not self.training
-        cache = past_key_values
         if use_cache and cache is None:
             cache = RWKV7State(self.config.num_hidden_layers)
         hidden, all_hidden = self.model(input_ids, inputs_embeds, cache,
@@ -553,20 +560,25 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
-                                      hidden_states=all_hidden)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden,
+                                      **{CACHE_FIELD: cache if use_cache else None})
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.LongTensor, past_key_values: RWKV7State | None = None,
+        self, input_ids: torch.LongTensor, cache: RWKV7State | None = None,
         attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool = True, **kwargs: Any,
+        use_cache: bool = True, past_key_values: RWKV7State | None = None, **kwargs: Any,
     ) -> dict[str, Any]:
-        """After the prefill the state holds the whole prefix, so only the newest token is fed."""
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            return {"input_ids": input_ids[:, -1:], "past_key_values": past_key_values, "use_cache": True}
+        """After the prefill the state holds the whole prefix, so only the newest token is fed.
+
+        ``kwargs`` are generate's own bookkeeping (next_sequence_length, is_first_iteration, ...): the state
+        alone decides what is fed.
+        """
+        cache = resolve_cache(cache, past_key_values, type(self).__name__)
+        if cache is not None and cache.get_seq_length() > 0:
+            return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
         if inputs_embeds is not None:
-            return {"inputs_embeds": inputs_embeds, "past_key_values": past_key_values, "use_cache": use_cache}
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "use_cache": use_cache}
+            return {"inputs_embeds": inputs_embeds, "cache": cache, "use_cache": use_cache}
+        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache}
 
     def set_wkv_mode(self, mode: str | None = None, *, chunk_size: int | None = None,
                      state_dtype: str | None = None, intermediate_dtype: str | None = None) -> RWKV7ForCausalLM:
