@@ -134,3 +134,43 @@ def test_readme_performance_table_is_the_benchmark_summary():
     summary = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summary.py")], capture_output=True,
                              text=True, check=True).stdout.strip()
     assert table == summary, "regenerate the README table with: python benchmarks/summary.py"
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_the_pinned_set_pins_every_direct_dependency_within_pyproject_bounds():
+    """CI installs through constraints/ci.txt: every direct dependency must be pinned there, at a version
+    pyproject.toml allows, so a fresh clone installs what the suite last passed with."""
+    from packaging.version import Version
+
+    pins = _pins(ROOT / "constraints" / "ci.txt")
+    for name, requirement in _pyproject_requirements().items():
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        assert name in pins, f"{name} is not pinned in constraints/ci.txt; run python tools/deps.py refresh"
+        assert requirement.specifier.contains(Version(pins[name]), prereleases=True), (
+            f"constraints/ci.txt pins {name}=={pins[name]}, outside pyproject's {requirement.specifier}")
+    assert pins["torch"] == TORCH_PIN.split("==")[1]
+    for line in _quickstart_commands():
+        assert "-c constraints/ci.txt" in line
+
+
+def test_the_lowest_set_is_pyprojects_lower_bounds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deps", ROOT / "tools" / "deps.py")
+    deps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deps)
+    assert (ROOT / "constraints" / "lowest.txt").read_text() == deps.lowest_text(), (
+        "constraints/lowest.txt is stale: run python tools/deps.py lowest")
+    bounds = deps.lower_bounds()
+    for name, requirement in _pyproject_requirements().items():
+        if name != "torch" and any(s.operator == ">=" for s in requirement.specifier):
+            assert any(canonicalize_name(n) == name for n in bounds), name
