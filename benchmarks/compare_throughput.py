@@ -5,7 +5,7 @@ Two recordings shaped like one forward of a 7B Llama at ``--tokens`` tokens (per
 candidate is the reference plus noise of relative size 1e-2, rounded to bf16. ``pk.compare`` is timed
 on GPU-resident recordings (results read back once per table) with
 
-- the fused Triton kernel (``parity_kit.kernels``, the default on CUDA),
+- the fused Triton kernel (``parity_kit.comparison.kernels``, the default on CUDA),
 - the torch reductions in fp64 (``PARITY_KIT_KERNEL=0``, the default before the kernel),
 - the torch reductions through torch.compile (opt-in ``PARITY_KIT_COMPILE=1``),
 
@@ -35,9 +35,9 @@ import torch
 
 import parity_kit as pk
 
-compare_module = importlib.import_module("parity_kit.compare")
-metrics_module = importlib.import_module("parity_kit.metrics")
-from parity_kit.recording import Call, Recording
+compare_module = importlib.import_module("parity_kit.comparison.compare")
+metrics_module = importlib.import_module("parity_kit.comparison.metrics")
+from parity_kit.recording.model import Call, Recording
 
 
 def _recordings(tokens: int, device: str, layers: int = 32) -> tuple[Recording, Recording]:
@@ -126,7 +126,7 @@ def main() -> None:
     record("kernel_largest_pair_gpu_time", per_launch, [per_launch], pair_bytes)
     results["kernel_largest_pair_gpu_time"]["pair_shape"] = list(largest_ref.shape)
     # tile size and warps of the kernel, for tuning its defaults (the module constants, set back after)
-    import parity_kit.kernels as kernels_module
+    import parity_kit.comparison.kernels as kernels_module
 
     default = (kernels_module._BLOCK, kernels_module._WARPS)
     sweep = []

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from parity_kit.recurrence import random_wkv_inputs, wkv_chunk, wkv_recurrent, wkv_reference  # noqa: E402
+from parity_kit.models.wkv import random_wkv_inputs, wkv_chunk, wkv_recurrent, wkv_reference  # noqa: E402
 
 DECAY_BOUND = -0.6065306597126334
 

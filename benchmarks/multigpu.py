@@ -3,7 +3,7 @@
 The model (default: 88 layers, hidden 8192, intermediate 28672, 64 heads, 8 key/value heads, vocab
 32000: about 76 B parameters, 152 GB in bf16, more than one H200's 141 GB) is built on the meta
 device, split by accelerate's ``infer_auto_device_map`` under ``--max-memory`` per GPU, filled with
-random weights in place on each GPU (``parity_kit.multigpu.random_dispatched``) and run through
+random weights in place on each GPU (``parity_kit.testing.random_dispatched``) and run through
 accelerate's hooks. Measured at batch 1 × ``--tokens``: plain forward, stats capture of every module,
 tensors of every module gathered on cuda:0 and copied to CPU; each the median of ``--repeats``
 host-timed runs (all GPUs synchronised) after a warm-up. Then a comparison: the decoder-layer
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import parity_kit as pk
-from parity_kit.multigpu import random_dispatched
+from parity_kit.testing import random_dispatched
 
 
 def _sync() -> None:

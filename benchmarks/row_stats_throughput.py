@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from parity_kit.kernels import row_statistics_triton, tensor_statistics_triton
-from parity_kit.recording import StatsBatch
+from parity_kit.comparison.kernels import row_statistics_triton, tensor_statistics_triton
+from parity_kit.recording.model import StatsBatch
 
 RESULT = Path(__file__).resolve().parent / "results" / "row_stats_throughput_h200.json"
 
@@ -61,7 +61,7 @@ def _time(fn, tensors: list[torch.Tensor], repeats: int) -> tuple[float, float]:
 
 
 def _row_kernel_settings() -> dict[str, int]:
-    from parity_kit import kernels
+    from parity_kit.comparison import kernels
 
     return {"elements_per_step": kernels._ROW_TILE, "warps": kernels._ROW_WARPS,
             "widest_column_block": kernels._ROW_BLOCK_MAX, "stages": kernels._ROW_STAGES}
@@ -96,7 +96,7 @@ def main() -> None:
               flush=True)
     sweep = []
     if args.sweep:  # how the defaults (kernels._ROW_TILE, kernels._ROW_WARPS) were chosen
-        from parity_kit import kernels
+        from parity_kit.comparison import kernels
 
         chosen = kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX, kernels._ROW_STAGES
         for block in (128, 256, 512, 1024):

@@ -1,10 +1,10 @@
-"""Chunked vs recurrent RWKV-7 WKV on a CUDA GPU: FLA's real kernels next to ours, through parity_kit.prefill.
+"""Chunked vs recurrent RWKV-7 WKV on a CUDA GPU: FLA's real kernels next to ours, through parity_kit.analyses.prefill.
 
 For T in --lengths (prefixes of one random model-like sequence, B=1, H=16, N=64, seed 0) and each dtype,
 runs ``fla_chunk`` (``chunk_rwkv7``), ``fla_fused_recurrent`` (``fused_recurrent_rwkv7``), both with
 ``scale=1.0``, and our four modes, and measures output and final-state error against the fp64 recurrence on
 the unrounded inputs and on the rounded inputs, and chunk against recurrent directly
-(:func:`parity_kit.prefill.compare_prefill`). Also: state error at every chunk boundary for the longest T,
+(:func:`parity_kit.analyses.prefill.compare_prefill`). Also: state error at every chunk boundary for the longest T,
 FLA prefill-then-decode vs full prefill, kernel times (median of 5 after 2 warm-ups; the error tables' ``seconds``
 exclude the first call of each kernel, timed
 apart as ``first_call_seconds`` because it compiles and autotunes Triton kernels), and, last, FLA's chunk size
@@ -32,11 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from parity_kit.prefill import (  # noqa: E402
+from parity_kit.analyses.prefill import (  # noqa: E402
     FLA_MODES, OUR_MODES, compare_prefill, fla_unavailable_reason, prefill_then_decode, run_mode,
 )
 from parity_kit.dtypes import parse_dtype  # noqa: E402
-from parity_kit.recurrence import random_wkv_inputs  # noqa: E402
+from parity_kit.models.wkv import random_wkv_inputs  # noqa: E402
 
 
 def environment() -> dict:
@@ -91,7 +91,7 @@ def main() -> None:
     dtypes = args.dtypes.split(",")
     report: dict = {"command": " ".join(["python", *sys.argv]), "environment": environment(),
                     "setup": {"B": 1, "H": 16, "N": 64, "seed": 0, "chunk_size": 64,
-                              "inputs": "parity_kit.recurrence.random_wkv_inputs, prefixes of one sequence",
+                              "inputs": "parity_kit.models.wkv.random_wkv_inputs, prefixes of one sequence",
                               "fla_chunk_call": "chunk_rwkv7(..., scale=1.0, safe_gate=True, lower_bound=-e^-0.5, "
                                                 "chunk_size=64)",
                               "fla_recurrent_call": "fused_recurrent_rwkv7(..., scale=1.0)"}}

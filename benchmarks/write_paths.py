@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from parity_kit.filesink import FileSink
+from parity_kit.recording.filesink import FileSink
 
 RESULT = Path(__file__).resolve().parent / "results" / "write_paths_cpu.json"
 

@@ -4,8 +4,8 @@
 >>> "record" in pk.__all__ and "compare" in pk.__all__
 True
 
-Public names are imported lazily, so ``import parity_kit`` stays fast and a notebook only pays for
-what it uses.
+Public names are imported lazily: ``import parity_kit`` loads neither torch nor pandas, and a notebook
+only pays for what it uses.
 """
 
 from __future__ import annotations
@@ -17,45 +17,48 @@ from .errors import ParityKitError
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
     # capture and recordings
     "record": "capture", "select_modules": "capture",
     "Recording": "recording", "Call": "recording", "TensorStats": "recording",
     # metrics and comparison
-    "metrics": "metrics",
-    "compare": "compare", "first_divergence": "compare", "first_nonfinite": "compare",
-    "per_token_error": "compare", "local_vs_propagated": "compare",
-    "ModuleMapping": "mapping", "mapping": "mapping", "compare_live": "live",
-    # precision
-    "run_in_dtype": "precision", "sweep_by_class": "precision", "bisect_precision": "precision",
-    # generation and evaluation
-    "lockstep_greedy": "generation", "teacher_forced": "generation", "divergence_statistics": "generation",
-    "evaluate_lastword": "evaluation", "paired_comparison": "evaluation", "token_provenance": "evaluation",
+    "compare": "comparison", "first_divergence": "comparison", "first_nonfinite": "comparison",
+    "per_token_error": "comparison", "compare_live": "comparison",
+    "ModuleMapping": "comparison.mapping",
+    # analyses
+    "local_vs_propagated": "analyses.replay",
+    "run_in_dtype": "analyses.precision", "sweep_by_class": "analyses.precision",
+    "bisect_precision": "analyses.precision",
+    "lockstep_greedy": "analyses.generation", "teacher_forced": "analyses.generation",
+    "divergence_statistics": "analyses.generation",
+    "evaluate_lastword": "analyses.evaluation", "paired_comparison": "analyses.evaluation",
+    "token_provenance": "analyses.evaluation",
     # reports
-    "environment_capsule": "report", "diff_capsules": "report", "write_findings": "report",
-    "read_findings": "report", "export_html": "report",
-    # subpackages / helper modules
-    "models": "models", "plots": "plots", "recurrence": "recurrence", "ui": "ui", "prefill": "prefill",
-    "generation": "generation", "evaluation": "evaluation", "precision": "precision", "bugreport": "bugreport",
+    "environment_capsule": "present.report", "diff_capsules": "present.report", "write_findings": "present.report",
+    "read_findings": "present.report", "export_html": "present.report",
+}
+# public names that are modules
+_MODULES: dict[str, str] = {
+    "metrics": "comparison.metrics", "mapping": "comparison.mapping", "models": "models",
+    "plots": "present.plots", "ui": "present.panels", "recurrence": "models.wkv",
+    "prefill": "analyses.prefill", "generation": "analyses.generation", "evaluation": "analyses.evaluation",
+    "precision": "analyses.precision", "bugreport": "stories.bug_report",
 }
 
-__all__ = ["ParityKitError", "__version__", *_EXPORTS]
+__all__ = ["ParityKitError", "__version__", *_EXPORTS, *_MODULES]
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    if name in _MODULES:
+        value = importlib.import_module(f".{_MODULES[name]}", __name__)
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
         raise AttributeError(f"module 'parity_kit' has no attribute {name!r}")
-    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-    value = module if _EXPORTS[name] == name else getattr(module, name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-# "compare" names both a submodule and its main function. Importing a submodule binds it as a package
-# attribute, which would shadow the function, so bind the function eagerly, after that import.
-from .compare import compare  # noqa: E402

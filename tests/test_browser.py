@@ -23,7 +23,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from parity_kit.paths import repo_root
+from parity_kit._util.paths import repo_root
 
 CHROMIUM = os.environ.get("PARITY_KIT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -8,9 +8,9 @@ from conftest import build_tiny_llama, hook_counts
 from torch import nn
 
 import parity_kit as pk
-from parity_kit.capture import parse_bytes
+from parity_kit.capture.recorder import parse_bytes
 from parity_kit.errors import ParityKitError
-from parity_kit.recording import TensorStats
+from parity_kit.recording.model import TensorStats
 
 
 class TwiceLinear(nn.Module):
@@ -437,7 +437,7 @@ def test_batched_copies_detect_outputs_modified_in_place():
 
 
 def test_auto_stats_batch_depends_on_the_device():
-    from parity_kit import capture
+    from parity_kit.capture import recorder as capture
 
     assert capture._auto_stats_batch("cpu") == capture._AUTO_BATCH
     assert capture._auto_stats_batch("meta") == capture._AUTO_BATCH
@@ -449,7 +449,7 @@ def test_auto_stats_batch_depends_on_the_device():
 
 
 def test_module_walk_equals_named_modules():
-    from parity_kit.capture import _named_modules
+    from parity_kit.capture.recorder import _named_modules
 
     shared = nn.Linear(2, 2)
     inner = nn.Sequential(shared, nn.ReLU(), nn.Sequential(nn.Tanh(), shared))

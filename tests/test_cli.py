@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from parity_kit import cli
+from parity_kit.app import cli
 from parity_kit.errors import ParityKitError
 
 SCRIPT = Path(sys.executable).parent / "parity-kit"

@@ -8,10 +8,10 @@ import torch
 from conftest import build_tiny_llama
 
 import parity_kit as pk
-from parity_kit.compare import COLUMNS
+from parity_kit.comparison.compare import COLUMNS
 from parity_kit.errors import ParityKitError
-from parity_kit.mapping import ModuleMapping
-from parity_kit.recording import Call, Recording
+from parity_kit.comparison.mapping import ModuleMapping
+from parity_kit.recording.model import Call, Recording
 
 
 def _rec(*calls: tuple[str, dict]) -> Recording:
@@ -153,7 +153,7 @@ def test_per_token_error(input_ids):
 
 
 def _straightforward(ref: Recording, cand: Recording) -> dict[tuple[str, int, str], dict[str, float]]:
-    """Each metric computed separately by parity_kit.metrics, pair by pair (the reference computation)."""
+    """Each metric computed separately by parity_kit.comparison.metrics, pair by pair (the reference computation)."""
     from parity_kit import metrics as M
 
     out = {}

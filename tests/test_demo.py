@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from parity_kit.demo import NotebookResult, select_notebooks, summary_table
+from parity_kit.app.demo import NotebookResult, select_notebooks, summary_table
 from parity_kit.errors import ParityKitError
 
 SCRIPT = Path(sys.executable).parent / "parity-kit"

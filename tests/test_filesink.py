@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from parity_kit.filesink import FileSink
+from parity_kit.recording.filesink import FileSink
 
 CHUNK = 8192
 

@@ -44,7 +44,7 @@ def test_fla_model_loads_our_state_dict_and_agrees():
 def test_fla_kernels_against_fp64_reference(dtype, bound):
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
-    from parity_kit.recurrence import random_wkv_inputs, wkv_reference
+    from parity_kit.models.wkv import random_wkv_inputs, wkv_reference
 
     x = random_wkv_inputs(1, 256, 4, 64, dtype=dtype, seed=0, device="cuda")
     ref_o, ref_s = wkv_reference(*x)

@@ -1,4 +1,4 @@
-"""Tests for parity_kit.generation: lockstep greedy decoding, teacher forcing, statistics, bad input."""
+"""Tests for parity_kit.analyses.generation: lockstep greedy decoding, teacher forcing, statistics, bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from parity_kit import generation as gen
-from parity_kit.metrics import nominal_floor
+from parity_kit.comparison.metrics import nominal_floor
 from parity_kit.errors import ParityKitError
 
 torch.set_num_threads(1)
@@ -365,7 +365,7 @@ def test_teacher_forced_detects_a_wrong_qkv_split(converted_pair):
 
 
 def test_mapping_covers_every_module_of_both_models(converted_pair):
-    from parity_kit.mapping import internlm2_to_llama
+    from parity_kit.comparison.mapping import internlm2_to_llama
 
     original, converted = converted_pair(torch.float32)
     assert internlm2_to_llama(original.config).unmatched(original, converted) == ([], [])

@@ -12,7 +12,7 @@ from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.recording import StatsBatch, TensorStats
+from parity_kit.recording.model import StatsBatch, TensorStats
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,7 +56,7 @@ def test_hooks_coexist_with_accelerate_disk_offload(tmp_path, input_ids):
 def test_random_dispatched_model_records(input_ids):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from parity_kit.multigpu import random_dispatched
+    from parity_kit.testing import random_dispatched
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
@@ -328,7 +328,7 @@ def test_stats_batch_of_one_dtype_on_one_gpu_takes_every_layout(monkeypatch):
     transpose among them (not dense) is copied first. Both agree with TensorStats.of."""
     from test_recording import _assert_stats_close
 
-    from parity_kit.kernels import tensor_statistics_triton
+    from parity_kit.comparison.kernels import tensor_statistics_triton
 
     seen = []
 

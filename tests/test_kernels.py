@@ -21,7 +21,7 @@ import torch
 import parity_kit as pk
 from parity_kit import metrics as M
 from parity_kit.errors import ParityKitError
-from parity_kit.recording import Call, Recording
+from parity_kit.recording.model import Call, Recording
 
 triton = pytest.importorskip("triton", reason="the fused kernel needs Triton")
 tl = pytest.importorskip("triton.language")
@@ -130,7 +130,7 @@ def _interpreted_checks() -> None:
     """Every CPU check of the comparison kernel; run by :func:`test_interpreted_kernel_matches_the_torch_path`
     in a fresh process, since TRITON_INTERPRET must be set before Triton is first imported."""
     _require_interpreted_loops()
-    from parity_kit import kernels
+    from parity_kit.comparison import kernels
 
     for seed in (0, 1):
         for name, ref, cand, unit in _cases(seed):
@@ -170,7 +170,7 @@ def test_interpreted_kernel_matches_the_torch_path():
 
 
 def test_kernel_rejects_what_it_cannot_reduce():
-    from parity_kit.kernels import pair_reductions_triton
+    from parity_kit.comparison.kernels import pair_reductions_triton
 
     with pytest.raises(ParityKitError, match="fp16/bf16/fp32"):
         pair_reductions_triton(torch.ones(3, dtype=torch.float64), torch.ones(3), torch.float32)
@@ -192,7 +192,7 @@ def test_cpu_pairs_never_reach_the_kernel(monkeypatch):
 @cuda
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cuda_kernel_matches_the_torch_path(seed):
-    from parity_kit.kernels import pair_reductions_triton
+    from parity_kit.comparison.kernels import pair_reductions_triton
 
     for name, ref, cand, unit in _cases(seed, "cuda"):
         _assert_matches(pair_reductions_triton(ref, cand, unit), M._pair_reductions_torch(ref, cand, unit), name)
@@ -200,7 +200,7 @@ def test_cuda_kernel_matches_the_torch_path(seed):
 
 @cuda
 def test_cuda_kernel_on_large_pairs_matches_the_torch_path():
-    from parity_kit.kernels import pair_reductions_triton
+    from parity_kit.comparison.kernels import pair_reductions_triton
 
     g = torch.Generator("cuda").manual_seed(4)
     # more tiles than programs, so each program walks several; one size a multiple of 16, one odd
@@ -307,7 +307,7 @@ def _non_finite_rows(dtype: torch.dtype, device: str) -> list[torch.Tensor]:
 
 def _assert_totals_match(got: tuple, tensors: list[torch.Tensor], name: str) -> None:
     """tensor_statistics_triton against the torch path's segment reductions over the torch rows."""
-    from parity_kit.recording import StatsBatch
+    from parity_kit.recording.model import StatsBatch
 
     totals, row_rms, rows, widths = got
     assert widths == [t.shape[-1] if t.dim() else 1 for t in tensors], name
@@ -325,7 +325,7 @@ def _assert_totals_match(got: tuple, tensors: list[torch.Tensor], name: str) -> 
 def _interpreted_row_checks() -> None:
     """Every CPU check of the row statistics kernel, through the interpreter (see _interpreted_checks)."""
     _require_interpreted_loops()
-    from parity_kit import kernels
+    from parity_kit.comparison import kernels
 
     for dtype in DTYPES:
         for name, tensors in (("mixed", _row_cases(dtype, "cpu")), ("aligned", _aligned_row_cases(dtype, "cpu")),
@@ -348,7 +348,7 @@ def test_interpreted_row_statistics_match_torch():
 
 
 def test_row_statistics_reject_what_they_cannot_reduce():
-    from parity_kit.kernels import row_statistics_triton
+    from parity_kit.comparison.kernels import row_statistics_triton
 
     with pytest.raises(ParityKitError, match="no tensors"):
         row_statistics_triton([])
@@ -362,7 +362,7 @@ def test_row_statistics_reject_what_they_cannot_reduce():
 
 @cuda
 def test_cuda_row_statistics_match_torch():
-    from parity_kit.kernels import row_statistics_triton, tensor_statistics_triton
+    from parity_kit.comparison.kernels import row_statistics_triton, tensor_statistics_triton
 
     for dtype in DTYPES:
         for name, tensors in (("mixed", _row_cases(dtype, "cuda")), ("aligned", _aligned_row_cases(dtype, "cuda")),

@@ -10,7 +10,7 @@ from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.live import compare_live
+from parity_kit.comparison.live import compare_live
 
 
 def _assert_tables_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:

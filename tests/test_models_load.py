@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from parity_kit import corpus, models
+from parity_kit import models
+from parity_kit.builtins import corpus
 from parity_kit.errors import ParityKitError
 
 PROMPT = "User: who are you\nAssistant:"

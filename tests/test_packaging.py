@@ -45,7 +45,7 @@ def _environment_requirements() -> tuple[dict[str, str], dict[str, Requirement],
 def test_pyproject_declares_package_script_and_test_extra():
     project = _pyproject()["project"]
     assert project["name"] == "parity_kit"
-    assert project["scripts"]["parity-kit"] == "parity_kit.cli:main"
+    assert project["scripts"]["parity-kit"] == "parity_kit.app.cli:main"
     assert "test" in project["optional-dependencies"]
     assert "pytest" in _pyproject_requirements()
 

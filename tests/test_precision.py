@@ -12,8 +12,8 @@ from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.evaluation import LastWordResult
-from parity_kit.precision import (
+from parity_kit.analyses.evaluation import LastWordResult
+from parity_kit.analyses.precision import (
     BisectionResult,
     ClassSweepSummary,
     LocalErrorSummary,
@@ -615,7 +615,7 @@ def test_conclusion_follows_the_local_error_the_bisection_and_the_fix():
 
 def test_story_panel_runs_the_precision_exploration():
     import parity_kit as pk
-    from parity_kit.precision import explore_precision
+    from parity_kit.analyses.precision import explore_precision
 
     def rerun(p):
         return explore_precision(p["model"], dtype=p["dtype"], reference_dtype=p["ref_dtype"], device=p["device"],

@@ -1,4 +1,4 @@
-"""The chunked-vs-recurrent prefill harness (parity_kit.prefill)."""
+"""The chunked-vs-recurrent prefill harness (parity_kit.analyses.prefill)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import torch
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
 from parity_kit.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
-from parity_kit.paths import data_dir
+from parity_kit._util.paths import data_dir
 from parity_kit import prefill
-from parity_kit.prefill import (
+from parity_kit.analyses.prefill import (
     FLA_MODES, OUR_MODES, REPORTED_FIGURES, boundary_positions, capture_wkv_inputs, chunk_size_table, compare_prefill,
     conclude_prefill, decode_comparison, error_pivot, explore, fla_unavailable_reason, lastword_by_mode, length_table,
     model_mode_comparison, prefill_then_decode, reported_vs_measured, run_mode, state_growth, stored_kernel_figures,
     stored_kernel_table, story_plan, sweep,
 )
-from parity_kit.recurrence import random_wkv_inputs
+from parity_kit.models.wkv import random_wkv_inputs
 
 HAS_FLA_GPU = torch.cuda.is_available() and importlib.util.find_spec("fla") is not None
 

@@ -43,7 +43,7 @@ def standin_data(tmp_path_factory):
 
     from parity_kit.models.convert import convert_internlm2_to_llama
     from parity_kit.models.internlm2 import InternLM2Config, InternLM2ForCausalLM
-    from parity_kit.paths import data_dir
+    from parity_kit._util.paths import data_dir
 
     source = data_dir()
     if not (source / "prompts.json").is_file() or not (source / "tokenizer").is_dir():

@@ -13,7 +13,7 @@ from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.recording import INDEX_FILE, TENSOR_FILE, TensorFileWriter, TensorStats
+from parity_kit.recording.model import INDEX_FILE, TENSOR_FILE, TensorFileWriter, TensorStats
 
 
 def _same(a: pk.Recording, b: pk.Recording) -> None:
@@ -146,7 +146,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tiny_llama, input_ids, 
     import errno
     import os
 
-    from parity_kit.filesink import FileSink
+    from parity_kit.recording.filesink import FileSink
 
     def full_disk(self, view, offset):  # injected fault: the device is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -1,4 +1,4 @@
-"""parity_kit.train: the recipe's pieces and a few end-to-end steps into tmp_path."""
+"""parity_kit.builtins.train: the recipe's pieces and a few end-to-end steps into tmp_path."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parity_kit import models, train
-from parity_kit.corpus import BOS_ID
+from parity_kit import models
+from parity_kit.builtins import train
+from parity_kit.builtins.corpus import BOS_ID
 from parity_kit.errors import ParityKitError
 
 

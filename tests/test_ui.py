@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 import pandas as pd
 
 from parity_kit.errors import ParityKitError
-from parity_kit.ui import LOCAL_FOLDER, ControlPanel, ModelCache, dtype_choice, model_choice
+from parity_kit.present.panels import LOCAL_FOLDER, ControlPanel, ModelCache, dtype_choice, model_choice
 
 
 def _analysis(params):
@@ -123,7 +123,7 @@ def test_model_cache_keys_and_eviction():
 
 # ------------------------------------------------------------------------------ the quickstart's panel
 def _quickstart_panel(**overrides):
-    from parity_kit.bugreport import FROM_CONFIG_LLAMA, quickstart_panel
+    from parity_kit.stories.bug_report import FROM_CONFIG_LLAMA, quickstart_panel
 
     settings = dict(model=FROM_CONFIG_LLAMA, seq_len=6, modules="re:model\\.layers\\.\\d+$", smoke=True)
     return quickstart_panel(**{**settings, **overrides})
@@ -153,7 +153,7 @@ def test_quickstart_panel_reruns_with_a_new_candidate_dtype():
 
 
 def test_quickstart_panel_uses_the_model_cache():
-    from parity_kit.ui import MODELS
+    from parity_kit.present.panels import MODELS
 
     MODELS.clear()
     panel = _quickstart_panel()
@@ -184,7 +184,7 @@ def test_quickstart_panel_reports_a_bad_knob():
 
 
 def test_story_panel_builds_standard_pickers_and_knobs():
-    from parity_kit.ui import story_panel
+    from parity_kit.present.panels import story_panel
 
     seen = []
     panel = story_panel(lambda p: seen.append(dict(p)) or "ok", model="tiny-rwkv7", dtype="bf16", device="cpu",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DtypeLike, check_dtype_on_device
 from ..errors import ParityKitError
-from ..paths import data_dir
+from .._util.paths import data_dir
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ def list_models() -> list[str]:
 
 
 def builtin_path(name: str) -> Path:
-    """Folder of a built-in model: ``data/models/<name>/`` (see :func:`parity_kit.paths.data_dir`).
+    """Folder of a built-in model: ``data/models/<name>/`` (see :func:`parity_kit._util.paths.data_dir`).
 
     >>> builtin_path("tiny-rwkv7").name
     'tiny-rwkv7'

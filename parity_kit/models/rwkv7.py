@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import ParityKitError
 from .cache_compat import CACHE_FIELD, refuse_unknown_kwargs, resolve_cache
-from ..recurrence import wkv_chunk, wkv_recurrent, wkv_reference
+from .wkv import wkv_chunk, wkv_recurrent, wkv_reference
 
 __all__ = ["RWKV7Config", "RWKV7ForCausalLM", "RWKV7Model", "RWKV7State", "WKV7", "set_wkv_mode"]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ParityKitError
-from ..io import atomic_path
+from .._util.atomic import atomic_path
 from .rwkv7 import RWKV7Config, RWKV7ForCausalLM
 
 __all__ = ["convert_rwkv7_to_fla", "write_blinkdl_checkpoint", "blinkdl_to_fla_state_dict", "fla_to_blinkdl_state_dict"]

@@ -16,7 +16,7 @@ from the unit lower-triangular system ``(I - A_ab) X = A_ak V + (a ⊙ e^{Γ_{i-
 ``S' = e^{Γ_L} ⊙ S₀ + (k ⊙ e^{Γ_L-Γ})ᵀ V + (b ⊙ e^{Γ_L-Γ})ᵀ X``.
 
 >>> import torch
->>> from parity_kit.recurrence import wkv_chunk, wkv_recurrent, random_wkv_inputs
+>>> from parity_kit.models.wkv import wkv_chunk, wkv_recurrent, random_wkv_inputs
 >>> x = random_wkv_inputs(1, 40, 2, 8, dtype=torch.float64, seed=0)
 >>> o_rec, s_rec = wkv_recurrent(*x)
 >>> o_chk, s_chk = wkv_chunk(*x, chunk_size=16)
@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .errors import ParityKitError
+from ..errors import ParityKitError
 
 __all__ = ["wkv_recurrent", "wkv_chunk", "wkv_reference", "random_wkv_inputs"]
 

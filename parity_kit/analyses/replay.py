@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .dtypes import dtype_name
-from .errors import ParityKitError
-from .recording import Recording
+from ..dtypes import dtype_name
+from ..errors import ParityKitError
+from ..recording.model import Recording
 
-ModuleSpec = Any  # whatever parity_kit.capture.select_modules accepts
+ModuleSpec = Any  # whatever parity_kit.capture.recorder.select_modules accepts
 
 
 def _flatten(obj: Any, prefix: str) -> dict[str, torch.Tensor]:
@@ -64,7 +64,7 @@ def _substitute(obj: Any, prefix: str, source: Callable[[str, torch.Tensor], tor
 
 def _reference_recording(reference: nn.Module | Recording, inputs: Any, modules: ModuleSpec,
                          memory_budget: int | str | None) -> Recording:
-    from .capture import record
+    from ..capture.recorder import record
     from .precision import _call, _prepare_inputs
 
     if isinstance(reference, Recording):
@@ -86,7 +86,7 @@ def _reference_recording(reference: nn.Module | Recording, inputs: Any, modules:
 def _selected_reference_names(rec: Recording, reference: nn.Module | Recording, modules: ModuleSpec) -> list[str]:
     if isinstance(reference, nn.Module):
         return list(rec.names)
-    from .capture import select_modules
+    from ..capture.recorder import select_modules
 
     # A recording has no module tree; match the pattern against its names through a stand-in tree.
     stand_in = nn.Module()
@@ -119,7 +119,7 @@ def local_vs_propagated(
 
     ``reference`` is the reference model (run here on ``inputs``, capturing the chosen modules with
     their inputs) or a :class:`Recording` made with ``mode="tensors", inputs=True``. ``modules``
-    selects reference module names (as :func:`parity_kit.capture.select_modules`); ``mapping`` maps
+    selects reference module names (as :func:`parity_kit.capture.recorder.select_modules`); ``mapping`` maps
     them to candidate names (None = same names, a dict, a callable, or a ModuleMapping, whose output
     transforms are applied to the reference outputs). Floating ``inputs`` are cast to each model's dtype.
     ``memory_budget`` caps the reference tensors kept in memory (as in :func:`parity_kit.record`).
@@ -128,7 +128,7 @@ def local_vs_propagated(
     second time on the reference call's inputs — every tensor leaf the reference recorded, cloned and
     cast to the dtype of the live leaf it replaces; leaves the reference lacks (and non-tensor
     arguments) are the live ones — with this function's hooks switched off for that call. Other hooks
-    (e.g. :func:`parity_kit.precision.run_in_dtype`) stay active. A module that mutates state passed to
+    (e.g. :func:`parity_kit.analyses.precision.run_in_dtype`) stay active. A module that mutates state passed to
     it (a KV cache) would see it mutated twice: run with caching off.
 
     One row per (module, call, floating output leaf), in the candidate's completion order. Columns:
@@ -148,8 +148,8 @@ def local_vs_propagated(
     >>> table["local_rel_rms"].tolist()
     [0.0, 0.0]
     """
-    from . import metrics
-    from .mapping import ModuleMapping
+    from ..comparison import metrics
+    from ..comparison.mapping import ModuleMapping
     from .precision import _call, _metric_fn, _prepare_inputs
 
     metric_name, metric_fn = _metric_fn(metric)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ParityKitError
+from ..errors import ParityKitError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from .errors import ParityKitError
+from ..errors import ParityKitError
 
 _MAX_TICK_LABELS = 60
 
@@ -102,7 +102,7 @@ def loss_difference_by_position(diff: pd.DataFrame, *, label_a: str = "a", label
                                 title: str | None = None) -> Figure:
     """Mean per-token loss difference (NLL of b − NLL of a) by position, with a ±1.96 standard-error
     band: left by position from the start of the text, right relative to the target's first token.
-    Takes the frame of :func:`parity_kit.evaluation.position_loss_difference`.
+    Takes the frame of :func:`parity_kit.analyses.evaluation.position_loss_difference`.
 
     >>> d = pd.DataFrame({"axis": ["from_start"] * 3 + ["from_target"] * 3, "position": [1, 2, 3, -1, 0, 1],
     ...                   "mean": [0.5, 0.2, 0.1, 0.1, 0.05, 0.0], "stderr": [0.1] * 6, "n_docs": [9] * 6})
@@ -112,7 +112,7 @@ def loss_difference_by_position(diff: pd.DataFrame, *, label_a: str = "a", label
     missing = {"axis", "position", "mean", "stderr"} - set(diff.columns)
     if missing:
         raise ParityKitError(f"the frame lacks columns {sorted(missing)}; compute it with "
-                             "parity_kit.evaluation.position_loss_difference")
+                             "parity_kit.analyses.evaluation.position_loss_difference")
     fig = Figure(figsize=(11.0, 3.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     panels = (("from_start", "text token position (0 = first token after any BOS)"),
@@ -142,7 +142,7 @@ def perplexity_with_errorbars(results: Sequence[Any], *, title: str | None = Non
     (bootstrap for perplexity, sd/√n for accuracy) as an error bar. Takes ``LastWordResult`` objects;
     their ``label`` names the rows.
 
-    >>> from parity_kit.evaluation import LastWordResult
+    >>> from parity_kit.analyses.evaluation import LastWordResult
     >>> r = LastWordResult.from_loglikelihoods([-1.0, -2.0, -0.5], acc=[1, 0, 1], n_bootstrap=100, label="fp32")
     >>> type(perplexity_with_errorbars([r])).__name__
     'Figure'
@@ -208,7 +208,7 @@ def bos_effect_by_context_length(sweep: pd.DataFrame, *, title: str | None = Non
 
 
 # --- generation (story 01) ---
-# (figures for parity_kit.generation; names local to this section start with _gen_)
+# (figures for parity_kit.analyses.generation; names local to this section start with _gen_)
 from collections.abc import Mapping as _GenMapping  # noqa: E402
 from typing import Any  # noqa: E402, F811
 
@@ -221,7 +221,7 @@ def lockstep_margins(result: Any, *, title: str | None = None) -> Figure:
 
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from parity_kit.generation import lockstep_greedy
+    >>> from parity_kit.analyses.generation import lockstep_greedy
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
     ...                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     >>> m = LlamaForCausalLM(cfg).eval()
@@ -313,7 +313,7 @@ def divergence_histogram(stats: pd.DataFrame, max_new_tokens: int, *, bins: int 
 def layer_error_profile(profiles: _GenMapping[str, pd.DataFrame], *, metric: str = "rel_rms",
                         title: str | None = None) -> Figure:
     """Error along the residual stream (embedding, decoder layers, final norm, logits) for one or more
-    :func:`parity_kit.generation.layer_profile` frames, e.g. original vs converted in fp32 and in fp16;
+    :func:`parity_kit.analyses.generation.layer_profile` frames, e.g. original vs converted in fp32 and in fp16;
     each line's floor is drawn dashed in the same colour. Exact zeros are marked at the bottom.
 
     >>> p = pd.DataFrame({"position": [0, 1], "label": ["0", "1"], "rel_rms": [0.0, 1e-7], "floor": [3e-8, 3e-8]})
@@ -463,7 +463,7 @@ def bisection_curve(result: Any, *, title: str | None = None) -> Figure:
     with the module) and against the fraction of parameters kept, with target, floor and the
     all-candidates error drawn.
 
-    >>> from parity_kit.precision import BisectionResult
+    >>> from parity_kit.analyses.precision import BisectionResult
     >>> c = pd.DataFrame({"step": [0, 1], "module": ["(none)", "a"], "error": [0.1, 0.01],
     ...                   "param_fraction": [0.0, 0.02], "linear_flop_fraction": [0.0, 0.0]})
     >>> r = BisectionResult(["a"], 4, 6, 3, 0.1, 0.005, 0.01, 0.05, 0.002, "rel_rms", "bf16", "fp32", c)
@@ -561,11 +561,11 @@ _PREFILL_STYLES = {"bf16": "-", "fp16": "--", "fp32": ":", "fp64": "-."}
 
 
 def _prefill_select(frame: pd.DataFrame, reference: str, metric: str, **equal: object) -> pd.DataFrame:
-    """Rows of a parity_kit.prefill table for one reference (and column values), with a usable metric."""
+    """Rows of a parity_kit.analyses.prefill table for one reference (and column values), with a usable metric."""
     needed = {"mode", "dtype", "reference", metric, *equal}
     missing = needed - set(frame.columns)
     if missing:
-        raise ParityKitError(f"the table lacks columns {sorted(missing)}; pass a table from parity_kit.prefill "
+        raise ParityKitError(f"the table lacks columns {sorted(missing)}; pass a table from parity_kit.analyses.prefill "
                              "(compare_prefill(...).summary / .boundaries / .per_token, or sweep(...))")
     rows = frame[frame["reference"] == reference]
     for column, value in equal.items():
@@ -618,7 +618,7 @@ def prefill_error_vs_position(per_token: pd.DataFrame, *, metric: str = "max_abs
 
 def prefill_error_vs_length(summary: pd.DataFrame, *, metric: str = "max_abs", reference: str = "fp64",
                             title: str | None = None) -> Figure:
-    """Output and final-state error against the prefill length ``T`` (a :func:`parity_kit.prefill.sweep`
+    """Output and final-state error against the prefill length ``T`` (a :func:`parity_kit.analyses.prefill.sweep`
     table), two panels, one line per mode and dtype, log-log.
 
     >>> t = pd.DataFrame({"mode": "chunk_low", "dtype": "bf16", "reference": "fp64", "tensor": ["output", "state"] * 2,
@@ -646,7 +646,7 @@ def prefill_error_vs_chunk_size(summary: pd.DataFrame, *, metric: str = "max_abs
 def _prefill_two_panels(summary: pd.DataFrame, x: str, metric: str, reference: str, xlabel: str, title: str,
                         log_x: bool) -> Figure:
     if x not in summary.columns or "tensor" not in summary.columns:
-        raise ParityKitError(f"the table needs columns {x!r} and 'tensor'; pass parity_kit.prefill.sweep(...)")
+        raise ParityKitError(f"the table needs columns {x!r} and 'tensor'; pass parity_kit.analyses.prefill.sweep(...)")
     rows = _prefill_select(summary, reference, metric)
     fig = Figure(figsize=(11.0, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)

@@ -2,7 +2,7 @@
 
 The built-in configurations and training settings live here (:data:`SPECS`). Training is CPU-only,
 deterministic from the seed on a given machine and thread count: the corpus and tokenizer come from
-:mod:`parity_kit.corpus`, the weights from ``torch.manual_seed(seed)``, the data order from the corpus
+:mod:`parity_kit.builtins.corpus`, the weights from ``torch.manual_seed(seed)``, the data order from the corpus
 stream. Every sequence starts with the BOS token of a document, and documents are packed one after
 another (each with its own BOS) up to the sequence length.
 
@@ -36,9 +36,9 @@ from .corpus import (
     BOS_ID, TOKENIZER_DOCS, iter_training_documents, read_lastword_items, save_tokenizer,
     train_tokenizer, training_documents,
 )
-from .errors import ParityKitError
-from .io import atomic_write
-from .paths import data_dir
+from ..errors import ParityKitError
+from .._util.atomic import atomic_write
+from .._util.paths import data_dir
 
 LLAMA_NAME = "tiny-internlm2-llama"
 EVAL_FILE = "eval/lastword.jsonl"
@@ -122,10 +122,10 @@ def build_model(name: str, vocab_size: int) -> torch.nn.Module:
     spec = _spec(name)
     kwargs = {**spec.config, "vocab_size": vocab_size}
     if spec.model_type == "internlm2":
-        from .models.internlm2 import InternLM2Config, InternLM2ForCausalLM
+        from ..models.internlm2 import InternLM2Config, InternLM2ForCausalLM
 
         return InternLM2ForCausalLM(InternLM2Config(**kwargs))
-    from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+    from ..models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 
     return RWKV7ForCausalLM(RWKV7Config(**kwargs))
 
@@ -240,7 +240,7 @@ def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | No
 
     Returns ``{"with_bos": {...}, "without_bos": {...}}``; each holds ``n, acc, acc_stderr, ppl,
     ppl_stderr`` and ``correct`` (one "0"/"1" character per item, so a subset can be re-checked).
-    Same statistics as :func:`parity_kit.evaluation.evaluate_lastword` (lm-eval conventions), but every
+    Same statistics as :func:`parity_kit.analyses.evaluation.evaluate_lastword` (lm-eval conventions), but every
     model, recurrent ones included, is scored in right-padded batches: padding after the last scored
     token cannot change a causal model's scores, and one forward per document made RWKV-7's chunked
     evaluation too slow for a 2-core CPU.
@@ -250,7 +250,7 @@ def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | No
     >>> evaluate(model, tok, read_lastword_items()[:20], n_bootstrap=100)["with_bos"]["n"]
     20
     """
-    from .evaluation import mean_stderr, perplexity_bootstrap_stderr
+    from ..analyses.evaluation import mean_stderr, perplexity_bootstrap_stderr
 
     items = read_lastword_items() if items is None else items
     contexts = [tokenizer(it["context"], add_special_tokens=False).input_ids for it in items]
@@ -388,18 +388,18 @@ def evaluate_checkpoint(folder: str | os.PathLike[str], *, eval_limit: int | Non
     >>> evaluate_checkpoint(data_dir() / "models" / "tiny-rwkv7")["with_bos"]["n"]  # doctest: +SKIP
     600
     """
-    from .models import load
+    from ..models import load
 
     folder = Path(folder)
     record_file = folder / "training.json"
     if not record_file.is_file():
-        raise ParityKitError(f"{folder} has no training.json; it was not written by parity_kit.train")
+        raise ParityKitError(f"{folder} has no training.json; it was not written by parity_kit.builtins.train")
     model, tokenizer = load(str(folder))
     evaluation = evaluate(model, tokenizer, read_lastword_items()[:eval_limit])
     record = json.loads(record_file.read_text())
     record["eval"] = evaluation
     record["eval_file"] = EVAL_FILE
-    record["eval_command"] = (f"python -c \"from parity_kit.train import evaluate_checkpoint; "
+    record["eval_command"] = (f"python -c \"from parity_kit.builtins.train import evaluate_checkpoint; "
                               f"evaluate_checkpoint('data/models/{record['name']}')\" (the training command runs it too)")
     _write_record(folder, record)
     return evaluation
@@ -412,8 +412,8 @@ def convert_to_llama(src: Path, dst: Path, *, eval_limit: int | None = None) -> 
     >>> convert_to_llama(data_dir() / "models" / "tiny-internlm2", Path(tempfile.mkdtemp()) / "l").name  # doctest: +SKIP
     'l'
     """
-    from .models import load
-    from .models.convert import convert_internlm2_to_llama
+    from ..models import load
+    from ..models.convert import convert_internlm2_to_llama
 
     src, dst = Path(src), Path(dst)
     source_record = json.loads((src / "training.json").read_text())
@@ -468,12 +468,12 @@ def write_models_readme(models_dir: Path | None = None) -> Path:
     lines = [
         "# Built-in tiny models",
         "",
-        "Written by `parity_kit.train.write_models_readme()` from each model's `training.json`; every number",
+        "Written by `parity_kit.builtins.train.write_models_readme()` from each model's `training.json`; every number",
         "below was computed by `parity-kit train` (training on the CPU, then the held-out evaluation).",
         "",
         f"Held-out evaluation: `data/{EVAL_FILE}` (last-word accuracy: every target token is the greedy",
         "choice; perplexity: exp(−mean log-likelihood of the target), bootstrap standard error),",
-        "computed with `parity_kit.train.evaluate` (the statistics of `parity_kit.evaluation.evaluate_lastword`,",
+        "computed with `parity_kit.builtins.train.evaluate` (the statistics of `parity_kit.analyses.evaluation.evaluate_lastword`,",
         "lm-eval conventions, 10,000 bootstrap replicates) with BOS (token 0) prepended, as in training,",
         "and without it.",
         "",

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from .dtypes import dtype_name
-from .errors import ParityKitError
-from .io import atomic_write
-from .paths import repo_root
+from ..dtypes import dtype_name
+from ..errors import ParityKitError
+from .._util.atomic import atomic_write
+from .._util.paths import repo_root
 
 FINDINGS_KEYS = ("notebook", "parameters", "conclusion", "figures", "environment")
 
@@ -79,7 +79,7 @@ def environment_capsule() -> dict[str, Any]:
     >>> cap["torch"] == torch.__version__ and cap["default_dtype"]
     'fp32'
     """
-    from . import __version__
+    from .. import __version__
 
     cuda = torch.cuda.is_available()
     dirty = _git("status", "--porcelain", "--untracked-files=no")

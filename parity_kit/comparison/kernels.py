@@ -1,7 +1,7 @@
-"""Fused Triton kernels: :func:`pair_reductions_triton` for :func:`parity_kit.metrics.pair_reductions`
+"""Fused Triton kernels: :func:`pair_reductions_triton` for :func:`parity_kit.comparison.metrics.pair_reductions`
 (one pass over a (reference, candidate) pair computes every reduction the metrics derive from) and
 :func:`row_statistics_triton` and :func:`tensor_statistics_triton` for
-:class:`parity_kit.recording.StatsBatch` (per-row statistics of many tensors in one launch, and each
+:class:`parity_kit.recording.model.StatsBatch` (per-row statistics of many tensors in one launch, and each
 tensor's totals in one more).
 
 Imported only where Triton is installed (``metrics.pair_reductions`` and ``StatsBatch`` use them for
@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .errors import ParityKitError
+from ..errors import ParityKitError
 
 __all__ = ["pair_reductions_triton", "row_statistics_triton", "tensor_statistics_triton", "KERNEL_DTYPES"]
 
@@ -212,12 +212,12 @@ def _finish(part_ptr, out_ptr, num_programs, COUNT: tl.constexpr, ROWS: tl.const
 
 
 def pair_reductions_triton(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`parity_kit.metrics.pair_reductions` in one fused pass: fp64 ``[15]`` on the tensors'
+    """:func:`parity_kit.comparison.metrics.pair_reductions` in one fused pass: fp64 ``[15]`` on the tensors'
     device, queued without waiting. ``ref`` and ``x`` are fp16/bf16/fp32 tensors of one numel on one
     CUDA device (any layout), ``dtype`` the ULP unit and floor dtype (fp16/bf16/fp32).
 
     >>> import torch
-    >>> from parity_kit.metrics import metrics_from_reductions
+    >>> from parity_kit.comparison.metrics import metrics_from_reductions
     >>> if torch.cuda.is_available():  # the kernel needs a GPU (or TRITON_INTERPRET=1 and CPU tensors)
     ...     ref = torch.tensor([3.0, 4.0], device="cuda"); x = torch.tensor([3.0, 4.5], device="cuda")
     ...     print(metrics_from_reductions(pair_reductions_triton(ref, x, torch.float32).tolist())["rel_rms"])

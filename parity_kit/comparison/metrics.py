@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import torch
 
-from .dtypes import DtypeLike, parse_dtype
-from .errors import ParityKitError
+from ..dtypes import DtypeLike, parse_dtype
+from ..errors import ParityKitError
 
 __all__ = ["max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp",
            "representability_floor", "all_metrics", "verdict", "pair_reductions",
@@ -269,7 +269,7 @@ def pair_reductions(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
     on the tensors' device; ``dtype`` is the ULP unit and floor dtype. Queues work without waiting.
 
     CUDA pairs of fp16/bf16/fp32 (unit too) go through one fused Triton pass
-    (:func:`parity_kit.kernels.pair_reductions_triton`) where Triton is installed; everything else,
+    (:func:`parity_kit.comparison.kernels.pair_reductions_triton`) where Triton is installed; everything else,
     and every pair when ``PARITY_KIT_KERNEL=0``, through torch in fp64.
 
     >>> v = pair_reductions(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]), torch.float32)

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import torch
 
-from .dtypes import dtype_name, parse_dtype
-from .errors import ParityKitError
+from ..dtypes import dtype_name, parse_dtype
+from ..errors import ParityKitError
 from .filesink import FileSink
 
 FORMAT_NAME = "parity_kit.recording"
@@ -150,7 +150,7 @@ class StatsBatch:
     the device, so the host reads a few numbers per tensor. CUDA tensors of fp16/bf16/fp32 are grouped
     by (device, dtype) and each group takes two Triton launches (three if some rows are not 16-byte
     aligned) that read the tensors in place, whatever their row lengths
-    (:func:`parity_kit.kernels.tensor_statistics_triton`). The others (CPU tensors, other dtypes, no
+    (:func:`parity_kit.comparison.kernels.tensor_statistics_triton`). The others (CPU tensors, other dtypes, no
     Triton, ``PARITY_KIT_KERNEL=0``) are grouped by (device, dtype, last dimension), each group's rows
     are concatenated and reduced by a handful of torch launches, and segment reductions give the
     totals. On CUDA the reductions and the copy of their results into pinned host memory are queued
@@ -301,7 +301,7 @@ class StatsBatch:
             return None
         if cls._kernel_state == "unloaded":
             try:
-                from .kernels import tensor_statistics_triton
+                from ..comparison.kernels import tensor_statistics_triton
             except ImportError:  # no Triton in this environment
                 cls._kernel_state = "unavailable"
             else:
@@ -700,7 +700,7 @@ class TensorFileWriter:
     known while tensors are still arriving, so ``header_reserve`` bytes are set aside up front; at
     :meth:`finish` the header is written there, padded with spaces (which the format allows). A
     header that outgrows its reserve makes :meth:`finish` rewrite the file once with a larger one.
-    The bytes go through a :class:`~parity_kit.filesink.FileSink`: :meth:`write` copies them into
+    The bytes go through a :class:`~parity_kit.recording.filesink.FileSink`: :meth:`write` copies them into
     reused buffers and returns while a thread writes them out (with ``O_DIRECT`` where allowed), so
     the tensor may change afterwards and the disk works while the model runs. Each tensor's checksum
     (:func:`tensor_checksum`) is computed as it is written. A failed write (a full disk, say) raises

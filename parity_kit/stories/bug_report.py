@@ -2,13 +2,13 @@
 quickstart's panel and the bug-report template (``notebooks/05_bug_report.ipynb``).
 
 A run is a :class:`RunSpec` (model, dtype, device, attention implementation). :func:`compare_runs`
-loads both runs (cached in :data:`parity_kit.ui.MODELS`), feeds them the same prompt (or token ids),
+loads both runs (cached in :data:`parity_kit.present.panels.MODELS`), feeds them the same prompt (or token ids),
 records every selected module with :func:`parity_kit.record`, compares with
 :func:`parity_kit.compare` (noise-floor verdicts) and localises with :func:`parity_kit.first_divergence`
 and :func:`parity_kit.first_nonfinite`. The returned :class:`RunComparison` holds the table, plots,
 the computed conclusion and the figures for the findings file, and saves both recordings.
 
->>> from parity_kit.bugreport import RunSpec, compare_runs
+>>> from parity_kit.stories.bug_report import RunSpec, compare_runs
 >>> result = compare_runs(RunSpec(FROM_CONFIG_LLAMA, "fp32"), RunSpec(FROM_CONFIG_LLAMA, "bf16"),
 ...                       input_ids=[[1, 2, 3, 4]], modules="model.layers.*", layers=2, show_progress=False)
 >>> result.summary.n_modules > 0
@@ -27,8 +27,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .dtypes import check_dtype_on_device, dtype_name, parse_dtype
-from .errors import ParityKitError
+from ..dtypes import check_dtype_on_device, dtype_name, parse_dtype
+from ..errors import ParityKitError
 
 FROM_CONFIG_LLAMA = "tiny-llama-from-config"
 """Model name of a small ``LlamaForCausalLM`` built from a config with seeded random weights (no files)."""
@@ -89,7 +89,7 @@ def _build_from_config(name: str, *, dtype: str, device: str, attn_implementatio
 
 
 def load_run(spec: RunSpec, *, seed: int = 0, layers: int = 4) -> tuple[torch.nn.Module, Any]:
-    """``(model, tokenizer)`` of a run, cached in :data:`parity_kit.ui.MODELS` by its settings.
+    """``(model, tokenizer)`` of a run, cached in :data:`parity_kit.present.panels.MODELS` by its settings.
 
     :data:`FROM_CONFIG_LLAMA` builds the seeded tiny Llama (``seed``, ``layers``; no tokenizer: ``None``);
     any other name goes to :func:`parity_kit.models.load` (built-in name or local folder).
@@ -98,7 +98,7 @@ def load_run(spec: RunSpec, *, seed: int = 0, layers: int = 4) -> tuple[torch.nn
     >>> next(model.parameters()).dtype, tokenizer
     (torch.bfloat16, None)
     """
-    from .ui import MODELS
+    from ..present.panels import MODELS
 
     check_dtype_on_device(spec.dtype, spec.device)
     if spec.model == FROM_CONFIG_LLAMA:
@@ -140,7 +140,7 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, modules: Any = "*")
     >>> rec.names
     ['model.layers.0', 'model.layers.1']
     """
-    from .capture import record
+    from ..capture.recorder import record
 
     device = next(model.parameters()).device
     with torch.no_grad(), record(model, modules=modules, mode="tensors") as rec:
@@ -151,7 +151,7 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, modules: Any = "*")
 def auto_mapping(ref_model: torch.nn.Module, cand_model: torch.nn.Module) -> tuple[Any, str]:
     """The module mapping between two architectures we know, and its name (``"identity"`` when none is needed).
 
-    An InternLM2 reference against a Llama candidate gets :func:`parity_kit.mapping.internlm2_to_llama`.
+    An InternLM2 reference against a Llama candidate gets :func:`parity_kit.comparison.mapping.internlm2_to_llama`.
 
     >>> auto_mapping(build_tiny_llama(layers=1), build_tiny_llama(layers=1))[1]
     'identity'
@@ -159,7 +159,7 @@ def auto_mapping(ref_model: torch.nn.Module, cand_model: torch.nn.Module) -> tup
     ref_type = getattr(getattr(ref_model, "config", None), "model_type", None)
     cand_type = getattr(getattr(cand_model, "config", None), "model_type", None)
     if ref_type == "internlm2" and cand_type == "llama":
-        from .mapping import internlm2_to_llama
+        from ..comparison.mapping import internlm2_to_llama
 
         return internlm2_to_llama(ref_model.config), "internlm2_to_llama"
     return None, "identity"
@@ -239,7 +239,7 @@ def summarise(table: pd.DataFrame, threshold: float = 1e-2) -> Summary:
     >>> s.first["module"], s.n_within, s.n_modules
     ('b', 1, 2)
     """
-    from .compare import first_divergence, first_nonfinite
+    from ..comparison.compare import first_divergence, first_nonfinite
 
     comparable = table[table["status"] == "ok"]
     within = comparable.groupby("module", sort=False)["verdict"].agg(lambda v: bool((v == "within floor").all()))
@@ -299,7 +299,7 @@ class RunComparison:
 
     def plots(self) -> list[Any]:
         """Error per module (with the noise floor) and, when per-token errors exist, the module × token heatmap."""
-        from . import plots
+        from ..present import plots
 
         shown = []
         if self.summary.n_rows:
@@ -366,7 +366,7 @@ def compare_runs(
     >>> r.summary.n_modules, r.mapping
     (1, 'identity')
     """
-    from .compare import compare, first_nonfinite, per_token_error
+    from ..comparison.compare import compare, first_nonfinite, per_token_error
 
     steps = ["load reference", "load candidate", "record reference", "record candidate", "compare", "done"]
     bar = None
@@ -392,7 +392,7 @@ def compare_runs(
                "candidate": _token_ids(cand, cand_model, cand_tok, prompt, input_ids, seed, seq_len)}
         provenance = None
         if ids["reference"] != ids["candidate"]:
-            from .evaluation import token_provenance
+            from ..analyses.evaluation import token_provenance
 
             if prompt is not None and input_ids is None and ref_tok is not None and cand_tok is not None:
                 pipelines: dict[str, Any] = {"reference": (ref_tok, {}), "candidate": (cand_tok, {})}
@@ -447,7 +447,7 @@ def quickstart_panel(*, model: str, ref_dtype: str = "fp32", dtype: str = "bf16"
     >>> panel.set(dtype="fp16"); panel.click(); panel.error is None
     True
     """
-    from .ui import story_panel
+    from ..present.panels import story_panel
 
     return story_panel(partial(quickstart_run, smoke=smoke), model=model, ref_dtype=ref_dtype, dtype=dtype,
                        device=device, attn_implementation=attn_implementation, extra_models=[FROM_CONFIG_LLAMA],
@@ -476,8 +476,8 @@ def bug_report_panel(*, ref_model: str, ref_dtype: str, ref_device: str, ref_att
                      prompt: str, modules: str = "*", threshold: float = 1e-2,
                      trust_remote_code: bool = False) -> Any:
     """The bug-report panel: two model / dtype / device / attention pickers, the prompt and the knobs."""
-    from .models import BUILTINS
-    from .ui import ControlPanel, attention_choice, device_choice, dtype_choice, model_choice
+    from ..models import BUILTINS
+    from ..present.panels import ControlPanel, attention_choice, device_choice, dtype_choice, model_choice
 
     def run_fields(prefix: str, model: str, dtype: str, device: str, attn: str | None) -> dict[str, Any]:
         pick = model_choice(model, choices=list(BUILTINS))
@@ -591,7 +591,7 @@ def _artifacts(folder: Path, since: float | None) -> tuple[list[Path], list[Path
 def _zip_recordings(recordings: Sequence[Path], root: Path, archive: Path) -> Path:
     import zipfile
 
-    from .io import atomic_path
+    from .._util.atomic import atomic_path
 
     with atomic_path(archive) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for rec in recordings:
@@ -612,7 +612,7 @@ def make_report(
 ) -> ReportFiles:
     """Run a notebook headless (papermill, ``interactive=False``, ``reports_dir=out_dir``) and gather what
     to attach to a bug report in ``out_dir``: the executed copy, a self-contained HTML
-    (:func:`parity_kit.report.export_html`: figures embedded, code hidden with ``hide_code``), the findings JSON the run wrote and ``<name>.recordings.zip`` of the
+    (:func:`parity_kit.present.report.export_html`: figures embedded, code hidden with ``hide_code``), the findings JSON the run wrote and ``<name>.recordings.zip`` of the
     recordings it saved. ``execute=False`` takes an already executed notebook as it is.
 
     A failing notebook still gets its executed copy and HTML (they show the error); ``error`` says what failed.
@@ -626,8 +626,8 @@ def make_report(
 
     import nbformat
 
-    from .demo import execute_notebook
-    from .report import export_html
+    from ..app.demo import execute_notebook
+    from ..present.report import export_html
 
     src = Path(notebook)
     if not src.is_file():

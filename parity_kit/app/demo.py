@@ -13,9 +13,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ParityKitError
-from .paths import repo_root
-from .report import export_html, read_findings
+from ..errors import ParityKitError
+from .._util.paths import repo_root
+from ..present.report import export_html, read_findings
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Capture: forward hooks that turn a model run into a :class:`~parity_kit.recording.Recording`.
+"""Capture: forward hooks that turn a model run into a :class:`~parity_kit.recording.model.Recording`.
 
 ``record()`` hooks the selected modules, stores every call separately (once per decode step, twice
 for a module used twice in one forward), and removes exactly the hooks it added when the block ends,
@@ -24,9 +24,9 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 from torch.utils.hooks import RemovableHandle
 
-from .dtypes import DtypeLike, dtype_name, parse_dtype
-from .errors import ParityKitError
-from .recording import (TENSOR_FILE, Call, Recording, StatsBatch, TensorFileWriter, TensorStats, _replace_folder,
+from ..dtypes import DtypeLike, dtype_name, parse_dtype
+from ..errors import ParityKitError
+from ..recording.model import (TENSOR_FILE, Call, Recording, StatsBatch, TensorFileWriter, TensorStats, _replace_folder,
                         _tensor_key, _writable_target, _write_index, map_tensors)
 
 ModuleSpec = str | Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...]
@@ -608,7 +608,7 @@ def _complete_metadata(metadata: dict[str, Any], named: list[tuple[str, nn.Modul
 
 def _environment() -> dict[str, Any] | None:
     try:
-        from .report import environment_capsule
+        from ..present.report import environment_capsule
     except ImportError:  # report.py is optional for capture
         return None
     return environment_capsule()
@@ -668,7 +668,7 @@ def record(
     ``save_to=path`` streams the recording to disk instead, so memory stays bounded whatever the
     model size and ``memory_budget`` does not apply. A CPU output is copied in its hook into a few
     reused buffers that a writer thread puts in the folder's tensor file while the model runs
-    (:class:`~parity_kit.filesink.FileSink`, with ``O_DIRECT`` where the file system takes it); CUDA
+    (:class:`~parity_kit.recording.filesink.FileSink`, with ``O_DIRECT`` where the file system takes it); CUDA
     outputs go through pinned host copies, written whenever 1 GiB waits and at the end. The folder appears
     atomically when the block ends (nothing at ``path`` if the block raises) and the Recording's
     tensors are then memory-mapped from it. With ``mode="stats"`` the statistics are saved there.

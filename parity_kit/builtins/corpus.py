@@ -25,8 +25,8 @@ import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import ParityKitError
-from .io import atomic_write
+from ..errors import ParityKitError
+from .._util.atomic import atomic_write
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, UNK]  # ids 0, 1, 2, 3
@@ -588,12 +588,12 @@ def load_base_tokenizer(folder: str | Path | None = None):
     """
     from tokenizers import Tokenizer
 
-    from .paths import data_dir
+    from .._util.paths import data_dir
 
     path = Path(folder) if folder is not None else data_dir() / "tokenizer"
     file = path / "tokenizer.json"
     if not file.is_file():
-        raise ParityKitError(f"no tokenizer at {file}; build it with parity_kit.corpus.build_data()")
+        raise ParityKitError(f"no tokenizer at {file}; build it with parity_kit.builtins.corpus.build_data()")
     return Tokenizer.from_file(str(file))
 
 
@@ -605,14 +605,14 @@ def build_data(seed: int = 0, out_dir: str | Path | None = None, *, n_eval: int 
                n_prompts: int = 40, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
     """Write ``prompts.json``, ``eval/lastword.jsonl`` and ``tokenizer/`` (Llama flavour) under ``out_dir``.
 
-    ``out_dir`` defaults to :func:`parity_kit.paths.data_dir`. Deterministic from ``seed``.
+    ``out_dir`` defaults to :func:`parity_kit._util.paths.data_dir`. Deterministic from ``seed``.
 
     >>> import tempfile
     >>> out = build_data(out_dir=tempfile.mkdtemp(), n_eval=5, n_prompts=3, vocab_size=300)
     >>> sorted(p.name for p in out.iterdir())
     ['eval', 'prompts.json', 'tokenizer']
     """
-    from .paths import data_dir
+    from .._util.paths import data_dir
 
     out = Path(out_dir) if out_dir is not None else data_dir()
     with atomic_write(out / "prompts.json") as f:
@@ -631,11 +631,11 @@ def read_lastword_items(path: str | Path | None = None) -> list[dict[str, str]]:
     >>> len(read_lastword_items()) >= 500
     True
     """
-    from .paths import data_dir
+    from .._util.paths import data_dir
 
     file = Path(path) if path is not None else data_dir() / "eval" / "lastword.jsonl"
     if not file.is_file():
-        raise ParityKitError(f"no last-word eval file at {file}; build it with parity_kit.corpus.build_data()")
+        raise ParityKitError(f"no last-word eval file at {file}; build it with parity_kit.builtins.corpus.build_data()")
     items = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     for i, item in enumerate(items):
         if set(item) != {"context", "target"}:

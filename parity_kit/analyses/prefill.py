@@ -11,18 +11,18 @@ yardsticks:
   (ours with ours, FLA's with FLA's), the comparison FLA issue #198 reported.
 
 Modes (:data:`MODES`): ``recurrent_fp32_state``, ``recurrent_low_state``, ``chunk_fp32``, ``chunk_low``
-(ours, :mod:`parity_kit.recurrence`), ``fla_chunk`` and ``fla_fused_recurrent`` (flash-linear-attention's
+(ours, :mod:`parity_kit.models.wkv`), ``fla_chunk`` and ``fla_fused_recurrent`` (flash-linear-attention's
 Triton kernels, CUDA only: without fla or a GPU they return a ``"skipped: <reason>"`` result) and
 ``reference`` (fp64). Every mode also yields the state at every chunk boundary (positions 0, L, 2L, …, T):
 chunk modes through ``return_chunk_states``, recurrent modes by running the recurrence segment by
 segment and carrying the state, which is the same arithmetic as one run.
 
-Inputs come from :func:`parity_kit.recurrence.random_wkv_inputs` (decays, ``a = -kk`` and ``b = kk·rate``
+Inputs come from :func:`parity_kit.models.wkv.random_wkv_inputs` (decays, ``a = -kk`` and ``b = kk·rate``
 drawn like the model's: ``w = -e^{-0.5}σ(2z)``, ``kk`` unit-norm per head, ``r, k, v`` standard normal)
 or from a real forward with :func:`capture_wkv_inputs`.
 
 >>> import torch
->>> from parity_kit.recurrence import random_wkv_inputs
+>>> from parity_kit.models.wkv import random_wkv_inputs
 >>> x = random_wkv_inputs(1, 96, 2, 8, dtype=torch.float64, seed=0)
 >>> result = compare_prefill(x, dtypes=("bf16",), modes=("recurrent_fp32_state", "chunk_low"), chunk_size=32)
 >>> sorted(result.summary["reference"].unique())
@@ -44,9 +44,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .dtypes import DtypeLike, dtype_name, parse_dtype
-from .errors import ParityKitError
-from .recurrence import random_wkv_inputs, wkv_chunk, wkv_recurrent, wkv_reference
+from ..dtypes import DtypeLike, dtype_name, parse_dtype
+from ..errors import ParityKitError
+from ..models.wkv import random_wkv_inputs, wkv_chunk, wkv_recurrent, wkv_reference
 
 __all__ = [
     "MODES", "OUR_MODES", "FLA_MODES", "WKVInputs", "ModeRun", "PrefillComparison", "ModelModeComparison",
@@ -143,7 +143,7 @@ def _check_inputs(inputs: Sequence[torch.Tensor]) -> WKVInputs:
     if not isinstance(inputs, (tuple, list)) or len(inputs) != 6:
         raise ParityKitError(
             "WKV inputs must be the 6 tensors (r, w, k, v, a, b) in FLA layout [B, T, H, N]; "
-            "build them with parity_kit.recurrence.random_wkv_inputs or capture_wkv_inputs"
+            "build them with parity_kit.models.wkv.random_wkv_inputs or capture_wkv_inputs"
         )
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise ParityKitError("every WKV input must be a torch.Tensor (r, w, k, v, a, b)")
@@ -187,7 +187,7 @@ def run_mode(inputs: Sequence[torch.Tensor], mode: str, *, chunk_size: int = 64,
     1/√N); when fla or CUDA is missing the result is ``skipped`` instead of an error.
 
     >>> import torch
-    >>> from parity_kit.recurrence import random_wkv_inputs
+    >>> from parity_kit.models.wkv import random_wkv_inputs
     >>> x = random_wkv_inputs(1, 10, 2, 4, dtype=torch.bfloat16, seed=0)
     >>> run = run_mode(x, "chunk_low", chunk_size=4)
     >>> run.positions, tuple(run.boundary_states.shape)
@@ -340,7 +340,7 @@ def compare_prefill(
     alone causes. FLA modes without fla/CUDA appear with ``status`` "skipped: <reason>".
 
     >>> import torch
-    >>> from parity_kit.recurrence import random_wkv_inputs
+    >>> from parity_kit.models.wkv import random_wkv_inputs
     >>> x = random_wkv_inputs(1, 64, 2, 8, dtype=torch.float64, seed=0)
     >>> res = compare_prefill(x, dtypes=("fp64",), modes=("chunk_fp32",), chunk_size=16)
     >>> float(res.summary["max_abs"].max()) < 1e-12
@@ -466,7 +466,7 @@ def prefill_then_decode(
     ``tensor``: ``output`` (the decoded tokens only) and ``state`` (final).
 
     >>> import torch
-    >>> from parity_kit.recurrence import random_wkv_inputs
+    >>> from parity_kit.models.wkv import random_wkv_inputs
     >>> x = random_wkv_inputs(1, 40, 2, 8, dtype=torch.float64, seed=0)
     >>> t = prefill_then_decode(x, 32, dtype="fp64", chunk_size=16)
     >>> float(t["max_abs"].max()) < 1e-12
@@ -547,7 +547,7 @@ def capture_wkv_inputs(model: torch.nn.Module, input_ids: torch.Tensor, layer: i
     >>> tuple(r.shape)
     (1, 3, 2, 16)
     """
-    from .capture import record
+    from ..capture.recorder import record
 
     name = _wkv_module_name(model, layer)
     with torch.no_grad(), record(model, modules=[name], inputs=True) as rec:
@@ -574,7 +574,7 @@ class ModelModeComparison:
 
 
 def _model_variant(master: torch.nn.Module, dtype: torch.dtype, mode: str, chunk_size: int) -> torch.nn.Module:
-    from .models.rwkv7 import set_wkv_mode
+    from ..models.rwkv7 import set_wkv_mode
 
     model = copy.deepcopy(master).to(dtype).eval()
     if mode == "reference":
@@ -613,8 +613,8 @@ def model_mode_comparison(
     >>> sorted(res.summary["mode"].unique())
     ['chunk_low', 'recurrent_fp32_state']
     """
-    from .capture import record
-    from .compare import compare
+    from ..capture.recorder import record
+    from ..comparison.compare import compare
 
     modes = list(modes)
     _check_model_modes(modes)
@@ -784,7 +784,7 @@ def error_pivot(table: pd.DataFrame, index: Sequence[str] = ("dtype", "mode"),
     """A harness table pivoted for reading: rows ``index``, columns ``values`` × ``columns``, in table order.
 
     >>> import torch
-    >>> from parity_kit.recurrence import random_wkv_inputs
+    >>> from parity_kit.models.wkv import random_wkv_inputs
     >>> s = compare_prefill(random_wkv_inputs(1, 32, 1, 4, dtype=torch.float64), modes=["chunk_low"], chunk_size=16).summary
     >>> error_pivot(s).index.tolist()
     [('bf16', 'reference_rounded'), ('bf16', 'chunk_low')]
@@ -795,7 +795,7 @@ def error_pivot(table: pd.DataFrame, index: Sequence[str] = ("dtype", "mode"),
 def reference_scale(inputs: Sequence[torch.Tensor]) -> dict[str, float]:
     """The rms of the fp64 reference output and final state: the scale every absolute error is read against.
 
-    >>> from parity_kit.recurrence import random_wkv_inputs
+    >>> from parity_kit.models.wkv import random_wkv_inputs
     >>> sorted(reference_scale(random_wkv_inputs(1, 8, 1, 4)))
     ['output rms', 'state rms']
     """
@@ -808,7 +808,7 @@ def state_growth(boundaries: pd.DataFrame, dtype: str, *, reference: str = "fp64
     """Per mode, the state error at the first chunk boundary after the start, the middle one and the last one.
 
     >>> import torch
-    >>> from parity_kit.recurrence import random_wkv_inputs
+    >>> from parity_kit.models.wkv import random_wkv_inputs
     >>> b = compare_prefill(random_wkv_inputs(1, 64, 1, 4, dtype=torch.float64), modes=["chunk_low"], chunk_size=16).boundaries
     >>> state_growth(b, "bf16").columns.tolist()
     ['first boundary', 'middle boundary', 'last boundary']
@@ -832,7 +832,7 @@ def length_table(long_summary: pd.DataFrame, inputs: Sequence[torch.Tensor], len
     ``inputs``), followed by the long run's own summary (which is not recomputed).
 
     >>> import torch
-    >>> from parity_kit.recurrence import random_wkv_inputs
+    >>> from parity_kit.models.wkv import random_wkv_inputs
     >>> x = random_wkv_inputs(1, 64, 1, 4, dtype=torch.float64)
     >>> long = compare_prefill(x, modes=["chunk_low"], chunk_size=16).summary
     >>> length_table(long, x, [32, 64], dtypes=["bf16"], modes=["chunk_low"], chunk_size=16)["T"].unique().tolist()
@@ -851,7 +851,7 @@ def chunk_size_table(inputs: Sequence[torch.Tensor], seq_len: int, chunk_sizes: 
     (the only modes whose results depend on the chunk size or serve as their direct comparison).
 
     >>> import torch
-    >>> from parity_kit.recurrence import random_wkv_inputs
+    >>> from parity_kit.models.wkv import random_wkv_inputs
     >>> x = random_wkv_inputs(1, 64, 1, 4, dtype=torch.float64)
     >>> t = chunk_size_table(x, 64, [16, 32], dtypes=["bf16"], modes=OUR_MODES)
     >>> sorted(t["mode"].unique())
@@ -868,7 +868,7 @@ def decode_comparison(inputs: Sequence[torch.Tensor], seq_len: int, *, dtype: Dt
     chunk_fp32 (decoded with an fp32 state) and, ``with_fla``, FLA's chunk kernel decoded by its fused one.
 
     >>> import torch
-    >>> from parity_kit.recurrence import random_wkv_inputs
+    >>> from parity_kit.models.wkv import random_wkv_inputs
     >>> t = decode_comparison(random_wkv_inputs(1, 32, 1, 4, dtype=torch.float64), 32, dtype="bf16", chunk_size=8)
     >>> sorted(t["prefill_mode"].unique())
     ['chunk_fp32', 'chunk_low']
@@ -900,7 +900,7 @@ def load_story_model(name: str, device: str = "cpu") -> StoryModel:
     >>> story.source  # doctest: +SKIP
     'random init (hidden 128, 4 layers, head_dim 64), seed 0'
     """
-    from . import models
+    from .. import models
 
     try:
         model, tokenizer = models.load(name, dtype="fp32", device=device)
@@ -908,8 +908,8 @@ def load_story_model(name: str, device: str = "cpu") -> StoryModel:
     except ParityKitError as e:
         from transformers import PreTrainedTokenizerFast
 
-        from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
-        from .paths import data_dir
+        from ..models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+        from .._util.paths import data_dir
 
         torch.manual_seed(0)
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(data_dir() / "tokenizer" / "tokenizer.json"),
@@ -963,7 +963,7 @@ def stored_kernel_figures(path: Any = None) -> StoredKernelFigures:
     import json
     from pathlib import Path
 
-    from .paths import repo_root
+    from .._util.paths import repo_root
 
     path = Path(path) if path is not None else repo_root() / "benchmarks" / "results" / "wkv_kernels_h200.json"
     if not path.exists():
@@ -1175,14 +1175,14 @@ def explore(dtype: DtypeLike = "bf16", chunk_size: int = 64, seq_len: int = 512,
     """One interactive look at a prefill on random WKV inputs: the error summary of every mode (pivoted),
     the output error per token against fp64, and the state error at every chunk boundary against
     fp64 on the rounded inputs. ``progress(fraction, message)`` is called as the steps finish (a
-    :class:`parity_kit.ui.ControlPanel` passes its own).
+    :class:`parity_kit.present.panels.ControlPanel` passes its own).
 
     >>> table, fig_position, fig_boundaries = explore("fp16", chunk_size=16, seq_len=48, heads=1, head_dim=8)
     >>> type(fig_position).__name__, "chunk_low" in table.index.get_level_values("mode")
     ('Figure', True)
     """
-    from . import plots
-    from .dtypes import check_dtype_on_device
+    from ..present import plots
+    from ..dtypes import check_dtype_on_device
 
     for knob, value in (("chunk_size", chunk_size), ("seq_len", seq_len), ("heads", heads), ("head_dim", head_dim)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

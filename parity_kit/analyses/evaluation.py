@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .dtypes import DtypeLike, check_dtype_on_device, dtype_name
-from .errors import ParityKitError
+from ..dtypes import DtypeLike, check_dtype_on_device, dtype_name
+from ..errors import ParityKitError
 
 __all__ = [
     "LastWordItem",
@@ -432,7 +432,7 @@ def evaluate_lastword(
     and its training flag is restored afterwards. Deterministic: two runs give bit-identical results.
 
     >>> from parity_kit.models import load
-    >>> from parity_kit.paths import data_dir
+    >>> from parity_kit._util.paths import data_dir
     >>> model, tok = load("tiny-internlm2-llama")
     >>> r = evaluate_lastword(model, tok, data_dir() / "eval" / "lastword.jsonl", limit=20, n_bootstrap=1000,
     ...                       progress=False)
@@ -842,9 +842,9 @@ def bos_activation_diff(
     >>> table.shape == (model.config.num_hidden_layers, len(tok("The cat sat on the mat")["input_ids"]))
     True
     """
-    from .capture import record
-    from .compare import per_token_error
-    from .recording import Call, Recording
+    from ..capture.recorder import record
+    from ..comparison.compare import per_token_error
+    from ..recording.model import Call, Recording
 
     bos = _resolve_bos(tokenizer, True, bos_token_id)
     content = [int(t) for t in _encode(tokenizer, text, False)]

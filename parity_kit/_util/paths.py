@@ -12,7 +12,7 @@ def repo_root() -> Path:
     >>> (repo_root() / "parity_kit").is_dir()
     True
     """
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def data_dir() -> Path:

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dtypes import DtypeLike, dtype_name, parse_dtype
-from .errors import ParityKitError
+from ..dtypes import DtypeLike, dtype_name, parse_dtype
+from ..errors import ParityKitError
 
 MetricLike = str | Callable[[torch.Tensor, torch.Tensor], float]
 ModulesLike = str | Sequence[str] | type | tuple[type, ...]
@@ -208,7 +208,7 @@ def run_in_dtype(
     ``state_dict()``, with the same parameter names); the copies are then made from those. Buffers
     missing from a ``master_weights`` dict (non-persistent ones) are taken from the model itself.
 
-    ``modules`` takes what :func:`parity_kit.capture.select_modules` takes (names, globs, ``re:``
+    ``modules`` takes what :func:`parity_kit.capture.recorder.select_modules` takes (names, globs, ``re:``
     regexes, classes). A module selected together with one of its ancestors is handled once, by the
     ancestor (the outermost wins). Neighbouring selected modules still hand each other tensors in the
     surrounding dtype; select their common parent to keep a whole block in ``dtype``. Outputs of a
@@ -225,7 +225,7 @@ def run_in_dtype(
     >>> names, inside, net[1].weight.dtype, y.dtype
     (['1'], torch.float32, torch.bfloat16, torch.bfloat16)
     """
-    from .capture import select_modules
+    from ..capture.recorder import select_modules
 
     target = parse_dtype(dtype)
     roots = _outermost(select_modules(model, modules))
@@ -301,7 +301,7 @@ def _metric_fn(metric: MetricLike) -> tuple[str, Callable[[torch.Tensor, torch.T
             f"metric {metric!r} cannot be minimised; use one of {list(_ERROR_METRICS)} or a callable "
             "(ref, x) -> float where smaller is better"
         )
-    from . import metrics
+    from ..comparison import metrics
 
     return metric, getattr(metrics, metric)
 
@@ -328,7 +328,7 @@ def _check_low_precision(model: nn.Module, high: torch.dtype, task: str) -> torc
 
 def _candidate_modules(model: nn.Module, candidates: ModulesLike) -> list[tuple[str, nn.Module]]:
     """The finest selected modules: a selected module that contains other selected ones is dropped."""
-    from .capture import select_modules
+    from ..capture.recorder import select_modules
 
     selected = select_modules(model, candidates)
     names = {n for n, _ in selected}
@@ -354,7 +354,7 @@ def _param_count(modules: Sequence[nn.Module]) -> int:
 
 
 def _floor_columns(value: float, floor: float, tolerance: float) -> dict[str, Any]:
-    from . import metrics
+    from ..comparison import metrics
 
     ratio = value / floor if floor > 0 else (math.inf if value > 0 else 1.0)
     return {"floor": floor, "floor_ratio": ratio, "verdict": metrics.verdict(value, floor, tolerance)}
@@ -779,7 +779,7 @@ def logits_error_table(logits: Mapping[str, torch.Tensor], *, dtype: str, refere
     >>> t["run"].tolist(), t.loc[1, "verdict"]
     (['bf16', 'bf16', 'fp32'], 'within floor')
     """
-    from . import metrics
+    from ..comparison import metrics
 
     missing = [name for name in (dtype, reference_dtype, "fp64") if name not in logits]
     if missing:
@@ -833,7 +833,7 @@ def first_above_floor_text(primary: pd.DataFrame, threshold: float = 2.0) -> str
     >>> first_above_floor_text(t)
     'first module (execution order) whose error is above 2x its own floor: b (0.02, above floor ×9)'
     """
-    from .compare import first_divergence
+    from ..comparison.compare import first_divergence
 
     first = first_divergence(primary, metric="floor_ratio", threshold=threshold)
     found = None if first is None else f"{first['module']} ({first['rel_rms']:.3g}, {first['verdict']})"
@@ -1016,13 +1016,13 @@ def measure_variants(
 
     ``reference_logits``: name → logits on ``inputs``; the first entry is the reference that
     ``removed_vs_plain`` (1 − error / ``error_low``, the plain low-precision error) is judged against.
-    ``evaluate(model, label)`` returns a :class:`parity_kit.evaluation.LastWordResult` and runs inside the
+    ``evaluate(model, label)`` returns a :class:`parity_kit.analyses.evaluation.LastWordResult` and runs inside the
     variant's precision setting; each result is paired with ``reference_eval``
     (:func:`parity_kit.paired_comparison`). Table columns: ``variant, modules_in_fp32``,
     ``rel_rms_vs_<name>`` and ``verdict_vs_<name>`` per reference, ``removed_vs_plain, ppl, ppl_stderr,
     acc, ppl_minus_ref, paired_z``.
 
-    >>> from parity_kit.evaluation import LastWordResult
+    >>> from parity_kit.analyses.evaluation import LastWordResult
     >>> _ = torch.manual_seed(0)
     >>> ref = nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(2, 8)).eval()
     >>> low, x = __import__("copy").deepcopy(ref).bfloat16(), torch.randn(3, 4)
@@ -1034,7 +1034,7 @@ def measure_variants(
     >>> m.table["variant"].tolist(), float(m.table.loc[0, "removed_vs_plain"])
     (['plain', 'gn'], 0.0)
     """
-    from . import metrics
+    from ..comparison import metrics
     from .evaluation import paired_comparison
 
     if not reference_logits:
@@ -1193,10 +1193,10 @@ def explore_precision(
     >>> [type(x).__name__ for x in out]
     ['DataFrame', 'Figure', 'str', 'DataFrame', 'Figure']
     """
-    from . import plots
+    from ..present import plots
     from .evaluation import load_lastword_items
-    from .paths import data_dir
-    from .ui import MODELS
+    from .._util.paths import data_dir
+    from ..present.panels import MODELS
 
     if isinstance(candidates, str):
         candidates = RWKV7_GRANULARITIES.get(candidates, candidates)

@@ -44,10 +44,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dtypes import DtypeLike, dtype_name, parse_dtype
-from .errors import ParityKitError
-from .metrics import max_abs, nominal_floor, rel_rms
-from .models.cache_compat import cache_argument, output_cache
+from ..dtypes import DtypeLike, dtype_name, parse_dtype
+from ..errors import ParityKitError
+from ..comparison.metrics import max_abs, nominal_floor, rel_rms
+from ..models.cache_compat import cache_argument, output_cache
 
 PromptLike = str | torch.Tensor | Sequence[int]
 
@@ -617,7 +617,7 @@ def model_variant(
     >>> next(model.parameters()).dtype, model.config._attn_implementation
     (torch.float16, 'sdpa')
     """
-    from .models import load
+    from ..models import load
 
     model, tokenizer = load(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
                             trust_remote_code=trust_remote_code)
@@ -644,7 +644,7 @@ def case_study(
     >>> r.labels
     ('tiny-internlm2 fp32', 'tiny-internlm2 fp16')
     """
-    from .ui import MODELS
+    from ..present.panels import MODELS
 
     low, high = dtype_name(parse_dtype(dtype)), dtype_name(parse_dtype(reference_dtype))
     reference, tokenizer = MODELS.load(model, high, device, attn_implementation, trust_remote_code=trust_remote_code)
@@ -746,7 +746,7 @@ def shipped_attention(name_or_path: str, *, trust_remote_code: bool = False) -> 
     """
     from transformers import AutoConfig
 
-    from .models import _resolve, register_architectures
+    from ..models import _resolve, register_architectures
 
     _, location = _resolve(name_or_path)
     register_architectures()
@@ -760,7 +760,7 @@ def load_prompts(n: int | None = None) -> list[str]:
     >>> load_prompts(2)[0]
     'User: who are you\\nAssistant:'
     """
-    from .paths import data_dir
+    from .._util.paths import data_dir
 
     path = data_dir() / "prompts.json"
     if not path.is_file():
@@ -788,7 +788,7 @@ def chat_prompt_for(question: str, tokenizer: Any) -> str:
         bos = getattr(tokenizer, "bos_token", None)
         # the tokenizer adds BOS itself when it encodes the text
         return text[len(bos):] if bos and text.startswith(bos) else text
-    from .corpus import chat_prompt
+    from ..builtins.corpus import chat_prompt
 
     return chat_prompt(question)
 
@@ -953,7 +953,7 @@ def layer_comparison(
 ) -> pd.DataFrame:
     """Record both models module by module on one prompt and compare them (``pk.compare``'s table).
 
-    ``mapping`` defaults to ``parity_kit.mapping.internlm2_to_llama(original.config)`` when the original
+    ``mapping`` defaults to ``parity_kit.comparison.mapping.internlm2_to_llama(original.config)`` when the original
     is an InternLM2 model (fused ``wqkv`` split into q/k/v, modules renamed), else to identical names.
     The table's ``floor``/``verdict`` columns tell whether each difference stays at the rounding floor.
 
@@ -965,13 +965,13 @@ def layer_comparison(
     >>> float(table.loc[table["status"] == "ok", "rel_rms"].max())
     0.0
     """
-    from .capture import record
-    from .compare import compare
+    from ..capture.recorder import record
+    from ..comparison.compare import compare
 
     ids = _encode(input_ids, tokenizer, "input_ids")
     _check_context([original, converted], len(ids), 0, "input_ids")
     if mapping is None and getattr(getattr(original, "config", None), "model_type", None) == "internlm2":
-        from .mapping import internlm2_to_llama
+        from ..comparison.mapping import internlm2_to_llama
 
         mapping = internlm2_to_llama(original.config)
     with torch.no_grad():
@@ -992,7 +992,7 @@ def layer_profile(table: pd.DataFrame, *, metric: str = "rel_rms") -> pd.DataFra
     """The residual stream of a :func:`layer_comparison` table: embedding, each decoder layer, final norm, logits.
 
     Columns ``position`` (0, 1, …), ``label`` ("embed", "0" … "L−1", "norm", "logits"), ``module``,
-    ``<metric>``, ``floor`` (``compare``'s floor where it is positive, else :func:`parity_kit.metrics.nominal_floor` of the
+    ``<metric>``, ``floor`` (``compare``'s floor where it is positive, else :func:`parity_kit.comparison.metrics.nominal_floor` of the
     candidate dtype) and ``floor_ratio``.
 
     >>> t = pd.DataFrame({"module": ["model.layers.0", "model.layers.0.mlp", "model.layers.1"], "call": [0, 0, 0],
@@ -1038,7 +1038,7 @@ def layer_profile(table: pd.DataFrame, *, metric: str = "rel_rms") -> pd.DataFra
 # --------------------------------------------------------------------------------------------
 
 #: Two implementations in one dtype are "at the rounding floor" when their rel_rms stays within this
-#: many single roundings (:func:`parity_kit.metrics.nominal_floor`): a few layers of long dot products each add several.
+#: many single roundings (:func:`parity_kit.comparison.metrics.nominal_floor`): a few layers of long dot products each add several.
 SAME_DTYPE_TOLERANCE = 30.0
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ParityKitError
+from ..errors import ParityKitError
 
 _CONVERTERS = {
     # direction -> (module, function)
@@ -40,7 +40,7 @@ def _load(module: str, function: str, command: str) -> Callable[..., Any]:
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    from .report import environment_capsule
+    from ..present.report import environment_capsule
 
     capsule = environment_capsule()
     if args.json:
@@ -68,7 +68,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    train = _load("parity_kit.train", "train", "train")
+    train = _load("parity_kit.builtins.train", "train", "train")
     path = train(args.name, seed=args.seed, out_dir=args.out)
     print(path)
     return 0
@@ -100,7 +100,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .bugreport import make_report, parse_cli_value
+    from ..stories.bug_report import make_report, parse_cli_value
 
     parameters = {name: parse_cli_value(value) for name, value in args.parameters or []}
     files = make_report(args.notebook, args.out, hide_code=args.hide_code, execute=not args.no_execute,

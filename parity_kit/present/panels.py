@@ -41,8 +41,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from .dtypes import dtype_name, parse_dtype
-from .errors import ParityKitError
+from ..dtypes import dtype_name, parse_dtype
+from ..errors import ParityKitError
 
 RunFunction = Callable[[dict[str, Any]], Any]
 
@@ -68,7 +68,7 @@ def model_choice(default: str, choices: Sequence[str] | None = None) -> Field:
     'model'
     """
     if choices is None:
-        from .models import BUILTINS
+        from ..models import BUILTINS
 
         choices = list(BUILTINS)
     options = list(dict.fromkeys([*choices, LOCAL_FOLDER]))
@@ -313,7 +313,7 @@ class ModelCache:
         if loader is None:
             loader = self._loader
         if loader is None:
-            from .models import load as loader
+            from ..models import load as loader
         loaded = loader(name, dtype=dtype, device=device, attn_implementation=attn_implementation, **kwargs)
         self._entries[key] = loaded
         while len(self._entries) > self.max_models:
@@ -351,7 +351,7 @@ def story_panel(
     """
     fields: dict[str, Field | Any] = {}
     if model is not None:
-        from .models import BUILTINS
+        from ..models import BUILTINS
 
         fields["model"] = model_choice(model, choices=[*extra_models, *BUILTINS])
     if ref_dtype is not None:

@@ -4,7 +4,7 @@ Design (why this one): the reference and the candidate run concurrently, the ref
 thread and the candidate in the calling thread. A reference hook puts a private copy of each output
 into a bounded store (at most ``window`` leaves) and blocks while the store is full; a candidate hook
 takes the matching reference leaf out of the store (waiting for the reference to produce it), queues
-the fused metric reductions of the pair (:func:`parity_kit.metrics.pair_reductions`) and drops both
+the fused metric reductions of the pair (:func:`parity_kit.comparison.metrics.pair_reductions`) and drops both
 tensors. So at most ``window`` reference leaves are alive at any time, whatever the model size, and
 only the per-pair metric vectors (15 numbers) accumulate; they are read back once at the end.
 
@@ -30,12 +30,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .capture import ModuleSpec, _leaves, select_modules
+from ..capture.recorder import ModuleSpec, _leaves, select_modules
 from .compare import COLUMNS, MappingLike, _compare_leaf, _Job, _leaf_filter, _Reducer, _row
-from .dtypes import dtype_name
-from .errors import ParityKitError
+from ..dtypes import dtype_name
+from ..errors import ParityKitError
 from .mapping import MappingTarget, ModuleMapping
-from .recording import Call
+from ..recording.model import Call
 
 Inputs = torch.Tensor | Mapping[str, Any] | Sequence[Any] | Callable[[nn.Module], Any]
 

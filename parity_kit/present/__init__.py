@@ -1,0 +1,1 @@
+"""Presentation: plot builders, widget panels, findings and HTML reports."""

@@ -1,0 +1,1 @@
+"""One module per story notebook: its plan, its measurements in order, and the conclusion they support."""
