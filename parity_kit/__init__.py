@@ -28,7 +28,7 @@ _EXPORTS: dict[str, str] = {
     "ModuleMapping": "comparison.mapping",
     # analyses
     "local_vs_propagated": "analyses.replay",
-    "run_in_dtype": "analyses.precision", "sweep_by_class": "analyses.precision",
+    "run_in_dtype": "analyses.mixed_precision", "sweep_by_class": "analyses.precision",
     "bisect_precision": "analyses.precision",
     "lockstep_greedy": "analyses.generation", "teacher_forced": "analyses.generation",
     "divergence_statistics": "analyses.generation",

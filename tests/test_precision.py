@@ -13,8 +13,9 @@ from torch import nn
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
 from parity_kit.analyses.evaluation import LastWordResult
-from parity_kit.analyses.precision import (
-    BisectionResult,
+from parity_kit.analyses.mixed_precision import run_in_dtype
+from parity_kit.analyses.precision import BisectionResult
+from parity_kit.stories.groupnorm import (
     ClassSweepSummary,
     LocalErrorSummary,
     conclude_groupnorm_precision,
@@ -27,7 +28,6 @@ from parity_kit.analyses.precision import (
     measure_variants,
     modules_ending_with,
     primary_outputs,
-    run_in_dtype,
     summarise_class_sweep,
     summarise_local_errors,
 )
@@ -305,7 +305,7 @@ def test_bisection_bad_inputs(pair):
         pk.bisect_precision(low, ref, x, target=1.5, progress=False)
     with pytest.raises(ParityKitError, match="target_removed=0 must be a fraction"):
         pk.bisect_precision(low, ref, x, target_removed=0, progress=False)
-    with pytest.raises(ParityKitError, match="cannot be minimised"):
+    with pytest.raises(ParityKitError, match="not an error metric"):
         pk.bisect_precision(low, ref, x, metric="cosine", progress=False)
     with pytest.raises(ParityKitError, match="compute nothing"):
         pk.bisect_precision(nn.Sequential(nn.Linear(4, 4), nn.Dropout()).to(torch.bfloat16), torch.zeros(2, 4),
@@ -615,7 +615,7 @@ def test_conclusion_follows_the_local_error_the_bisection_and_the_fix():
 
 def test_story_panel_runs_the_precision_exploration():
     import parity_kit as pk
-    from parity_kit.analyses.precision import explore_precision
+    from parity_kit.stories.groupnorm import explore_precision
 
     def rerun(p):
         return explore_precision(p["model"], dtype=p["dtype"], reference_dtype=p["ref_dtype"], device=p["device"],

@@ -10,7 +10,7 @@ from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.analyses.precision import run_in_dtype
+from parity_kit.analyses.mixed_precision import run_in_dtype
 
 
 @pytest.fixture

@@ -13,95 +13,25 @@ only passing on what it received; a module with a large local error is a culprit
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
+from .._util.calling import call_model, prepare_inputs
+from .._util.trees import leaves, map_tensors
+from ..capture import ModuleSpec, record, select_modules
+from ..comparison.floor import rounding_floor
+from ..comparison.mapping import ModuleMapping
+from ..comparison.metrics import ErrorMetric, error_metric, verdict
 from ..dtypes import dtype_name
 from ..errors import ParityKitError
-from ..recording.model import Recording
-
-ModuleSpec = Any  # whatever parity_kit.capture.recorder.select_modules accepts
-
-
-def _flatten(obj: Any, prefix: str) -> dict[str, torch.Tensor]:
-    """Tensor leaves named as a recording names them ("input.0", "input.hidden_states", "output.1")."""
-    found: dict[str, torch.Tensor] = {}
-
-    def visit(value: Any, name: str) -> None:
-        if isinstance(value, torch.Tensor):
-            found[name] = value
-        elif isinstance(value, Mapping):
-            for key, item in value.items():
-                visit(item, f"{name}.{key}")
-        elif isinstance(value, (tuple, list)):
-            for i, item in enumerate(value):
-                visit(item, f"{name}.{i}")
-
-    visit(obj, prefix)
-    return found
-
-
-def _substitute(obj: Any, prefix: str, source: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
-    """Rebuild ``obj`` with every tensor leaf replaced by ``source(leaf name, live tensor)``."""
-    if isinstance(obj, torch.Tensor):
-        return source(prefix, obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_substitute(v, f"{prefix}.{i}", source) for i, v in enumerate(obj)))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_substitute(v, f"{prefix}.{i}", source) for i, v in enumerate(obj))
-    if isinstance(obj, dict):
-        mapped = {k: _substitute(v, f"{prefix}.{k}", source) for k, v in obj.items()}
-        if hasattr(obj, "to_tuple"):  # transformers ModelOutput
-            return type(obj)(**mapped)
-        return mapped
-    return obj
-
-
-def _reference_recording(reference: nn.Module | Recording, inputs: Any, modules: ModuleSpec,
-                         memory_budget: int | str | None) -> Recording:
-    from ..capture.recorder import record
-    from .precision import _call, _prepare_inputs
-
-    if isinstance(reference, Recording):
-        if reference.mode != "tensors" or not any(call.inputs for call in reference.calls):
-            raise ParityKitError(
-                "the reference recording holds no input tensors; record it with "
-                "pk.record(model, modules=..., mode='tensors', inputs=True)"
-            )
-        return reference
-    if not isinstance(reference, nn.Module):
-        raise ParityKitError(
-            f"reference must be a model or a Recording, not {type(reference).__name__}"
-        )
-    with torch.no_grad(), record(reference, modules, mode="tensors", inputs=True, memory_budget=memory_budget) as rec:
-        _call(reference, _prepare_inputs(reference, inputs))
-    return rec
-
-
-def _selected_reference_names(rec: Recording, reference: nn.Module | Recording, modules: ModuleSpec) -> list[str]:
-    if isinstance(reference, nn.Module):
-        return list(rec.names)
-    from ..capture.recorder import select_modules
-
-    # A recording has no module tree; match the pattern against its names through a stand-in tree.
-    stand_in = nn.Module()
-    for name in rec.names:
-        _attach(stand_in, name)
-    chosen = {n for n, _ in select_modules(stand_in, modules)}
-    return [n for n in rec.names if n in chosen]
-
-
-def _attach(root: nn.Module, name: str) -> None:
-    node = root
-    for part in name.split("."):
-        if part not in node._modules:
-            node._modules[part] = nn.Module()
-        node = node._modules[part]
+from ..recording import Call, Recording
 
 
 def local_vs_propagated(
@@ -111,7 +41,7 @@ def local_vs_propagated(
     *,
     modules: ModuleSpec = "*",
     mapping: Any = None,
-    metric: str | Callable[[torch.Tensor, torch.Tensor], float] = "rel_rms",
+    metric: ErrorMetric = "rel_rms",
     floor_tolerance: float = 2.0,
     memory_budget: int | str | None = "4GiB",
 ) -> pd.DataFrame:
@@ -128,7 +58,7 @@ def local_vs_propagated(
     second time on the reference call's inputs — every tensor leaf the reference recorded, cloned and
     cast to the dtype of the live leaf it replaces; leaves the reference lacks (and non-tensor
     arguments) are the live ones — with this function's hooks switched off for that call. Other hooks
-    (e.g. :func:`parity_kit.analyses.precision.run_in_dtype`) stay active. A module that mutates state passed to
+    (e.g. :func:`parity_kit.run_in_dtype`) stay active. A module that mutates state passed to
     it (a KV cache) would see it mutated twice: run with caching off.
 
     One row per (module, call, floating output leaf), in the candidate's completion order. Columns:
@@ -148,21 +78,59 @@ def local_vs_propagated(
     >>> table["local_rel_rms"].tolist()
     [0.0, 0.0]
     """
-    from ..comparison import metrics
-    from ..comparison.mapping import ModuleMapping
-    from .precision import _call, _metric_fn, _prepare_inputs
-
-    metric_name, metric_fn = _metric_fn(metric)
+    metric_name, metric_fn = error_metric(metric)
     rec = _reference_recording(reference, inputs, modules, memory_budget)
-    ref_names = _selected_reference_names(rec, reference, modules)
+    plan = _replay_plan(rec, _selected_reference_names(rec, reference, modules), mapping, candidate_model)
+    replayer = _Replayer(rec, plan, metric_name, metric_fn, floor_tolerance)
+    with replayer.hooked(candidate_model), torch.no_grad():
+        call_model(candidate_model, prepare_inputs(candidate_model, inputs))
+    return replayer.table()
+
+
+def _reference_recording(reference: nn.Module | Recording, inputs: Any, modules: ModuleSpec,
+                         memory_budget: int | str | None) -> Recording:
+    if isinstance(reference, Recording):
+        if reference.mode != "tensors" or not any(call.inputs for call in reference.calls):
+            raise ParityKitError(
+                "the reference recording holds no input tensors; record it with "
+                "pk.record(model, modules=..., mode='tensors', inputs=True)"
+            )
+        return reference
+    if not isinstance(reference, nn.Module):
+        raise ParityKitError(
+            f"reference must be a model or a Recording, not {type(reference).__name__}"
+        )
+    with torch.no_grad(), record(reference, modules, mode="tensors", inputs=True, memory_budget=memory_budget) as rec:
+        call_model(reference, prepare_inputs(reference, inputs))
+    return rec
+
+
+def _selected_reference_names(rec: Recording, reference: nn.Module | Recording, modules: ModuleSpec) -> list[str]:
+    if isinstance(reference, nn.Module):
+        return list(rec.names)
+    # A recording has no module tree; match the pattern against its names through a stand-in tree.
+    stand_in = nn.Module()
+    for name in rec.names:
+        node = stand_in
+        for part in name.split("."):
+            if part not in node._modules:
+                node._modules[part] = nn.Module()
+            node = node._modules[part]
+    chosen = {n for n, _ in select_modules(stand_in, modules)}
+    return [n for n in rec.names if n in chosen]
+
+
+#: candidate module name -> the reference modules replayed on it, each with its output transform (or None)
+ReplayPlan = dict[str, list[tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]]]
+
+
+def _replay_plan(rec: Recording, ref_names: list[str], mapping: Any, candidate_model: nn.Module) -> ReplayPlan:
     coerced = ModuleMapping.coerce(mapping)
     cand_modules = dict(candidate_model.named_modules())
-    # candidate name -> list of (reference name, output transform)
-    plan: dict[str, list[tuple[str, Any]]] = {}
+    plan: ReplayPlan = {}
     unmapped = []
     for ref_name in ref_names:
-        targets = coerced.targets(ref_name)
-        for t in targets:
+        for t in coerced.targets(ref_name):
             if t.cand in cand_modules:
                 plan.setdefault(t.cand, []).append((ref_name, t.transform))
             else:
@@ -173,102 +141,131 @@ def local_vs_propagated(
             f"no chosen reference module has a counterpart in {type(candidate_model).__name__} "
             f"(e.g. {sample}); pass mapping= from reference to candidate names"
         )
+    return plan
 
-    rows: list[dict[str, Any]] = []
-    counts: dict[str, int] = {}
-    replaying = [False]
 
-    def compare_row(ref_name: str, cand_name: str, index: int, leaf: str, ref_t: torch.Tensor,
-                    free_t: torch.Tensor | None, local_t: torch.Tensor | None, input_error: float,
-                    replaced: str, order: int) -> dict[str, Any]:
+@dataclass
+class _Replayed:
+    """One replay of a candidate module on a reference call's inputs."""
+
+    output: Any
+    input_error: float
+    replaced: str  # "replaced/total" tensor leaves of the inputs
+
+
+class _Replayer:
+    """The forward hooks of one :func:`local_vs_propagated` pass and the rows they produce."""
+
+    def __init__(self, rec: Recording, plan: ReplayPlan, metric_name: str,
+                 metric_fn: Callable[[torch.Tensor, torch.Tensor], float], tolerance: float) -> None:
+        self.rec, self.plan, self.tolerance = rec, plan, tolerance
+        self.metric_name, self.metric_fn = metric_name, metric_fn
+        self.rows: list[dict[str, Any]] = []
+        self.counts: dict[str, int] = {}
+        self.replaying = False
+
+    @contextlib.contextmanager
+    def hooked(self, model: nn.Module) -> Iterator[None]:
+        modules = dict(model.named_modules())
+        handles = []
+        try:
+            for cand_name in self.plan:
+                module = modules[cand_name]
+                handles.append(module.register_forward_hook(self._hook_for(cand_name, module), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook_for(self, cand_name: str, module: nn.Module) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self.replaying:
+                return
+            index = self.counts.get(cand_name, 0)
+            self.counts[cand_name] = index + 1
+            for ref_name, transform in self.plan[cand_name]:
+                calls = self.rec[ref_name] if ref_name in self.rec.names else []
+                if index < len(calls):  # else the candidate called it more often than the reference did
+                    self._compare_call(module, cand_name, ref_name, transform, calls[index], args, kwargs, output)
+        return hook
+
+    def _compare_call(self, module: nn.Module, cand_name: str, ref_name: str,
+                      transform: Callable[[torch.Tensor], torch.Tensor] | None, ref_call: Call,
+                      args: tuple, kwargs: dict, output: Any) -> None:
+        replayed = self._replay(module, cand_name, ref_name, ref_call, args, kwargs)
+        free_leaves, local_leaves = dict(leaves(output, "output")), dict(leaves(replayed.output, "output"))
+        for leaf, ref_t in ref_call.outputs.items():
+            if not isinstance(ref_t, torch.Tensor) or not ref_t.is_floating_point():
+                continue
+            ref_t = transform(ref_t) if transform is not None else ref_t
+            self.rows.append(self._row(ref_name, cand_name, ref_call.index, leaf, ref_t, free_leaves.get(leaf),
+                                       local_leaves.get(leaf), replayed.input_error, replayed.replaced))
+
+    def _replay(self, module: nn.Module, cand_name: str, ref_name: str, ref_call: Call, args: tuple,
+                kwargs: dict) -> _Replayed:
+        """Run ``module`` again on ``ref_call``'s inputs: each recorded tensor leaf, cloned and cast to the dtype
+        of the live leaf it replaces; leaves the reference lacks (and non-tensor arguments) are the live ones."""
+        ref_inputs = ref_call.inputs
+        counted = [0, 0]
+
+        def from_reference(leaf: str, live: torch.Tensor) -> torch.Tensor:
+            counted[1] += 1
+            ref_t = ref_inputs.get(leaf)
+            if not isinstance(ref_t, torch.Tensor):
+                return live.clone()
+            if ref_t.shape != live.shape:
+                raise ParityKitError(
+                    f"cannot replay {cand_name!r}: reference input {leaf!r} of {ref_name!r} has shape "
+                    f"{tuple(ref_t.shape)}, the candidate's has {tuple(live.shape)}; map modules whose "
+                    "inputs have one shape"
+                )
+            counted[0] += 1
+            dtype = live.dtype if live.is_floating_point() else ref_t.dtype
+            return ref_t.to(device=live.device, dtype=dtype, copy=True)
+
+        replay_args, replay_kwargs = map_tensors(args, from_reference, "input"), map_tensors(kwargs, from_reference, "input")
+        self.replaying = True
+        try:
+            local_out = module(*replay_args, **replay_kwargs)
+        finally:
+            self.replaying = False
+        live_in = next((t for _, t in leaves((args, kwargs), "x")), None)
+        ref_in = next(iter(ref_inputs.values()), None)
+        comparable = (isinstance(ref_in, torch.Tensor) and live_in is not None and live_in.is_floating_point()
+                      and ref_in.shape == live_in.shape)
+        input_error = float(self.metric_fn(ref_in, live_in)) if comparable else math.nan
+        return _Replayed(local_out, input_error, f"{counted[0]}/{counted[1]}")
+
+    def _row(self, ref_name: str, cand_name: str, index: int, leaf: str, ref_t: torch.Tensor,
+             free_t: torch.Tensor | None, local_t: torch.Tensor | None, input_error: float,
+             replaced: str) -> dict[str, Any]:
         ok = free_t is not None and local_t is not None
         cand_dtype = free_t.dtype if free_t is not None else None
-        floor = float(metric_fn(ref_t, ref_t.to(cand_dtype))) if ok and cand_dtype.is_floating_point else math.nan
-        local = float(metric_fn(ref_t, local_t)) if ok else math.nan
-        free = float(metric_fn(ref_t, free_t)) if ok else math.nan
-        ratio = free / local if local > 0 else (math.inf if free > 0 else math.nan)
+        floor = (rounding_floor(ref_t, cand_dtype, ref_t.dtype, self.metric_fn)
+                 if ok and cand_dtype.is_floating_point else math.nan)
+        local = float(self.metric_fn(ref_t, local_t)) if ok else math.nan
+        free = float(self.metric_fn(ref_t, free_t)) if ok else math.nan
+        name = self.metric_name
         return {
-            "order": order, "module": ref_name, "cand_module": cand_name, "call": index, "tensor": leaf,
+            "order": len(self.rows), "module": ref_name, "cand_module": cand_name, "call": index, "tensor": leaf,
             "shape": tuple(ref_t.shape), "ref_dtype": dtype_name(ref_t.dtype),
             "cand_dtype": dtype_name(cand_dtype) if cand_dtype is not None else None,
-            f"input_{metric_name}": input_error, f"local_{metric_name}": local, f"free_{metric_name}": free,
+            f"input_{name}": input_error, f"local_{name}": local, f"free_{name}": free,
             "floor": floor,
-            "local_verdict": metrics.verdict(local, floor, floor_tolerance) if ok else "",
-            "free_verdict": metrics.verdict(free, floor, floor_tolerance) if ok else "",
-            "free_over_local": ratio, "inputs_from_reference": replaced,
+            "local_verdict": verdict(local, floor, self.tolerance) if ok else "",
+            "free_verdict": verdict(free, floor, self.tolerance) if ok else "",
+            "free_over_local": free / local if local > 0 else (math.inf if free > 0 else math.nan),
+            "inputs_from_reference": replaced,
             "status": "ok" if ok else "missing in candidate",
         }
 
-    def hook_for(cand_name: str, module: nn.Module) -> Callable[..., None]:
-        def hook(_mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if replaying[0]:
-                return
-            index = counts.get(cand_name, 0)
-            counts[cand_name] = index + 1
-            for ref_name, transform in plan[cand_name]:
-                calls = rec[ref_name] if ref_name in rec.names else []
-                if index >= len(calls):
-                    continue  # the candidate called it more often than the reference; nothing to replay
-                ref_call = calls[index]
-                ref_inputs = ref_call.inputs
-                replaced = [0, 0]
-
-                def from_reference(leaf: str, live: torch.Tensor) -> torch.Tensor:
-                    replaced[1] += 1
-                    ref_t = ref_inputs.get(leaf)
-                    if not isinstance(ref_t, torch.Tensor):
-                        return live.clone()
-                    if ref_t.shape != live.shape:
-                        raise ParityKitError(
-                            f"cannot replay {cand_name!r}: reference input {leaf!r} of {ref_name!r} has shape "
-                            f"{tuple(ref_t.shape)}, the candidate's has {tuple(live.shape)}; map modules whose "
-                            "inputs have one shape"
-                        )
-                    replaced[0] += 1
-                    dtype = live.dtype if live.is_floating_point() else ref_t.dtype
-                    return ref_t.to(device=live.device, dtype=dtype, copy=True)
-
-                replay_args = _substitute(args, "input", from_reference)
-                replay_kwargs = _substitute(kwargs, "input", from_reference)
-                replaying[0] = True
-                try:
-                    local_out = module(*replay_args, **replay_kwargs)
-                finally:
-                    replaying[0] = False
-                live_in = next(iter(_flatten((args, kwargs), "x").values()), None)
-                ref_in = next(iter(ref_inputs.values()), None)
-                input_error = (
-                    float(metric_fn(ref_in, live_in))
-                    if isinstance(ref_in, torch.Tensor) and live_in is not None and live_in.is_floating_point()
-                    and ref_in.shape == live_in.shape else math.nan
-                )
-                free_leaves, local_leaves = _flatten(output, "output"), _flatten(local_out, "output")
-                for leaf, ref_t in ref_call.outputs.items():
-                    if not isinstance(ref_t, torch.Tensor) or not ref_t.is_floating_point():
-                        continue
-                    ref_t = transform(ref_t) if transform is not None else ref_t
-                    rows.append(compare_row(
-                        ref_name, cand_name, index, leaf, ref_t, free_leaves.get(leaf), local_leaves.get(leaf),
-                        input_error, f"{replaced[0]}/{replaced[1]}", len(rows),
-                    ))
-        return hook
-
-    handles = []
-    try:
-        for cand_name in plan:
-            module = cand_modules[cand_name]
-            handles.append(module.register_forward_hook(hook_for(cand_name, module), with_kwargs=True))
-        with torch.no_grad():
-            _call(candidate_model, _prepare_inputs(candidate_model, inputs))
-    finally:
-        for handle in handles:
-            handle.remove()
-    seen = {(r["module"], r["call"]) for r in rows}
-    for cand_name, pairs in plan.items():
-        for ref_name, _ in pairs:
-            for call in rec[ref_name]:
-                if (ref_name, call.index) not in seen:
-                    out = call.output
-                    rows.append(compare_row(ref_name, cand_name, call.index, "output", out, None, None,
-                                            math.nan, "0/0", len(rows)))
-    return pd.DataFrame(rows)
+    def table(self) -> pd.DataFrame:
+        """The rows, plus a "missing in candidate" row for every reference call the candidate never made."""
+        seen = {(r["module"], r["call"]) for r in self.rows}
+        for cand_name, pairs in self.plan.items():
+            for ref_name, _ in pairs:
+                for call in self.rec[ref_name]:
+                    if (ref_name, call.index) not in seen:
+                        self.rows.append(self._row(ref_name, cand_name, call.index, "output", call.output, None,
+                                                   None, math.nan, "0/0"))
+        return pd.DataFrame(self.rows)

@@ -33,8 +33,8 @@ import torch
 from ..dtypes import DtypeLike, parse_dtype
 from ..errors import ParityKitError
 
-__all__ = ["max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp",
-           "representability_floor", "all_metrics", "verdict", "pair_reductions",
+__all__ = ["max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp", "error_metric", "ERROR_METRICS",
+           "representability_floor", "nominal_floor", "all_metrics", "verdict", "pair_reductions",
            "metrics_from_reductions", "REDUCTIONS"]
 
 _BITS_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -60,6 +60,29 @@ def _pair(ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     keep = ~agree
     r, c = r[keep], c[keep]
     return r, c, not bool(torch.isfinite(r).all() and torch.isfinite(c).all())
+
+
+#: Error metrics (smaller is better) that a search can minimise and a replay can judge.
+ERROR_METRICS = ("rel_rms", "max_abs", "mean_abs")
+#: An error metric by name, or any callable ``(ref, x) -> float`` where smaller is better.
+ErrorMetric = str | Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def error_metric(metric: ErrorMetric) -> tuple[str, Callable[[torch.Tensor, torch.Tensor], float]]:
+    """``(name, function)`` of an error metric given by name or as a callable.
+
+    >>> error_metric("max_abs")[0], error_metric(lambda r, x: 0.0)[0]
+    ('max_abs', '<lambda>')
+    """
+    if callable(metric):
+        return getattr(metric, "__name__", "metric"), metric
+    if metric not in ERROR_METRICS:
+        raise ParityKitError(
+            f"metric {metric!r} is not an error metric (smaller is better), so it cannot be minimised or judged "
+            f"against a floor; use one of {list(ERROR_METRICS)} or a callable "
+            "(ref, x) -> float where smaller is better"
+        )
+    return metric, globals()[metric]
 
 
 def max_abs(ref: torch.Tensor, x: torch.Tensor) -> float:

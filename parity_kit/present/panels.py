@@ -24,8 +24,8 @@ is then::
         display(pk.ui.story_panel(explore, model=model, dtype=dtype, device=device,
                                   attn_implementation="eager", prompt=prompt, threshold=threshold))
 
-Load models through :data:`MODELS` (``pk.ui.MODELS.load(name, dtype, device, attn)``) so that
-re-running with another knob does not reload the weights.
+Load models through :data:`MODELS` (``pk.ui.MODELS.load(name, dtype, device, attn)``, the cache of
+:mod:`parity_kit.models.cache`) so that re-running with another knob does not reload the weights.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import base64
 import html
 import io
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,10 @@ import ipywidgets as widgets
 
 from ..dtypes import dtype_name, parse_dtype
 from ..errors import ParityKitError
+from ..models.cache import MODELS, ModelCache
+
+__all__ = ["DTYPES", "LOCAL_FOLDER", "MODELS", "ControlPanel", "Field", "ModelCache", "attention_choice", "device_choice", "dtype_choice",
+           "model_choice", "show_all", "story_panel"]
 
 RunFunction = Callable[[dict[str, Any]], Any]
 
@@ -276,53 +279,6 @@ def _display_bundle(obj: Any) -> dict[str, Any]:
     return {"output_type": "display_data", "data": {"text/plain": str(obj)}, "metadata": {}}
 
 
-class ModelCache:
-    """Loaded models kept by (name, dtype, device, attention implementation, extra options), least
-    recently used evicted.
-
-    >>> cache = ModelCache(max_models=2, loader=lambda name, **kw: (name, kw["dtype"]))
-    >>> cache.load("m", "bf16") is cache.load("m", "bfloat16"), len(cache)
-    (True, 1)
-    """
-
-    def __init__(self, max_models: int = 4, loader: Callable[..., Any] | None = None):
-        self.max_models = max_models
-        self._loader = loader
-        self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        """Forget every cached model (frees their memory once nothing else refers to them)."""
-        self._entries.clear()
-
-    def load(self, name: str, dtype: str = "fp32", device: str = "cpu",
-             attn_implementation: str | None = None, *, loader: Callable[..., Any] | None = None,
-             **kwargs: Any) -> Any:
-        """``pk.models.load`` with caching; returns ``(model, tokenizer)``.
-
-        ``loader`` replaces the cache's loader for this call (e.g. a builder of a model made from a
-        config); ``kwargs`` go to the loader and are part of the cache key.
-        """
-        options = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
-        key = (name, dtype_name(parse_dtype(dtype)), str(device), attn_implementation, options)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        if loader is None:
-            loader = self._loader
-        if loader is None:
-            from ..models import load as loader
-        loaded = loader(name, dtype=dtype, device=device, attn_implementation=attn_implementation, **kwargs)
-        self._entries[key] = loaded
-        while len(self._entries) > self.max_models:
-            self._entries.popitem(last=False)
-        return loaded
-
-
-MODELS = ModelCache()
-"""The process-wide cache the story panels use."""
 
 
 def story_panel(
