@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "run_in_dtype": "analyses.mixed_precision", "sweep_by_class": "analyses.precision",
     "bisect_precision": "analyses.precision",
     "lockstep_greedy": "analyses.generation", "teacher_forced": "analyses.generation",
-    "divergence_statistics": "analyses.generation",
+    "divergence_statistics": "analyses.divergence",
     "evaluate_lastword": "analyses.evaluation", "paired_comparison": "analyses.evaluation",
     "token_provenance": "analyses.evaluation",
     # reports

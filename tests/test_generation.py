@@ -11,6 +11,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from parity_kit import generation as gen
+from parity_kit.analyses import divergence
+from parity_kit.analyses import layers as layer_view
+from parity_kit.stories import fp16_divergence as story01
 from parity_kit.comparison.metrics import nominal_floor
 from parity_kit.errors import ParityKitError
 
@@ -217,7 +220,7 @@ def test_divergence_statistics_rows_and_summary():
     model = tiny_llama(seed=10, vocab_size=len(tok))
     other = tiny_llama(seed=11, vocab_size=len(tok))
     prompts = ["who are you", "hello.\n", "what is this?"]
-    stats = gen.divergence_statistics({"self": (model, model), "other": (model, other)}, prompts, tok,
+    stats = divergence.divergence_statistics({"self": (model, model), "other": (model, other)}, prompts, tok,
                                       max_new_tokens=6, progress=False, stop_at_eos=False)
     assert len(stats) == 6 and list(stats["pair"].unique()) == ["self", "other"]
     assert not stats.loc[stats["pair"] == "self", "diverged"].any()
@@ -232,7 +235,7 @@ def test_divergence_statistics_rows_and_summary():
             previous = ([direct.prompt_ids[-1]] + direct.ref_tokens)[d]
             assert row["after_newline"] == ("\n" in tok.decode([previous]))
             assert row["ref_margin_at_divergence"] == direct.steps.at[d, "ref_margin"]
-    summary = gen.divergence_summary(stats)
+    summary = divergence.divergence_summary(stats)
     assert summary.set_index("pair").loc["self", "diverged"] == 0
     assert summary.set_index("pair").loc["other", "diverged"] == int(stats.loc[stats["pair"] == "other", "diverged"].sum())
 
@@ -244,7 +247,7 @@ def test_standard_pairs_isolate_one_factor_each():
         loads.append((source, dtype, attn_implementation))
         return torch.nn.Linear(1, 1), f"tokenizer of {source}"
 
-    pairs, tok = gen.standard_pairs("orig", "conv", loader=loader)
+    pairs, tok = story01.standard_pairs("orig", "conv", loader=loader)
     assert tok == "tokenizer of orig"
     assert len(loads) == len(set(loads)) == 8  # 2 models × 2 dtypes × 2 attention implementations, once each
     assert sorted({p.varies for p in pairs}) == ["attention", "conversion", "dtype"]
@@ -256,7 +259,7 @@ def test_standard_pairs_isolate_one_factor_each():
     assert not any(p.varies == "as shipped" for p in pairs)
 
     loads.clear()
-    shipped_pairs, _ = gen.standard_pairs("orig", "conv", loader=loader, shipped={"original": "eager", "converted": "sdpa"})
+    shipped_pairs, _ = story01.standard_pairs("orig", "conv", loader=loader, shipped={"original": "eager", "converted": "sdpa"})
     extra = [p for p in shipped_pairs if p.varies == "as shipped"]
     assert [p.name for p in extra] == ["original vs converted fp32 (as shipped: eager vs sdpa)",
                                        "original vs converted fp16 (as shipped: eager vs sdpa)"]
@@ -273,7 +276,7 @@ def test_standard_pairs_skip_a_variant_that_cannot_load():
         return torch.nn.Linear(1, 1), None
 
     with pytest.warns(UserWarning, match="skipping pairs with orig"):
-        pairs, _ = gen.standard_pairs("orig", "conv", loader=loader)
+        pairs, _ = story01.standard_pairs("orig", "conv", loader=loader)
     names = [p.name for p in pairs]
     assert "converted fp16 vs fp32 (sdpa)" in names and "original fp16 vs fp32 (sdpa)" not in names
     assert "original fp16 eager vs sdpa" not in names and "converted fp16 eager vs sdpa" in names
@@ -298,7 +301,7 @@ def test_bad_inputs_raise():
         with pytest.raises(ParityKitError, match="max_new_tokens"):
             gen.lockstep_greedy(model, model, [1, 2], max_new_tokens=bad, progress=False)
     with pytest.raises(ParityKitError, match="max_new_tokens"):
-        gen.divergence_statistics({"p": (model, model)}, [[1, 2]], None, max_new_tokens=0, progress=False)
+        divergence.divergence_statistics({"p": (model, model)}, [[1, 2]], None, max_new_tokens=0, progress=False)
     for empty in ([], torch.zeros(1, 0, dtype=torch.long)):
         with pytest.raises(ParityKitError, match="no tokens"):
             gen.lockstep_greedy(model, model, empty, progress=False)
@@ -375,10 +378,10 @@ def test_layer_comparison_fp32_at_floor_and_fp16_above_it(converted_pair):
     profiles = {}
     for dtype in (torch.float32, torch.float16):
         original, converted = converted_pair(dtype)
-        table = gen.layer_comparison(original, converted, list(range(4, 24)))
+        table = layer_view.layer_comparison(original, converted, list(range(4, 24)))
         layers = table[table["module"].str.fullmatch(r"model\.layers\.\d+")]
         assert (layers["status"] == "ok").all() and len(layers) == original.config.num_hidden_layers
-        profiles[dtype] = gen.layer_profile(table)
+        profiles[dtype] = layer_view.layer_profile(table)
     fp32, fp16 = profiles[torch.float32], profiles[torch.float16]
     assert fp32["label"].tolist() == ["embed", "0", "1", "norm", "logits"]
     assert fp32.loc[fp32["label"] == "embed", "rel_rms"].item() == 0  # the embedding is copied bit for bit
@@ -395,10 +398,10 @@ def test_plots_from_real_results(converted_pair):
     low = converted_pair(torch.float16)[1]
     result = gen.lockstep_greedy(converted, low, [5, 6, 7], max_new_tokens=12, progress=False, stop_at_eos=False)
     assert isinstance(plots.lockstep_margins(result), Figure)
-    stats = gen.divergence_statistics({"fp16 vs fp32": (converted, low), "self": (original, original)},
+    stats = divergence.divergence_statistics({"fp16 vs fp32": (converted, low), "self": (original, original)},
                                       [[5, 6, 7], [9, 10]], None, max_new_tokens=8, progress=False, stop_at_eos=False)
     assert isinstance(plots.divergence_histogram(stats, 8), Figure)
-    profile = gen.layer_profile(gen.layer_comparison(original, converted, [5, 6, 7, 8]))
+    profile = layer_view.layer_profile(layer_view.layer_comparison(original, converted, [5, 6, 7, 8]))
     assert isinstance(plots.layer_error_profile({"fp32": profile}), Figure)
     with pytest.raises(ParityKitError):
         plots.divergence_histogram(stats.drop(columns="pair"), 8)
@@ -433,7 +436,7 @@ def test_conclusion_names_the_factor_the_numbers_point_to():
                                ("converted fp16 vs fp32 (sdpa)", "dtype", "sdpa", "fp16 vs fp32"): 0.25,
                                ("original vs converted fp32 (eager)", "conversion", "eager", "fp32"): 0.0,
                                ("original fp16 eager vs sdpa", "attention", "eager vs sdpa", "fp16"): 0.25})
-    text, figures = gen.conclude_divergence(stats=dtype_heavy, **common)
+    text, figures = story01.conclude_divergence(stats=dtype_heavy, **common)
     assert "The factor that explains the divergence: fp16 vs fp32 (dtype) (50%" in text
     assert "the original is the more sensitive one" in text
     assert figures["diverged_fraction_original_shipped"] == 0.75
@@ -445,12 +448,12 @@ def test_conclusion_names_the_factor_the_numbers_point_to():
                                    ("converted fp16 vs fp32 (sdpa)", "dtype", "sdpa", "fp16 vs fp32"): 0.25,
                                    ("original vs converted fp32 (eager)", "conversion", "eager", "fp32"): 0.0,
                                    ("original fp16 eager vs sdpa", "attention", "eager vs sdpa", "fp16"): 1.0})
-    text, _ = gen.conclude_divergence(stats=attention_heavy, **common)
+    text, _ = story01.conclude_divergence(stats=attention_heavy, **common)
     assert "The factor that explains the divergence: attention implementation in fp16 (100%" in text
     assert "not more sensitive" in text
 
     nothing = _fake_stats({("original fp16 vs fp32 (eager)", "dtype", "eager", "fp16 vs fp32"): 0.0})
-    text, _ = gen.conclude_divergence(stats=nothing, **common)
+    text, _ = story01.conclude_divergence(stats=nothing, **common)
     assert "does not show the effect" in text
 
 
@@ -462,7 +465,7 @@ def test_story_panel_runs_the_case_study_and_shows_errors():
     seen = []
 
     def explore(p):
-        result = gen.case_study(p["model"], dtype=p["dtype"], reference_dtype=p["ref_dtype"], device=p["device"],
+        result = story01.case_study(p["model"], dtype=p["dtype"], reference_dtype=p["ref_dtype"], device=p["device"],
                                 attn_implementation=p["attn_implementation"], prompt=p["prompt"],
                                 max_new_tokens=p["max_new_tokens"])
         seen.append(result)

@@ -127,7 +127,7 @@ def _filler(rng: random.Random, others: list[str], avoid: set[str]) -> str:
         f"{b} talked about {his} {rng.choice(objs)} for a while.",
         f"Somewhere outside, a {rng.choice(ANIMALS)} was making a lot of noise.",
         f"{b} brought some {rng.choice(FOODS)} and everyone had a little.",
-        f"For a long time nobody said anything.",
+        "For a long time nobody said anything.",
         f"{b} said that {he} had once lost {_article(o := rng.choice(objs))} {o} in the {rng.choice(PLACES)}.",
         f"The {rng.choice(objs)} on the shelf was covered in dust.",
         f"Later {b} went to the {rng.choice(PLACES)} to look for a {rng.choice(objs)}.",
@@ -308,7 +308,7 @@ def _list_answer(rng: random.Random) -> tuple[str, str]:
     question = rng.choice([f"Name {number} {kind}.", f"Can you list {number} {kind}?", f"Give me {number} {kind}."])
     items = rng.sample(pool, k)
     bullet = rng.choice(["- ", "* ", None])
-    lines = [rng.choice([f"Here are {number} {kind}:", f"Sure, here are {number} {kind}:", f"Of course:"])]
+    lines = [rng.choice([f"Here are {number} {kind}:", f"Sure, here are {number} {kind}:", "Of course:"])]
     for i, item in enumerate(items):
         lines.append(f"{bullet}{_cap(item)}" if bullet else f"{i + 1}. {_cap(item)}")
     if rng.random() < 0.5:

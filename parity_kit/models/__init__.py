@@ -177,3 +177,18 @@ def load(
         raise ParityKitError(f"could not load {location!r}: {message}") from None
     model = model.to(device).eval()
     return model, tokenizer
+
+
+def shipped_attention(name_or_path: str, *, trust_remote_code: bool = False) -> str:
+    """The attention implementation a model runs when none is requested: its config's
+    ``attn_implementation`` (InternLM2: "eager"), else transformers' default, "sdpa".
+
+    >>> shipped_attention("tiny-internlm2"), shipped_attention("tiny-internlm2-llama")
+    ('eager', 'sdpa')
+    """
+    from transformers import AutoConfig
+
+    _, location = _resolve(name_or_path)
+    register_architectures()
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    return getattr(config, "attn_implementation", None) or "sdpa"
