@@ -32,8 +32,8 @@ _EXPORTS: dict[str, str] = {
     "bisect_precision": "analyses.precision",
     "lockstep_greedy": "analyses.generation", "teacher_forced": "analyses.generation",
     "divergence_statistics": "analyses.divergence",
-    "evaluate_lastword": "analyses.evaluation", "paired_comparison": "analyses.evaluation",
-    "token_provenance": "analyses.evaluation",
+    "evaluate_lastword": "analyses.evaluation", "paired_comparison": "analyses.paired",
+    "token_provenance": "analyses.provenance",
     # reports
     "environment_capsule": "present.report", "diff_capsules": "present.report", "write_findings": "present.report",
     "read_findings": "present.report", "export_html": "present.report",

@@ -16,17 +16,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from parity_kit.errors import ParityKitError
-from parity_kit.analyses.evaluation import (
-    LastWordItem,
-    LastWordResult,
-    PairedComparison,
-    evaluate_lastword,
-    load_lastword_items,
-    mean_stderr,
-    paired_comparison,
-    perplexity_bootstrap_stderr,
-    token_provenance,
-)
+from parity_kit.analyses.evaluation import LastWordItem, LastWordResult, evaluate_lastword, load_lastword_items
+from parity_kit.analyses.paired import PairedComparison, paired_comparison
+from parity_kit.analyses.provenance import token_provenance
+from parity_kit.analyses.statistics import mean_stderr, perplexity_bootstrap_stderr
 
 torch.set_num_threads(1)
 
@@ -446,7 +439,7 @@ def test_token_provenance_kit_bos_policy_and_agreement(tok_plain, tok_adds_bos):
 
 
 def test_position_loss_difference_aligns_text_tokens(tok_plain, llama):
-    from parity_kit.analyses.evaluation import position_loss_difference
+    from parity_kit.analyses.paired import position_loss_difference
 
     items = _items(10)
     with_bos = evaluate_lastword(llama, tok_plain, items, n_bootstrap=10, progress=False)
@@ -468,7 +461,7 @@ def test_position_loss_difference_aligns_text_tokens(tok_plain, llama):
 
 
 def test_bos_activation_diff_drops_the_bos_position(tok_plain, llama):
-    from parity_kit.analyses.evaluation import bos_activation_diff
+    from parity_kit.analyses.provenance import bos_activation_diff
 
     text = "the cat sat on a mat while dog ran"
     table = bos_activation_diff(llama, tok_plain, text)
@@ -495,7 +488,7 @@ def test_evaluation_plots_return_figures(tok_plain, llama):
     from matplotlib.figure import Figure
 
     from parity_kit import plots
-    from parity_kit.analyses.evaluation import position_loss_difference
+    from parity_kit.analyses.paired import position_loss_difference
 
     items = _items(8)
     a = evaluate_lastword(llama, tok_plain, items, n_bootstrap=10, progress=False, label="with BOS")
@@ -522,7 +515,7 @@ def test_evaluation_plots_return_figures(tok_plain, llama):
 
 
 def test_reported_gap_in_stderr_divides_by_the_reference_stderr():
-    from parity_kit.analyses.evaluation import reported_gap_in_stderr
+    from parity_kit.stories.bos_token import reported_gap_in_stderr
 
     gap = reported_gap_in_stderr({"ppl_without_bos": 5.0, "ppl_with_bos": 4.25, "ppl_reference": 4.0,
                                   "stderr_reference": 0.5})
@@ -543,7 +536,7 @@ def _positions(first_mean: float, first_stderr: float, target: list[tuple[int, f
 
 
 def test_bos_position_effect_weights_target_positions_by_documents():
-    from parity_kit.analyses.evaluation import bos_position_effect
+    from parity_kit.stories.bos_token import bos_position_effect
 
     effect = bos_position_effect(_positions(0.6, 0.2, [(0, 0.1, 3), (1, 0.5, 1)]))
     assert effect["first_position"] == 1 and effect["first_position_nats"] == pytest.approx(0.6)
@@ -564,7 +557,7 @@ def _comparison(ppl_diff: float, z: float, flagged: bool, **extra: float) -> Pai
 
 
 def test_bos_factor_table_puts_both_suspects_side_by_side():
-    from parity_kit.analyses.evaluation import bos_factor_table
+    from parity_kit.stories.bos_token import bos_factor_table
 
     table = bos_factor_table({"m": _comparison(3.0, 6.0, True)}, {"m": _comparison(-0.2, 0.5, False)},
                              ref_dtype="fp32", cand_dtype="fp16")
@@ -577,7 +570,7 @@ def test_bos_factor_table_puts_both_suspects_side_by_side():
 
 
 def test_bos_activation_summary_reads_the_last_layer():
-    from parity_kit.analyses.evaluation import bos_activation_summary
+    from parity_kit.stories.bos_token import bos_activation_summary
 
     view = pd.DataFrame([[9.0, 9.0, 9.0, 9.0], [0.4, 0.1, 0.3, 0.2]], index=["layers.0", "layers.1"])
     summary = bos_activation_summary({"a": view, "b": view * 2})
@@ -591,7 +584,7 @@ def test_bos_activation_summary_reads_the_last_layer():
 def _story(bos: PairedComparison, precision: PairedComparison, *, first_z: float = 1.0,
            sweep_z: tuple[float, ...] = (1.0, 2.0), sweep_flagged: tuple[bool, ...] = (False, False),
            sweep_diff: tuple[float, ...] = (0.5, 0.25)) -> tuple[str, dict]:
-    from parity_kit.analyses.evaluation import conclude_bos_story
+    from parity_kit.stories.bos_token import conclude_bos_story
 
     with_bos = LastWordResult.from_loglikelihoods([-3.0, -3.5, -2.5, -3.2], n_bootstrap=50, label="with")
     without = LastWordResult.from_loglikelihoods([-3.1, -3.6, -2.6, -3.3], n_bootstrap=50, label="without")
@@ -661,7 +654,7 @@ def test_conclusion_figures_hold_every_number_the_text_quotes():
 
 
 def test_conclusion_refuses_a_model_with_missing_measurements():
-    from parity_kit.analyses.evaluation import conclude_bos_story
+    from parity_kit.stories.bos_token import conclude_bos_story
 
     with pytest.raises(ParityKitError, match="no precision comparison, no position effect"):
         conclude_bos_story({}, {"m": _comparison(1.0, 1.0, False)}, {}, {}, pd.DataFrame({"model": []}),
@@ -669,7 +662,7 @@ def test_conclusion_refuses_a_model_with_missing_measurements():
 
 
 def test_compare_with_and_without_bos_and_the_context_sweep(tok_plain, llama):
-    from parity_kit.analyses.evaluation import bos_context_sweep, compare_with_and_without_bos
+    from parity_kit.stories.bos_token import bos_context_sweep, compare_with_and_without_bos
 
     items = load_lastword_items(_items(8))
     with_bos, without, test = compare_with_and_without_bos(llama, tok_plain, items, n_bootstrap=20,

@@ -250,7 +250,7 @@ def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | No
     >>> evaluate(model, tok, read_lastword_items()[:20], n_bootstrap=100)["with_bos"]["n"]
     20
     """
-    from ..analyses.evaluation import mean_stderr, perplexity_bootstrap_stderr
+    from ..analyses.statistics import mean_stderr, perplexity_bootstrap_stderr
 
     items = read_lastword_items() if items is None else items
     contexts = [tokenizer(it["context"], add_special_tokens=False).input_ids for it in items]

@@ -392,7 +392,7 @@ def compare_runs(
                "candidate": _token_ids(cand, cand_model, cand_tok, prompt, input_ids, seed, seq_len)}
         provenance = None
         if ids["reference"] != ids["candidate"]:
-            from ..analyses.evaluation import token_provenance
+            from ..analyses.provenance import token_provenance
 
             if prompt is not None and input_ids is None and ref_tok is not None and cand_tok is not None:
                 pipelines: dict[str, Any] = {"reference": (ref_tok, {}), "candidate": (cand_tok, {})}

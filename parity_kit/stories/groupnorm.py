@@ -20,7 +20,8 @@ from torch import nn
 
 from .._util.calling import call_model, model_dtype, primary_tensor
 from .._util.paths import data_dir
-from ..analyses.evaluation import load_lastword_items, paired_comparison
+from ..analyses.evaluation import load_lastword_items
+from ..analyses.paired import paired_comparison
 from ..analyses.mixed_precision import MasterWeights, run_in_dtype
 from ..analyses.precision import BisectionResult, bisect_precision, sweep_by_class
 from ..capture import ModuleSpec
