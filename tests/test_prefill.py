@@ -16,12 +16,15 @@ from parity_kit.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from parity_kit._util.paths import data_dir
 from parity_kit import prefill
 from parity_kit.analyses.prefill import (
-    FLA_MODES, OUR_MODES, REPORTED_FIGURES, boundary_positions, capture_wkv_inputs, chunk_size_table, compare_prefill,
-    conclude_prefill, decode_comparison, error_pivot, explore, fla_unavailable_reason, lastword_by_mode, length_table,
-    model_mode_comparison, prefill_then_decode, reported_vs_measured, run_mode, state_growth, stored_kernel_figures,
-    stored_kernel_table, story_plan, sweep,
+    FLA_MODES, OUR_MODES, boundary_positions, compare_prefill, fla_unavailable_reason, prefill_then_decode, run_mode,
+    sweep,
 )
-from parity_kit.models.wkv import random_wkv_inputs
+from parity_kit.analyses.prefill_model import capture_wkv_inputs, lastword_by_mode, model_mode_comparison
+from parity_kit.stories.prefill_modes import (
+    REPORTED_FIGURES, chunk_size_table, conclude_prefill, decode_comparison, error_pivot, explore, length_table,
+    reported_vs_measured, state_growth, stored_kernel_figures, stored_kernel_table, story_plan,
+)
+from parity_kit.models.wkv import random_wkv_inputs, wkv_recurrent
 
 HAS_FLA_GPU = torch.cuda.is_available() and importlib.util.find_spec("fla") is not None
 
@@ -99,7 +102,7 @@ def test_boundary_states_of_chunk_and_recurrent_modes_agree_in_fp32():
     assert torch.allclose(chunk.boundary_states, rec.boundary_states, atol=1e-4)
     assert torch.equal(rec.boundary_states[:, -1], rec.final_state)
     # segmenting the recurrence at the boundaries is the same arithmetic as one run
-    whole_o, whole_s = prefill.wkv_recurrent(*x)
+    whole_o, whole_s = wkv_recurrent(*x)
     assert torch.equal(whole_o, rec.output) and torch.equal(whole_s, rec.final_state)
 
 
