@@ -40,7 +40,7 @@ import torch
 from capture_overhead import seven_b_shaped_llama
 
 from parity_kit.capture import recorder as capture
-from parity_kit.recording.model import Recording
+from parity_kit.recording import Recording
 
 RESULT = Path(__file__).resolve().parent / "results" / "capture_percall_h200.json"
 

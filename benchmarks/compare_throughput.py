@@ -37,7 +37,7 @@ import parity_kit as pk
 
 compare_module = importlib.import_module("parity_kit.comparison.compare")
 metrics_module = importlib.import_module("parity_kit.comparison.metrics")
-from parity_kit.recording.model import Call, Recording
+from parity_kit.recording import Call, Recording
 
 
 def _recordings(tokens: int, device: str, layers: int = 32) -> tuple[Recording, Recording]:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from parity_kit.comparison.kernels import row_statistics_triton, tensor_statistics_triton
-from parity_kit.recording.model import StatsBatch
+from parity_kit.capture.row_kernels import row_statistics_triton, tensor_statistics_triton
+from parity_kit.capture.stats_batch import StatsBatch
 
 RESULT = Path(__file__).resolve().parent / "results" / "row_stats_throughput_h200.json"
 
@@ -61,7 +61,7 @@ def _time(fn, tensors: list[torch.Tensor], repeats: int) -> tuple[float, float]:
 
 
 def _row_kernel_settings() -> dict[str, int]:
-    from parity_kit.comparison import kernels
+    from parity_kit.capture import row_kernels as kernels
 
     return {"elements_per_step": kernels._ROW_TILE, "warps": kernels._ROW_WARPS,
             "widest_column_block": kernels._ROW_BLOCK_MAX, "stages": kernels._ROW_STAGES}
@@ -95,8 +95,8 @@ def main() -> None:
         print(f"{name:13s} gpu {gpu_ms:7.3f} ms  {results[name]['gb_per_s']:7.1f} GB/s  host {host_ms:6.3f} ms",
               flush=True)
     sweep = []
-    if args.sweep:  # how the defaults (kernels._ROW_TILE, kernels._ROW_WARPS) were chosen
-        from parity_kit.comparison import kernels
+    if args.sweep:  # every setting next to the defaults (kernels._ROW_TILE, kernels._ROW_WARPS, ...)
+        from parity_kit.capture import row_kernels as kernels
 
         chosen = kernels._ROW_TILE, kernels._ROW_WARPS, kernels._ROW_BLOCK_MAX, kernels._ROW_STAGES
         for block in (128, 256, 512, 1024):

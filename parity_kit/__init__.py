@@ -35,7 +35,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate_lastword": "analyses.evaluation", "paired_comparison": "analyses.paired",
     "token_provenance": "analyses.provenance",
     # reports
-    "environment_capsule": "present.report", "diff_capsules": "present.report", "write_findings": "present.report",
+    "environment_capsule": "_util.environment", "diff_capsules": "_util.environment", "write_findings": "present.report",
     "read_findings": "present.report", "export_html": "present.report",
 }
 # public names that are modules

@@ -8,9 +8,9 @@ from conftest import build_tiny_llama, hook_counts
 from torch import nn
 
 import parity_kit as pk
-from parity_kit.capture.recorder import parse_bytes
+from parity_kit._util.sizes import parse_bytes
 from parity_kit.errors import ParityKitError
-from parity_kit.recording.model import TensorStats
+from parity_kit.recording import TensorStats
 
 
 class TwiceLinear(nn.Module):
@@ -439,25 +439,25 @@ def test_batched_copies_detect_outputs_modified_in_place():
 def test_auto_stats_batch_depends_on_the_device():
     from parity_kit.capture import recorder as capture
 
-    assert capture._auto_stats_batch("cpu") == capture._AUTO_BATCH
-    assert capture._auto_stats_batch("meta") == capture._AUTO_BATCH
+    assert capture.auto_stats_batch("cpu") == capture.AUTO_BATCH
+    assert capture.auto_stats_batch("meta") == capture.AUTO_BATCH
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
-        got = capture._auto_stats_batch("cuda:0")
-        assert capture._AUTO_BATCH // 4 <= got <= 4 * capture._AUTO_BATCH
-        assert got <= total // 32 or got == capture._AUTO_BATCH // 4
+        got = capture.auto_stats_batch("cuda:0")
+        assert capture.AUTO_BATCH // 4 <= got <= 4 * capture.AUTO_BATCH
+        assert got <= total // 32 or got == capture.AUTO_BATCH // 4
 
 
 def test_module_walk_equals_named_modules():
-    from parity_kit.capture.recorder import _named_modules
+    from parity_kit.capture import named_modules
 
     shared = nn.Linear(2, 2)
     inner = nn.Sequential(shared, nn.ReLU(), nn.Sequential(nn.Tanh(), shared))
     model = nn.Sequential(inner, shared, nn.Identity())
     model.add_module("gap", None)  # a None child is skipped, as named_modules does
     model.add_module("again", inner)  # a module reached twice is listed once, under its first name
-    assert _named_modules(model) == list(model.named_modules())
-    assert [n for n, _ in _named_modules(model)] == ["", "0", "0.0", "0.1", "0.2", "0.2.0", "2"]
+    assert named_modules(model) == list(model.named_modules())
+    assert [n for n, _ in named_modules(model)] == ["", "0", "0.0", "0.1", "0.2", "0.2.0", "2"]
 
     class Flat(nn.Module):  # overrides named_modules: its own answer is the one used
         def __init__(self) -> None:
@@ -469,6 +469,6 @@ def test_module_walk_equals_named_modules():
 
     flat = Flat()
     nested = nn.Sequential(nn.ReLU(), flat)
-    assert _named_modules(flat) == [("", flat)]
-    assert _named_modules(nested) == list(nested.named_modules())
-    assert all(m is not flat.hidden for _, m in _named_modules(nested))
+    assert named_modules(flat) == [("", flat)]
+    assert named_modules(nested) == list(nested.named_modules())
+    assert all(m is not flat.hidden for _, m in named_modules(nested))

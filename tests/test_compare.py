@@ -11,7 +11,7 @@ import parity_kit as pk
 from parity_kit.comparison.compare import COLUMNS
 from parity_kit.errors import ParityKitError
 from parity_kit.comparison.mapping import ModuleMapping
-from parity_kit.recording.model import Call, Recording
+from parity_kit.recording import Call, Recording
 
 
 def _rec(*calls: tuple[str, dict]) -> Recording:

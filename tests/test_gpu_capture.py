@@ -12,7 +12,8 @@ from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.recording.model import StatsBatch, TensorStats
+from parity_kit.capture.stats_batch import StatsBatch
+from parity_kit.recording import TensorStats
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -328,7 +329,7 @@ def test_stats_batch_of_one_dtype_on_one_gpu_takes_every_layout(monkeypatch):
     transpose among them (not dense) is copied first. Both agree with TensorStats.of."""
     from test_recording import _assert_stats_close
 
-    from parity_kit.comparison.kernels import tensor_statistics_triton
+    from parity_kit.capture.row_kernels import tensor_statistics_triton
 
     seen = []
 

@@ -21,7 +21,7 @@ import torch
 import parity_kit as pk
 from parity_kit import metrics as M
 from parity_kit.errors import ParityKitError
-from parity_kit.recording.model import Call, Recording
+from parity_kit.recording import Call, Recording
 
 triton = pytest.importorskip("triton", reason="the fused kernel needs Triton")
 tl = pytest.importorskip("triton.language")
@@ -307,7 +307,7 @@ def _non_finite_rows(dtype: torch.dtype, device: str) -> list[torch.Tensor]:
 
 def _assert_totals_match(got: tuple, tensors: list[torch.Tensor], name: str) -> None:
     """tensor_statistics_triton against the torch path's segment reductions over the torch rows."""
-    from parity_kit.recording.model import StatsBatch
+    from parity_kit.capture.stats_batch import StatsBatch
 
     totals, row_rms, rows, widths = got
     assert widths == [t.shape[-1] if t.dim() else 1 for t in tensors], name
@@ -325,7 +325,7 @@ def _assert_totals_match(got: tuple, tensors: list[torch.Tensor], name: str) -> 
 def _interpreted_row_checks() -> None:
     """Every CPU check of the row statistics kernel, through the interpreter (see _interpreted_checks)."""
     _require_interpreted_loops()
-    from parity_kit.comparison import kernels
+    from parity_kit.capture import row_kernels as kernels
 
     for dtype in DTYPES:
         for name, tensors in (("mixed", _row_cases(dtype, "cpu")), ("aligned", _aligned_row_cases(dtype, "cpu")),
@@ -348,7 +348,7 @@ def test_interpreted_row_statistics_match_torch():
 
 
 def test_row_statistics_reject_what_they_cannot_reduce():
-    from parity_kit.comparison.kernels import row_statistics_triton
+    from parity_kit.capture.row_kernels import row_statistics_triton
 
     with pytest.raises(ParityKitError, match="no tensors"):
         row_statistics_triton([])
@@ -362,7 +362,7 @@ def test_row_statistics_reject_what_they_cannot_reduce():
 
 @cuda
 def test_cuda_row_statistics_match_torch():
-    from parity_kit.comparison.kernels import row_statistics_triton, tensor_statistics_triton
+    from parity_kit.capture.row_kernels import row_statistics_triton, tensor_statistics_triton
 
     for dtype in DTYPES:
         for name, tensors in (("mixed", _row_cases(dtype, "cuda")), ("aligned", _aligned_row_cases(dtype, "cuda")),

@@ -9,7 +9,7 @@ from conftest import build_tiny_llama
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.recording.model import Call, Recording, TensorStats
+from parity_kit.recording import Call, Recording, TensorStats
 
 
 def _assert_bit_exact(a: Recording, b: Recording) -> None:
@@ -151,7 +151,7 @@ def _assert_stats_close(a: TensorStats, b: TensorStats) -> None:
 
 
 def test_stats_batch_equals_one_by_one():
-    from parity_kit.recording.model import StatsBatch
+    from parity_kit.capture.stats_batch import StatsBatch
 
     g = torch.Generator().manual_seed(0)
     with_nan = torch.randn(3, 5, generator=g)
@@ -177,7 +177,7 @@ def test_stats_batch_equals_one_by_one():
 
 
 def test_stats_batch_refuses_tensor_modified_in_place():
-    from parity_kit.recording.model import StatsBatch
+    from parity_kit.capture.stats_batch import StatsBatch
 
     t = torch.ones(2, 3)
     version = t._version
@@ -187,7 +187,7 @@ def test_stats_batch_refuses_tensor_modified_in_place():
 
 
 def test_checksum_sees_single_bit_flips_tails_and_unaligned_bytes():
-    from parity_kit.recording.model import tensor_checksum
+    from parity_kit.recording.storage import tensor_checksum
 
     data = torch.arange(1, 27, dtype=torch.uint8)  # 3 words and a 2-byte tail
     base = tensor_checksum(data)

@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 import parity_kit as pk
 from parity_kit.present import report
 from parity_kit.errors import ParityKitError
-from parity_kit.present.report import diff_capsules, environment_capsule, export_html, read_findings, write_findings
+from parity_kit._util.environment import diff_capsules, environment_capsule
+from parity_kit.present.report import export_html, read_findings, write_findings
 
 REQUIRED_KEYS = {
     "python", "platform", "torch", "transformers", "cuda_version", "cuda_devices", "tf32_matmul", "tf32_cudnn",

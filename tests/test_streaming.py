@@ -13,7 +13,8 @@ from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.recording.model import INDEX_FILE, TENSOR_FILE, TensorFileWriter, TensorStats
+from parity_kit.recording.storage import INDEX_FILE, TENSOR_FILE, TensorFileWriter
+from parity_kit.recording import TensorStats
 
 
 def _same(a: pk.Recording, b: pk.Recording) -> None:

@@ -1,9 +1,10 @@
-"""Atomic file writing: a reader never sees a half-written file."""
+"""Atomic file and folder writing: a reader never sees a half-written file or folder."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,3 +62,24 @@ def _as_plain_file(fd: int) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Rename folder ``new`` to ``target``; an existing target is moved aside first and removed after (and put
+    back if the rename fails), so a reader finds the old folder or the new one, never a mixture."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

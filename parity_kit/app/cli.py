@@ -40,7 +40,7 @@ def _load(module: str, function: str, command: str) -> Callable[..., Any]:
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    from ..present.report import environment_capsule
+    from .._util.environment import environment_capsule
 
     capsule = environment_capsule()
     if args.json:

@@ -37,7 +37,7 @@ from .corpus import (
     train_tokenizer, training_documents,
 )
 from ..errors import ParityKitError
-from .._util.atomic import atomic_write
+from .._util.atomic import atomic_write, replace_folder
 from .._util.paths import data_dir
 
 LLAMA_NAME = "tiny-internlm2-llama"
@@ -186,17 +186,10 @@ def _spec(name: str) -> ModelSpec:
     return SPECS[name]
 
 
-def _replace_folder(tmp: Path, target: Path) -> None:
-    """Swap a finished folder into place, so a reader never sees a half-written model folder."""
-    tmp.chmod(0o755)  # TemporaryDirectory makes it private; a model folder is meant to be shared
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _publish(tmp: Path, target: Path) -> None:
+    """Swap a finished model folder into place, readable by everyone (TemporaryDirectory makes it private)."""
+    tmp.chmod(0o755)
+    replace_folder(tmp, target)
 
 
 def _loss_curve(losses: list[float], points: int = 100) -> list[list[float]]:
@@ -360,7 +353,7 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
             _write_record(tmp, record)
             evaluate_checkpoint(tmp, eval_limit=eval_limit)
             _loss_figure(curve, f"{name}: training loss").savefig(tmp / "loss.png")
-            _replace_folder(tmp, target)
+            _publish(tmp, target)
 
         if name == "tiny-internlm2":
             llama_target = target.with_name(LLAMA_NAME if default_location else f"{target.name}-llama")
@@ -435,7 +428,7 @@ def convert_to_llama(src: Path, dst: Path, *, eval_limit: int | None = None) -> 
         _write_record(tmp, record)
         evaluate_checkpoint(tmp, eval_limit=eval_limit)
         shutil.copyfile(src / "loss.png", tmp / "loss.png")
-        _replace_folder(tmp, dst)
+        _publish(tmp, dst)
     return dst
 
 

@@ -1,5 +1,6 @@
-"""Capture: hooks or forward wrappers on chosen modules that record their outputs into a Recording."""
+"""Capture: forward wrappers or hooks on chosen modules that record their outputs into a Recording."""
 
-from .recorder import ModuleSpec, parse_bytes, record, select_modules
+from .recorder import record
+from .selection import ModuleSpec, named_modules, select_modules
 
-__all__ = ["ModuleSpec", "parse_bytes", "record", "select_modules"]
+__all__ = ["ModuleSpec", "named_modules", "record", "select_modules"]

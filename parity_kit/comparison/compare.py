@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 
 from . import metrics as M
-from ..capture.recorder import parse_bytes
+from .._util.sizes import parse_bytes
 from ..dtypes import parse_dtype
 from ..errors import ParityKitError
 from .mapping import MappingTarget, ModuleMapping
-from ..recording.model import Call, Recording, TensorStats
+from ..recording import Call, Recording, TensorStats
 
 MappingLike = ModuleMapping | Mapping[str, str] | Callable[[str], "str | None"] | None
 
@@ -108,7 +108,7 @@ def compare(
     benchmarks/results/compare_throughput_h200.json.)
 
     >>> import torch
-    >>> from parity_kit.recording.model import Call, Recording
+    >>> from parity_kit.recording import Call, Recording
     >>> a = Recording("tensors", [Call("m", 0, 0, {"output": torch.tensor([1.0, 2.0])})])
     >>> b = Recording("tensors", [Call("m", 0, 0, {"output": torch.tensor([1.0, 2.5])})])
     >>> compare(a, b)[["module", "max_abs", "status"]].values.tolist()
@@ -341,7 +341,7 @@ def first_nonfinite(recording_or_table: Recording | pd.DataFrame) -> pd.Series |
     For a comparison table: the first row with ``nonfinite > 0`` (a Series). For a recording (either
     mode): a dict ``{module, call, order, tensor, nan, inf}``. None if everything is finite.
 
-    >>> from parity_kit.recording.model import Call, Recording
+    >>> from parity_kit.recording import Call, Recording
     >>> rec = Recording("tensors", [Call("a", 0, 0, {"output": torch.ones(2)}),
     ...                             Call("b", 0, 1, {"output": torch.tensor([1.0, float("inf")])})])
     >>> first_nonfinite(rec)["module"]
@@ -394,7 +394,7 @@ def per_token_error(ref: Recording, cand: Recording, mapping: MappingLike = None
     step). Modules whose leaf is missing, non-floating or of another shape in the candidate are left
     out; a module mapped to several candidates gets one row per target ("name [q]").
 
-    >>> from parity_kit.recording.model import Call, Recording
+    >>> from parity_kit.recording import Call, Recording
     >>> a = Recording("tensors", [Call("m", 0, 0, {"output": torch.ones(1, 2, 4)})])
     >>> b = Recording("tensors", [Call("m", 0, 0, {"output": torch.tensor([[[1.0] * 4, [2.0] * 4]])})])
     >>> per_token_error(a, b).values.tolist()

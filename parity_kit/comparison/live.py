@@ -30,12 +30,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..capture.recorder import ModuleSpec, _leaves, select_modules
+from .._util.trees import leaves
+from ..capture import ModuleSpec, select_modules
 from .compare import COLUMNS, MappingLike, _compare_leaf, _Job, _leaf_filter, _Reducer, _row
 from ..dtypes import dtype_name
 from ..errors import ParityKitError
 from .mapping import MappingTarget, ModuleMapping
-from ..recording.model import Call
+from ..recording import Call
 
 Inputs = torch.Tensor | Mapping[str, Any] | Sequence[Any] | Callable[[nn.Module], Any]
 
@@ -92,7 +93,7 @@ class _Lockstep:
                 order = self.ref_order
                 self.ref_order += 1
             targets = self.mm.targets(name)
-            for leaf_pos, (leaf, t) in enumerate((lf, t) for lf, t in _leaves(output, "output") if self.keep(lf)):
+            for leaf_pos, (leaf, t) in enumerate((lf, t) for lf, t in leaves(output, "output") if self.keep(lf)):
                 live = [i for i, tg in enumerate(targets) if tg.cand in self.cand_names]
                 call = Call(name, index, order, {leaf: t.detach().clone() if live else t})
                 with self.cond:
@@ -136,7 +137,7 @@ class _Lockstep:
             self.cand_counts[name] = index + 1
             order = self.cand_order
             self.cand_order += 1
-            for leaf_pos, (leaf, t) in enumerate((lf, t) for lf, t in _leaves(output, "output") if self.keep(lf)):
+            for leaf_pos, (leaf, t) in enumerate((lf, t) for lf, t in leaves(output, "output") if self.keep(lf)):
                 sources = self.inverse.get(name, [])
                 if not sources:
                     self._missing_in_reference(name, index, leaf, t, order, leaf_pos)

@@ -140,7 +140,7 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, modules: Any = "*")
     >>> rec.names
     ['model.layers.0', 'model.layers.1']
     """
-    from ..capture.recorder import record
+    from ..capture import record
 
     device = next(model.parameters()).device
     with torch.no_grad(), record(model, modules=modules, mode="tensors") as rec:
