@@ -16,8 +16,9 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from parity_kit import Recording
-from parity_kit.stories.bug_report import (FROM_CONFIG_LLAMA, RunSpec, auto_mapping, compare_runs, parse_cli_value,
-                                  summarise)
+from parity_kit.analyses.runs import FROM_CONFIG_LLAMA, RunSpec, auto_mapping, compare_runs, summarise
+from parity_kit.app.report_command import parse_cli_value
+from parity_kit.stories.bug_report import comparison_plots
 from parity_kit.errors import ParityKitError
 from parity_kit.models import builtin_path
 from parity_kit._util.paths import data_dir, repo_root
@@ -80,7 +81,7 @@ def test_bf16_candidate_is_measured_against_the_floor_and_recordings_round_trip(
     figures = result.figures()
     assert figures["max_rel_rms"] == pytest.approx(ok["rel_rms"].max())
     assert figures["first_divergence_order"] == int(ok.iloc[0]["order"])
-    assert len(result.plots()) == 2
+    assert len(comparison_plots(result)) == 2
 
     ref_path, cand_path = result.save_recordings(tmp_path, "05_bug_report")
     assert ref_path == tmp_path / "05_bug_report.recordings" / "reference"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from parity_kit import models
-from parity_kit.builtins import corpus
+from parity_kit.builtins import corpus, tokenizer
 from parity_kit.builtins.train import SPECS, evaluate
 from parity_kit._util.paths import data_dir
 
@@ -43,13 +43,13 @@ def test_configs_follow_the_recipe(name):
     for key, value in SPECS[name].config.items():
         if key != "attn_implementation":  # transformers keeps it outside config.json's fields
             assert config[key] == value, key
-    assert config["vocab_size"] == corpus.load_base_tokenizer().get_vocab_size()
+    assert config["vocab_size"] == tokenizer.load_base_tokenizer().get_vocab_size()
 
 
 @pytest.mark.parametrize("name", list(models.BUILTINS))
 def test_tokenizers_share_the_committed_vocabulary(name):
-    committed = corpus.load_base_tokenizer()
-    own = corpus.load_base_tokenizer(models.builtin_path(name))
+    committed = tokenizer.load_base_tokenizer()
+    own = tokenizer.load_base_tokenizer(models.builtin_path(name))
     assert own.get_vocab() == committed.get_vocab()
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from parity_kit.builtins import corpus
+from parity_kit.builtins import corpus, data, tokenizer
 from parity_kit.errors import ParityKitError
 from parity_kit._util.paths import data_dir
 
@@ -94,8 +94,8 @@ def test_prompts():
 
 def test_tokenizer_is_deterministic_and_has_the_special_ids():
     docs = corpus.training_documents(1500)
-    a = corpus.train_tokenizer(docs, vocab_size=600)
-    b = corpus.train_tokenizer(docs, vocab_size=600)
+    a = tokenizer.train_tokenizer(docs, vocab_size=600)
+    b = tokenizer.train_tokenizer(docs, vocab_size=600)
     assert a.to_str() == b.to_str()
     assert [a.token_to_id(t) for t in ("<s>", "</s>", "<pad>", "<unk>")] == [0, 1, 2, 3]
     assert a.get_vocab_size() == 600
@@ -104,15 +104,15 @@ def test_tokenizer_is_deterministic_and_has_the_special_ids():
 
 
 def test_committed_tokenizer_is_the_one_the_seed_builds():
-    committed = corpus.load_base_tokenizer()
-    rebuilt = corpus.train_tokenizer(corpus.training_documents(corpus.TOKENIZER_DOCS, 0))
+    committed = tokenizer.load_base_tokenizer()
+    rebuilt = tokenizer.train_tokenizer(corpus.training_documents(data.TOKENIZER_DOCS, 0))
     assert committed.get_vocab() == rebuilt.get_vocab()
     assert 1000 <= committed.get_vocab_size() <= 2000
 
 
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_tokenizer_flavours_load_with_autotokenizer(tmp_path, add_bos):
-    corpus.save_tokenizer(corpus.load_base_tokenizer(), tmp_path, add_bos=add_bos)
+    tokenizer.save_tokenizer(tokenizer.load_base_tokenizer(), tmp_path, add_bos=add_bos)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (0, 1, 2, 3)
     ids = tok("User: who are you\nAssistant:").input_ids
@@ -132,7 +132,7 @@ def test_missing_eval_file_is_a_clear_error(tmp_path):
 
 
 def test_build_data_is_deterministic(tmp_path):
-    a = corpus.build_data(0, tmp_path / "a", n_eval=20, n_prompts=5, vocab_size=400)
-    b = corpus.build_data(0, tmp_path / "b", n_eval=20, n_prompts=5, vocab_size=400)
+    a = data.build_data(0, tmp_path / "a", n_eval=20, n_prompts=5, vocab_size=400)
+    b = data.build_data(0, tmp_path / "b", n_eval=20, n_prompts=5, vocab_size=400)
     for rel in ("prompts.json", "eval/lastword.jsonl", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from parity_kit import models
-from parity_kit.builtins import corpus
+from parity_kit.builtins import tokenizer
 from parity_kit.errors import ParityKitError
 
 PROMPT = "User: who are you\nAssistant:"
@@ -53,12 +53,12 @@ def test_config_overrides_reach_the_model():
 
 def test_local_llama_folder(tmp_path):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=corpus.DEFAULT_VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+    config = LlamaConfig(vocab_size=tokenizer.DEFAULT_VOCAB_SIZE, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          bos_token_id=0, eos_token_id=1, pad_token_id=2)
     reference = LlamaForCausalLM(config).eval()
     reference.save_pretrained(tmp_path)
-    corpus.save_tokenizer(corpus.load_base_tokenizer(), tmp_path, add_bos=True)
+    tokenizer.save_tokenizer(tokenizer.load_base_tokenizer(), tmp_path, add_bos=True)
 
     model, tok = models.load(tmp_path, dtype="fp16")
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training

@@ -123,7 +123,8 @@ def test_model_cache_keys_and_eviction():
 
 # ------------------------------------------------------------------------------ the quickstart's panel
 def _quickstart_panel(**overrides):
-    from parity_kit.stories.bug_report import FROM_CONFIG_LLAMA, quickstart_panel
+    from parity_kit.analyses.runs import FROM_CONFIG_LLAMA
+    from parity_kit.stories.quickstart import quickstart_panel
 
     settings = dict(model=FROM_CONFIG_LLAMA, seq_len=6, modules="re:model\\.layers\\.\\d+$", smoke=True)
     return quickstart_panel(**{**settings, **overrides})

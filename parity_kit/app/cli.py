@@ -100,7 +100,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ..stories.bug_report import make_report, parse_cli_value
+    from .report_command import make_report, parse_cli_value
 
     parameters = {name: parse_cli_value(value) for name, value in args.parameters or []}
     files = make_report(args.notebook, args.out, hide_code=args.hide_code, execute=not args.no_execute,

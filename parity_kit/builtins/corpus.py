@@ -1,4 +1,4 @@
-"""The project's own synthetic corpus, held-out eval sets and byte-level BPE tokenizer.
+"""The project's own synthetic corpus and held-out eval sets (the tokenizer trained on it: :mod:`.tokenizer`).
 
 Everything here is generated from a seed with ``random.Random`` instances (never the global random
 state), from word lists and templates written for this project. Three kinds of documents:
@@ -22,17 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ParityKitError
-from .._util.atomic import atomic_write
+from .._util.paths import data_dir
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, UNK]  # ids 0, 1, 2, 3
 BOS_ID = 0
-DEFAULT_VOCAB_SIZE = 1536
-TOKENIZER_DOCS = 12_000  # documents the BPE is trained on
 # one passage in EVAL_BUCKETS goes to evaluation, the rest may be used for training
 EVAL_BUCKETS = 8
 IDENTITY_PROMPT = "who are you"
@@ -517,125 +515,15 @@ def chat_prompts(n: int = 40, seed: int = 0) -> list[str]:
     return prompts
 
 
-# ---------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
-    """Train a byte-level BPE (``tokenizers.Tokenizer``) with ``<s> </s> <pad> <unk>`` as ids 0–3.
-
-    >>> tok = train_tokenizer(training_documents(200), vocab_size=300)
-    >>> tok.token_to_id("<s>"), tok.token_to_id("<unk>")
-    (0, 3)
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    return tok
-
-
-def save_tokenizer(tokenizer, folder: str | Path, *, add_bos: bool) -> Path:
-    """Write ``tokenizer.json`` + ``tokenizer_config.json`` loadable by ``AutoTokenizer.from_pretrained``.
-
-    ``add_bos=True`` is the InternLM2/Llama flavour (the tokenizer prepends ``<s>`` itself);
-    ``add_bos=False`` is the RWKV-7 flavour (the caller prepends token 0 when wanted).
-
-    >>> import tempfile
-    >>> tok = train_tokenizer(training_documents(200), vocab_size=300)
-    >>> save_tokenizer(tok, tempfile.mkdtemp(), add_bos=True).name
-    'tokenizer.json'
-    """
-    from tokenizers import Tokenizer, processors
-
-    tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: the flavours must not leak into each other
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
-        )
-    else:
-        tok.post_processor = None
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "tokenizer.json"
-    with atomic_write(target) as f:
-        f.write(tok.to_str(pretty=True))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
-        "add_bos_token": add_bos, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1024,
-    }
-    with atomic_write(folder / "tokenizer_config.json") as f:
-        f.write(json.dumps(config, indent=2) + "\n")
-    return target
-
-
-def load_base_tokenizer(folder: str | Path | None = None):
-    """The committed base tokenizer (``data/tokenizer/tokenizer.json``) as a ``tokenizers.Tokenizer``.
-
-    >>> load_base_tokenizer().token_to_id("<s>")
-    0
-    """
-    from tokenizers import Tokenizer
-
-    from .._util.paths import data_dir
-
-    path = Path(folder) if folder is not None else data_dir() / "tokenizer"
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        raise ParityKitError(f"no tokenizer at {file}; build it with parity_kit.builtins.corpus.build_data()")
-    return Tokenizer.from_file(str(file))
-
-
-# ---------------------------------------------------------------------------------------------
-# everything under data/
-
-
-def build_data(seed: int = 0, out_dir: str | Path | None = None, *, n_eval: int = 600,
-               n_prompts: int = 40, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
-    """Write ``prompts.json``, ``eval/lastword.jsonl`` and ``tokenizer/`` (Llama flavour) under ``out_dir``.
-
-    ``out_dir`` defaults to :func:`parity_kit._util.paths.data_dir`. Deterministic from ``seed``.
-
-    >>> import tempfile
-    >>> out = build_data(out_dir=tempfile.mkdtemp(), n_eval=5, n_prompts=3, vocab_size=300)
-    >>> sorted(p.name for p in out.iterdir())
-    ['eval', 'prompts.json', 'tokenizer']
-    """
-    from .._util.paths import data_dir
-
-    out = Path(out_dir) if out_dir is not None else data_dir()
-    with atomic_write(out / "prompts.json") as f:
-        f.write(json.dumps(chat_prompts(n_prompts, seed), indent=1) + "\n")
-    with atomic_write(out / "eval" / "lastword.jsonl") as f:
-        for item in lastword_eval_items(n_eval, seed):
-            f.write(json.dumps(item) + "\n")
-    tok = train_tokenizer(training_documents(TOKENIZER_DOCS, seed), vocab_size=vocab_size)
-    save_tokenizer(tok, out / "tokenizer", add_bos=True)
-    return out
-
-
 def read_lastword_items(path: str | Path | None = None) -> list[dict[str, str]]:
     """Read a last-word JSONL file (default: ``data/eval/lastword.jsonl``).
 
     >>> len(read_lastword_items()) >= 500
     True
     """
-    from .._util.paths import data_dir
-
     file = Path(path) if path is not None else data_dir() / "eval" / "lastword.jsonl"
     if not file.is_file():
-        raise ParityKitError(f"no last-word eval file at {file}; build it with parity_kit.builtins.corpus.build_data()")
+        raise ParityKitError(f"no last-word eval file at {file}; build it with parity_kit.builtins.data.build_data()")
     items = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     for i, item in enumerate(items):
         if set(item) != {"context", "target"}:

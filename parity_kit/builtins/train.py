@@ -32,10 +32,9 @@ from typing import Any
 
 import torch
 
-from .corpus import (
-    BOS_ID, TOKENIZER_DOCS, iter_training_documents, read_lastword_items, save_tokenizer,
-    train_tokenizer, training_documents,
-)
+from .corpus import BOS_ID, iter_training_documents, read_lastword_items, training_documents
+from .data import TOKENIZER_DOCS
+from .tokenizer import save_tokenizer, train_tokenizer
 from ..errors import ParityKitError
 from .._util.atomic import atomic_write, replace_folder
 from .._util.paths import data_dir
