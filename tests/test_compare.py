@@ -8,7 +8,7 @@ import torch
 from conftest import build_tiny_llama
 
 import parity_kit as pk
-from parity_kit.comparison.compare import COLUMNS
+from parity_kit.comparison.pairs import COLUMNS
 from parity_kit.errors import ParityKitError
 from parity_kit.comparison.mapping import ModuleMapping
 from parity_kit.recording import Call, Recording

@@ -378,6 +378,39 @@ def evaluate_lastword(
     items = load_lastword_items(items_or_path, limit=limit)
     items = [_normalise_item(it, require_leading_space, i) for i, it in enumerate(items)]
     bos = resolve_bos(tokenizer, prepend_bos, bos_token_id)
+    encoded = _encode_items(tokenizer, items, prepend_bos, bos, add_special_tokens)
+    _check_vocab(model, tokenizer, encoded)
+
+    if dtype is not None or device is not None:
+        target_device = device if device is not None else next(model.parameters()).device
+        model.to(device=target_device, dtype=None if dtype is None else check_dtype_on_device(dtype, target_device))
+    first_param = next(model.parameters())
+    masked = _takes_attention_mask(model)
+    step = batch_size if masked else 1
+    # longest first, as lm-eval does: padding stays small and an out-of-memory shows up at once
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))
+    batches = [order[s:s + step] for s in range(0, len(order), step)]
+    scores: list[_Score | None] = [None] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="last-word eval", disable=not progress, leave=False):
+                for i, score in zip(batch, _score_batch(model, [encoded[i] for i in batch], masked)):
+                    scores[i] = score
+    finally:
+        model.train(was_training)
+    config = {
+        "prepend_bos": prepend_bos, "bos_token_id": bos if prepend_bos else None,
+        "add_special_tokens": add_special_tokens, "dtype": dtype_name(first_param.dtype),
+        "device": str(first_param.device), "batched": masked, "batch_size": step,
+        "model_class": type(model).__name__, "n_bootstrap": n_bootstrap,
+    }
+    return _summarise(_per_doc_table(items, encoded, scores), n_bootstrap, config, label)
+
+
+def _encode_items(tokenizer: Any, items: Sequence[LastWordItem], prepend_bos: bool, bos: int | None,
+                  add_special_tokens: bool) -> list[_Encoded]:
     encoded = [_encode_item(tokenizer, it, prepend_bos, bos, add_special_tokens) for it in items]
     for i, e in enumerate(encoded):
         if e.n_target == 0:
@@ -386,62 +419,51 @@ def evaluate_lastword(
         if e.n_prefix + e.n_context == 0:
             raise ParityKitError(f"item {i}: the context is empty and no BOS is prepended, so nothing conditions the "
                                  "target; use prepend_bos=True or drop the item")
-    _check_vocab(model, tokenizer, encoded)
+    return encoded
 
-    if dtype is not None or device is not None:
-        target_device = device if device is not None else next(model.parameters()).device
-        model.to(device=target_device, dtype=None if dtype is None else check_dtype_on_device(dtype, target_device))
-    first_param = next(model.parameters())
-    run_device = first_param.device
-    masked = _takes_attention_mask(model)
-    step = batch_size if masked else 1
 
-    # longest first, as lm-eval does: padding stays small and an out-of-memory shows up at once
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))
-    batches = [order[s:s + step] for s in range(0, len(order), step)]
-    token_logprobs: list[np.ndarray | None] = [None] * len(encoded)
-    ll = np.zeros(len(encoded))
-    acc = np.zeros(len(encoded), dtype=np.int64)
+@dataclass(frozen=True)
+class _Score:
+    token_logprobs: np.ndarray  # per text token (NaN where nothing precedes it)
+    ll: float                   # summed log-probability of the target tokens
+    acc: int                    # 1 when every target token is the greedy choice
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(batches, desc="last-word eval", disable=not progress, leave=False):
-                width = max(len(encoded[i].input_ids) for i in batch)
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, dtype=torch.long)
-                for row, i in enumerate(batch):
-                    seq = encoded[i].input_ids
-                    ids[row, :len(seq)] = torch.tensor(seq)
-                    mask[row, :len(seq)] = 1
-                kwargs = {"attention_mask": mask.to(run_device)} if masked else {}
-                logits = _logits(model(ids.to(run_device), **kwargs)).float()  # [B, T, V]
-                # position t predicts token t+1
-                logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]
-                nxt = ids[:, 1:].to(run_device)
-                picked = logprobs.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).double().cpu()  # [B, T-1]
-                greedy = (logprobs.argmax(-1) == nxt).cpu()
-                for row, i in enumerate(batch):
-                    e = encoded[i]
-                    n_text = e.n_context + e.n_target
-                    # log-prob of text token j sits at column n_prefix + j - 1
-                    lp = np.full(n_text, np.nan)
-                    first = max(0, 1 - e.n_prefix)
-                    lp[first:] = picked[row, e.n_prefix + first - 1:e.n_prefix + n_text - 1].numpy()
-                    token_logprobs[i] = lp
-                    ll[i] = lp[e.n_context:].sum()
-                    tgt_cols = slice(e.n_prefix + e.n_context - 1, e.n_prefix + n_text - 1)
-                    acc[i] = int(bool(greedy[row, tgt_cols].all()))
-    finally:
-        model.train(was_training)
 
-    per_doc = pd.DataFrame({
+def _score_batch(model: torch.nn.Module, batch: Sequence[_Encoded], masked: bool) -> list[_Score]:
+    """One forward over ``batch`` (right-padded, with a mask when the model takes one); fp32 log-probabilities."""
+    device = next(model.parameters()).device
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, e in enumerate(batch):
+        ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[row, :len(e.input_ids)] = 1
+    kwargs = {"attention_mask": mask.to(device)} if masked else {}
+    logits = _logits(model(ids.to(device), **kwargs)).float()  # [B, T, V]
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]: position t predicts token t+1
+    nxt = ids[:, 1:].to(device)
+    picked = logprobs.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).double().cpu()  # [B, T-1]
+    greedy = (logprobs.argmax(-1) == nxt).cpu()
+    scores = []
+    for row, e in enumerate(batch):
+        n_text = e.n_context + e.n_target
+        # log-prob of text token j sits at column n_prefix + j - 1
+        lp = np.full(n_text, np.nan)
+        first = max(0, 1 - e.n_prefix)
+        lp[first:] = picked[row, e.n_prefix + first - 1:e.n_prefix + n_text - 1].numpy()
+        target_columns = slice(e.n_prefix + e.n_context - 1, e.n_prefix + n_text - 1)
+        scores.append(_Score(lp, float(lp[e.n_context:].sum()), int(bool(greedy[row, target_columns].all()))))
+    return scores
+
+
+def _per_doc_table(items: Sequence[LastWordItem], encoded: Sequence[_Encoded],
+                   scores: Sequence[_Score]) -> pd.DataFrame:
+    return pd.DataFrame({
         "doc": np.arange(len(items)),
         "context": [it.context for it in items],
         "target": [it.target for it in items],
-        "ll": ll,
-        "acc": acc,
+        "ll": np.array([s.ll for s in scores], dtype=float),
+        "acc": np.array([s.acc for s in scores], dtype=np.int64),
         "n_context_tokens": [e.n_context for e in encoded],
         "n_target_tokens": [e.n_target for e in encoded],
         "n_prefix_tokens": [e.n_prefix for e in encoded],
@@ -449,15 +471,8 @@ def evaluate_lastword(
         "first_target_id": [e.input_ids[e.n_prefix + e.n_context] for e in encoded],
         "boundary_merge": [e.boundary_merge for e in encoded],
         "input_ids": [e.input_ids for e in encoded],
-        "token_logprobs": token_logprobs,
+        "token_logprobs": [s.token_logprobs for s in scores],
     })
-    config = {
-        "prepend_bos": prepend_bos, "bos_token_id": bos if prepend_bos else None,
-        "add_special_tokens": add_special_tokens, "dtype": dtype_name(first_param.dtype),
-        "device": str(run_device), "batched": masked, "batch_size": step,
-        "model_class": type(model).__name__, "n_bootstrap": n_bootstrap,
-    }
-    return _summarise(per_doc, n_bootstrap, config, label)
 
 
 def _logits(output: Any) -> torch.Tensor:

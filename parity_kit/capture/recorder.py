@@ -187,31 +187,38 @@ def record(
         failed = True
         raise
     finally:
-        if not failed:
-            try:  # queue the last reductions first: the GPU runs them while the host tidies up below
-                capturer.flush_stats()
-            except Exception:  # noqa: S110  # finish() flushes again and raises it, after the clean-up
-                pass
-        for handle in handles:
-            handle.remove()
-        capturer.pending.clear()
-        _complete_metadata(rec.metadata, named)
-        try:
-            capturer.finish(failed)
-            if not failed and destination is not None:
-                if writer is not None:
-                    _publish_stream(rec, writer, folder, destination)
-                else:
-                    rec.save(destination)
-        except Exception:
-            if not failed:
-                raise
-            # the block's own exception is the one to report; the partial recording stays as it is
-        finally:
+        _end_block(capturer, rec, named, handles, failed, destination, writer, folder)
+
+
+def _end_block(capturer: Capturer, rec: Recording, named: list[tuple[str, nn.Module]], handles: list[Any],
+               failed: bool, destination: Path | None, writer: TensorFileWriter | None, folder: Path | None) -> None:
+    """What ``record()`` does when its block ends, normally or not: every hook removed, the batches resolved,
+    the metadata completed and, with ``save_to=``, the folder published. After a failure in the block the
+    block's own exception is the one reported; the partial recording stays as it is."""
+    if not failed:
+        try:  # queue the last reductions first: the GPU runs them while the host tidies up below
+            capturer.flush_stats()
+        except Exception:  # noqa: S110  # finish() flushes again and raises it, after the clean-up
+            pass
+    for handle in handles:
+        handle.remove()
+    capturer.pending.clear()
+    _complete_metadata(rec.metadata, named)
+    try:
+        capturer.finish(failed)
+        if not failed and destination is not None:
             if writer is not None:
-                writer.close()
-            if folder is not None and folder.exists():
-                shutil.rmtree(folder, ignore_errors=True)
+                _publish_stream(rec, writer, folder, destination)
+            else:
+                rec.save(destination)
+    except Exception:
+        if not failed:
+            raise
+    finally:
+        if writer is not None:
+            writer.close()
+        if folder is not None and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _publish_stream(rec: Recording, writer: TensorFileWriter, folder: Path, destination: Path) -> None:

@@ -63,20 +63,45 @@ class StatsBatch:
         self.labels = labels
         self._check_versions()
         kernel = self._kernel() if any(t.is_cuda for t in self.tensors) else None
-        kernel_dtypes = self._KERNEL_DTYPES
         # The shapes are kept as one flat list of ints and the ranks (no object per tensor left for the
-        # garbage collector). Kernel groups are keyed (device index, dtype): one launch each, whatever
-        # their members' row lengths, reading every member's address, rows and row length from here;
-        # the other tensors are grouped by (device, dtype, row length).
-        tensors = self.tensors
-        shapes = [t.shape for t in tensors]
-        dims = [len(shape) for shape in shapes]
-        sizes = [size for shape in shapes for size in shape]
-        numels = [t.numel() for t in tensors]
+        # garbage collector).
+        shapes = [t.shape for t in self.tensors]
+        self._shapes = ([size for shape in shapes for size in shape], [len(shape) for shape in shapes])
+        numels = [t.numel() for t in self.tensors]
         widths = [shape[-1] if shape else 1 for shape in shapes]
         self._empty = [i for i, n in enumerate(numels) if not n]  # nothing to reduce: exact when settled
-        # members, tensors (private dense copies where needed), addresses, rows, row lengths
-        fused: dict[tuple[int, torch.dtype], tuple[list[int], list[torch.Tensor], list[int], list[int], list[int]]] = {}
+        fused, others = self._groups(kernel, numels, widths)
+        # per group: device, where its totals and row rms start in the device's flat results, members,
+        # rows per member, row length per member, dtype name
+        self._layout: list[tuple[torch.device, int, int, list[int], list[int], list[int], str]] = []
+        self._host: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._event: dict[torch.device, Any] = {}
+        self._settled: dict[int, TensorStats] | None = None  # once settled: exact statistics by position
+        self._parts: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._starts: dict[torch.device, tuple[int, int]] = {}
+        for (_, dtype), (members, dense, ptrs, rows, row_widths) in fused.items():
+            totals, row_rms, counts, lasts = self._fused(kernel, dense, self.per_token,  # type: ignore[arg-type]
+                                                         (ptrs, rows, row_widths))
+            self._add(dense[0].device, dtype, totals, row_rms, members, counts, lasts)
+        for (device, dtype, last), members in others.items():
+            group = [self.tensors[i] for i in members]
+            counts, lasts = [t.numel() // last for t in group], [last] * len(group)
+            row_views = [t.reshape(-1, last) for t in group]  # [rows_i, last]
+            packed = self._reduce_rows(torch.cat(row_views) if len(row_views) > 1 else row_views[0])  # [4, R]
+            totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
+            self._add(device, dtype, totals, row_rms, members, counts, lasts)
+        self._copy_to_host()
+
+    #: a kernel group, keyed (device index, dtype): members, tensors (private dense copies where needed),
+    #: addresses, rows, row lengths
+    _Fused = dict[tuple[int, torch.dtype], tuple[list[int], list[torch.Tensor], list[int], list[int], list[int]]]
+
+    def _groups(self, kernel: _TotalsKernel | None, numels: list[int],
+                widths: list[int]) -> tuple[_Fused, dict[tuple[torch.device, torch.dtype, int], list[int]]]:
+        """Kernel groups, one launch each whatever their members' row lengths; the other tensors grouped by
+        (device, dtype, row length) for the torch path."""
+        tensors, kernel_dtypes = self.tensors, self._KERNEL_DTYPES
+        fused: StatsBatch._Fused = {}
         others: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
         dtypes = [t.dtype for t in tensors]
         dtype = dtypes[0] if dtypes else None
@@ -87,62 +112,46 @@ class StatsBatch:
             if all([t.is_contiguous() for t in tensors]) and not any([p % _ITEMSIZE[dtype] for p in ptrs]):
                 rows = [n // w for n, w in zip(numels, widths)]
                 fused[(tensors[0].get_device(), dtype)] = (list(range(len(tensors))), tensors, ptrs, rows, widths)
-        if not fused:
-            for i, t in enumerate(tensors):
-                n, width, dtype = numels[i], widths[i], dtypes[i]
-                if not n:
-                    continue
-                if kernel is not None and t.is_cuda and dtype in kernel_dtypes:
-                    group = fused.get((t.get_device(), dtype))
-                    if group is None:
-                        group = fused[(t.get_device(), dtype)] = ([], [], [], [], [])
+                return fused, others
+        for i, t in enumerate(tensors):
+            n, width, dtype = numels[i], widths[i], dtypes[i]
+            if not n:
+                continue
+            if kernel is not None and t.is_cuda and dtype in kernel_dtypes:
+                group = fused.get((t.get_device(), dtype))
+                if group is None:
+                    group = fused[(t.get_device(), dtype)] = ([], [], [], [], [])
+                ptr = t.data_ptr()
+                if ptr % _ITEMSIZE[dtype] or not t.is_contiguous():
+                    # the kernels read dense rows at whole-element offsets: a fresh allocation has both
+                    t = t.clone(memory_format=torch.contiguous_format)
                     ptr = t.data_ptr()
-                    if ptr % _ITEMSIZE[dtype] or not t.is_contiguous():
-                        # the kernels read dense rows at whole-element offsets: a fresh allocation has both
-                        t = t.clone(memory_format=torch.contiguous_format)
-                        ptr = t.data_ptr()
-                    group[0].append(i)
-                    group[1].append(t)
-                    group[2].append(ptr)
-                    group[3].append(n // width)
-                    group[4].append(width)
+                group[0].append(i)
+                group[1].append(t)
+                group[2].append(ptr)
+                group[3].append(n // width)
+                group[4].append(width)
+            else:
+                members = others.get((t.device, dtype, width))
+                if members is None:
+                    others[(t.device, dtype, width)] = [i]
                 else:
-                    members = others.get((t.device, dtype, width))
-                    if members is None:
-                        others[(t.device, dtype, width)] = [i]
-                    else:
-                        members.append(i)
-        self._shapes = (sizes, dims)
-        # per group: device, where its totals and row rms start in the device's flat results, members,
-        # rows per member, row length per member, dtype name
-        self._layout: list[tuple[torch.device, int, int, list[int], list[int], list[int], str]] = []
-        self._host: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._event: dict[torch.device, Any] = {}
-        self._settled: dict[int, TensorStats] | None = None  # once settled: exact statistics by position
-        parts: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        starts: dict[torch.device, tuple[int, int]] = {}
+                    members.append(i)
+        return fused, others
 
-        def add(device: torch.device, dtype: torch.dtype, totals: torch.Tensor, row_rms: torch.Tensor,
-                members: list[int], counts: list[int], lasts: list[int]) -> None:
-            t_start, r_start = starts.get(device, (0, 0))
-            self._layout.append((device, t_start, r_start, members, counts, lasts, dtype_name(dtype)))
-            starts[device] = (t_start + totals.numel(), r_start + row_rms.numel())
-            totals_parts, rms_parts = parts.setdefault(device, ([], []))
-            totals_parts.append(totals.reshape(-1))
-            rms_parts.append(row_rms)
+    def _add(self, device: torch.device, dtype: torch.dtype, totals: torch.Tensor, row_rms: torch.Tensor,
+             members: list[int], counts: list[int], lasts: list[int]) -> None:
+        """Register one group's queued results: where they start in the device's flat results."""
+        t_start, r_start = self._starts.get(device, (0, 0))
+        self._layout.append((device, t_start, r_start, members, counts, lasts, dtype_name(dtype)))
+        self._starts[device] = (t_start + totals.numel(), r_start + row_rms.numel())
+        totals_parts, rms_parts = self._parts.setdefault(device, ([], []))
+        totals_parts.append(totals.reshape(-1))
+        rms_parts.append(row_rms)
 
-        for (_, dtype), (members, dense, ptrs, rows, widths) in fused.items():
-            totals, row_rms, counts, lasts = self._fused(kernel, dense, self.per_token,  # type: ignore[arg-type]
-                                                         (ptrs, rows, widths))
-            add(dense[0].device, dtype, totals, row_rms, members, counts, lasts)
-        for (device, dtype, last), members in others.items():
-            tensors = [self.tensors[i] for i in members]
-            counts, lasts = [t.numel() // last for t in tensors], [last] * len(tensors)
-            row_views = [t.reshape(-1, last) for t in tensors]  # [rows_i, last]
-            packed = self._reduce_rows(torch.cat(row_views) if len(row_views) > 1 else row_views[0])  # [4, R]
-            totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
-            add(device, dtype, totals, row_rms, members, counts, lasts)
-        for device, (totals_parts, rms_parts) in parts.items():
+    def _copy_to_host(self) -> None:
+        """Queue each device's results into pinned host memory (CUDA), or keep them (CPU); nothing waits."""
+        for device, (totals_parts, rms_parts) in self._parts.items():
             flat = [torch.cat(x) if len(x) > 1 else x[0] for x in (totals_parts, rms_parts)]
             if device.type == "cuda":
                 host = tuple(torch.empty(f.shape, dtype=f.dtype, pin_memory=True) for f in flat)
@@ -154,6 +163,7 @@ class StatsBatch:
                 self._host[device] = host  # type: ignore[assignment]
             else:
                 self._host[device] = (flat[0], flat[1])
+        self._parts, self._starts = {}, {}
 
     @staticmethod
     def _segment_totals(packed: torch.Tensor, counts: list[int], lasts: list[int],

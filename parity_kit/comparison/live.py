@@ -23,44 +23,33 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
+from .._util.calling import Inputs, call_model
 from .._util.trees import leaves
 from ..capture import ModuleSpec, select_modules
-from .compare import COLUMNS, MappingLike, _compare_leaf, _Job, _leaf_filter, _Reducer, _row
+from .pairs import COLUMNS, MappingLike, PairJob, PairReducer, compare_leaf, empty_row, leaf_filter
 from ..dtypes import dtype_name
 from ..errors import ParityKitError
 from .mapping import MappingTarget, ModuleMapping
 from ..recording import Call
 
-Inputs = torch.Tensor | Mapping[str, Any] | Sequence[Any] | Callable[[nn.Module], Any]
 
 
 class _Abort(Exception):
     """Raised inside the reference thread's hooks to stop its forward when the comparison ends early."""
 
 
-def _call(model: nn.Module, inputs: Inputs) -> Any:
-    if callable(inputs) and not isinstance(inputs, torch.Tensor):
-        return inputs(model)
-    with torch.no_grad():
-        if isinstance(inputs, torch.Tensor):
-            return model(inputs)
-        if isinstance(inputs, Mapping):
-            return model(**inputs)
-        return model(*inputs)
-
-
 class _Lockstep:
     """Shared state of one ``compare_live`` run; every field is guarded by ``cond``."""
 
     def __init__(self, mm: ModuleMapping, ref_names: list[str], cand_names: set[str], keep: Callable[[str], bool],
-                 window: int, reducer: _Reducer, tolerance: float, timeout: float):
+                 window: int, reducer: PairReducer, tolerance: float, timeout: float):
         self.mm, self.keep, self.window, self.reducer = mm, keep, window, reducer
         self.tolerance, self.timeout = tolerance, timeout
         self.cand_names = cand_names
@@ -98,12 +87,12 @@ class _Lockstep:
                 call = Call(name, index, order, {leaf: t.detach().clone() if live else t})
                 with self.cond:
                     if not targets:
-                        self.rows.append(((order, leaf_pos, 0), _row(order, name, None, index, leaf,
+                        self.rows.append(((order, leaf_pos, 0), empty_row(order, name, None, index, leaf,
                                                                      "missing in candidate", tuple(t.shape),
                                                                      dtype_name(t.dtype))))
                     for i, tg in enumerate(targets):
                         if i not in live:
-                            self.rows.append(((order, leaf_pos, i), _row(
+                            self.rows.append(((order, leaf_pos, i), empty_row(
                                 order, name, tg.cand if tg.label is None else f"{tg.cand} [{tg.label}]", index,
                                 leaf, "missing in candidate", tuple(t.shape), dtype_name(t.dtype))))
                     if not live:
@@ -126,7 +115,7 @@ class _Lockstep:
         for i in sorted(target_indices):
             tg = targets[i]
             name = tg.cand if tg.label is None else f"{tg.cand} [{tg.label}]"
-            self.rows.append(((call.order, leaf_pos, i), _row(call.order, call.module, name, call.index, leaf,
+            self.rows.append(((call.order, leaf_pos, i), empty_row(call.order, call.module, name, call.index, leaf,
                                                               "missing in candidate", tuple(t.shape),
                                                               dtype_name(t.dtype))))
 
@@ -148,9 +137,9 @@ class _Lockstep:
                         self._missing_in_reference(name, index, leaf, t, order, leaf_pos)
                         continue
                     call, ref_leaf_pos = entry
-                    jobs: list[_Job] = []
+                    jobs: list[PairJob] = []
                     cand_call = Call(name, index, order, {leaf: t})
-                    row = _compare_leaf(call, leaf, call.tensors[leaf], target, {(name, index): cand_call},
+                    row = compare_leaf(call, leaf, call.tensors[leaf], target, {(name, index): cand_call},
                                         set(), self.tolerance, jobs)
                     for job in jobs:
                         self.reducer.add(job)
@@ -161,7 +150,7 @@ class _Lockstep:
     def _missing_in_reference(self, name: str, index: int, leaf: str, t: torch.Tensor, order: int,
                               leaf_pos: int) -> None:
         with self.cond:
-            self.rows.append(((math.inf, order, leaf_pos), _row(None, name, name, index, leaf, "missing in reference",
+            self.rows.append(((math.inf, order, leaf_pos), empty_row(None, name, name, index, leaf, "missing in reference",
                                                                 tuple(t.shape), None, dtype_name(t.dtype))))
 
     def _take(self, ref_name: str, index: int, leaf: str, t_index: int) -> tuple[Call, int] | None:
@@ -236,7 +225,7 @@ def compare_live(
                              "record each run with pk.record and use pk.compare")
     if not isinstance(window, int) or window < 1:
         raise ParityKitError(f"window={window!r}: pass a positive number of reference outputs to hold")
-    keep = _leaf_filter(tensors)
+    keep = leaf_filter(tensors)
     if tensors == "all" or (not isinstance(tensors, str) and any(not (t == "output" or t.startswith("output."))
                                                                   for t in tensors)):
         raise ParityKitError("compare_live compares module outputs only; use tensors='outputs' or output leaf "
@@ -246,13 +235,36 @@ def compare_live(
         raise ParityKitError(f"device={str(target_device)!r} but CUDA is not available here; use device=None")
     ref_sel = select_modules(ref_model, modules)
     cand_sel = select_modules(cand_model, modules if cand_modules is None else cand_modules)
-    reducer = _Reducer(target_device, None, floor_tolerance)
+    reducer = PairReducer(target_device, None, floor_tolerance)
     state = _Lockstep(ModuleMapping.coerce(mapping), [n for n, _ in ref_sel], {n for n, _ in cand_sel}, keep,
                       window, reducer, floor_tolerance, timeout)
 
+    _run_in_lockstep(ref_model, cand_model, inputs, cand_inputs, ref_sel, cand_sel, state)
+    for key in list(state.store):  # produced by the reference, never asked for by the candidate
+        call, leaf_pos, remaining = state.store.pop(key)
+        state._unconsumed(call, key[2], leaf_pos, remaining)
+    reducer.finish()
+    rows = [row for _, row in sorted(state.rows, key=lambda kr: kr[0])]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["order"] = table["order"].astype("Int64")
+    table["nonfinite"] = table["nonfinite"].astype("int64")
+    table.attrs["peak_stored"] = state.peak
+    return table
+
+
+def _run(model: nn.Module, inputs: Inputs) -> Any:
+    with torch.no_grad():
+        return call_model(model, inputs)
+
+
+def _run_in_lockstep(ref_model: nn.Module, cand_model: nn.Module, inputs: Inputs, cand_inputs: Inputs | None,
+                     ref_sel: list[tuple[str, nn.Module]], cand_sel: list[tuple[str, nn.Module]],
+                     state: _Lockstep) -> None:
+    """The reference in a worker thread, the candidate in this one, their hooks handing outputs over through
+    ``state``; every hook is removed and the worker joined whatever happens, a model's exception re-raised."""
     def run_reference() -> None:
         try:
-            _call(ref_model, inputs)
+            _run(ref_model, inputs)
         except _Abort:
             pass
         except BaseException as e:  # reported in the calling thread
@@ -272,7 +284,7 @@ def compare_live(
             handles.append(module.register_forward_hook(state.cand_hook(name), with_kwargs=True))
         worker.start()
         try:
-            _call(cand_model, inputs if cand_inputs is None else cand_inputs)
+            _run(cand_model, inputs if cand_inputs is None else cand_inputs)
         except _Abort:
             pass
         except BaseException as e:
@@ -298,13 +310,3 @@ def compare_live(
             raise state.error
         raise ParityKitError(f"a model raised during compare_live: {type(state.error).__name__}: "
                              f"{state.error}") from state.error
-    for key in list(state.store):  # produced by the reference, never asked for by the candidate
-        call, leaf_pos, remaining = state.store.pop(key)
-        state._unconsumed(call, key[2], leaf_pos, remaining)
-    reducer.finish()
-    rows = [row for _, row in sorted(state.rows, key=lambda kr: kr[0])]
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    table["order"] = table["order"].astype("Int64")
-    table["nonfinite"] = table["nonfinite"].astype("int64")
-    table.attrs["peak_stored"] = state.peak
-    return table
