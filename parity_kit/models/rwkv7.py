@@ -64,6 +64,8 @@ class RWKV7Config(PretrainedConfig):
     model_type = "rwkv7"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
+    # Long on purpose: one keyword per field of FLA's RWKV7Config (a checkpoint's config.json must load
+    # unchanged), each stored and checked in one place.
     def __init__(
         self,
         attn_mode: str = "chunk",

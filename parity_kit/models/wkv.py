@@ -27,6 +27,8 @@ True
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -184,24 +186,61 @@ def wkv_chunk(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ParityKitError(f"chunk_size must be a positive integer; got {chunk_size!r}")
     compute = torch.promote_types(torch.float32, r.dtype)
-    if intermediate_dtype is None:
-        def rnd(x: torch.Tensor) -> torch.Tensor:
-            return x
-    else:
-        low = intermediate_dtype
-        if not (isinstance(low, torch.dtype) and low.is_floating_point):
-            raise ParityKitError(f"intermediate_dtype must be a floating torch.dtype or None; got {low!r}")
-
-        def rnd(x: torch.Tensor) -> torch.Tensor:
-            return x.to(low).to(compute)
-
+    rnd = _rounding(intermediate_dtype, compute)
     bsz, seq, heads, n = r.shape
     vdim = v.shape[-1]
-    length = chunk_size
-    num_chunks = max(1, math.ceil(seq / length))
-    padded = num_chunks * length
-    rc, wc, kc, vc, ac, bc = (_chunks(t.to(compute), length, padded) for t in (r, w, k, v, a, b))
+    num_chunks = max(1, math.ceil(seq / chunk_size))
+    padded = num_chunks * chunk_size
+    rc, wc, kc, vc, ac, bc = (_chunks(t.to(compute), chunk_size, padded) for t in (r, w, k, v, a, b))
+    m = _intra_chunk(rc, wc, kc, vc, ac, bc, intermediate_dtype, rnd)
+    state = rc.new_zeros(bsz, heads, n, vdim) if initial_state is None else initial_state.to(compute)
+    entering, pseudo = [], []
+    for c in range(num_chunks):
+        entering.append(state)
+        read = rnd(state)
+        x_c = rnd(m.wy_u[:, :, c] + m.wy_w[:, :, c] @ read)    # [B, H, L, V]
+        pseudo.append(x_c)
+        state = (
+            state * m.chunk_decay[:, :, c]
+            + m.k_decayed[:, :, c].transpose(-1, -2) @ vc[:, :, c]
+            + m.b_decayed[:, :, c].transpose(-1, -2) @ x_c
+        )
+    states_in = torch.stack(entering, dim=2)                 # [B, H, C, N, V]
+    x_all = torch.stack(pseudo, dim=2)                      # [B, H, C, L, V]
+    o = m.q_decayed @ rnd(states_in) + m.a_qk @ rnd(vc) + m.a_qb @ x_all
+    o = o.permute(0, 2, 3, 1, 4).reshape(bsz, padded, heads, vdim)[:, :seq].to(r.dtype)
+    if return_chunk_states:
+        return o, state, states_in.transpose(1, 2)
+    return o, state
 
+
+def _rounding(intermediate_dtype: torch.dtype | None, compute: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rounding of a stored intermediate: none, or to ``intermediate_dtype`` and back to ``compute``."""
+    if intermediate_dtype is None:
+        return lambda x: x
+    if not (isinstance(intermediate_dtype, torch.dtype) and intermediate_dtype.is_floating_point):
+        raise ParityKitError(f"intermediate_dtype must be a floating torch.dtype or None; got {intermediate_dtype!r}")
+    return lambda x: x.to(intermediate_dtype).to(compute)
+
+
+@dataclass
+class _ChunkMatrices:
+    """What every chunk needs, built for all chunks at once (see :func:`wkv_chunk`)."""
+
+    a_qk: torch.Tensor         # [B, H, C, L, L]
+    a_qb: torch.Tensor
+    wy_w: torch.Tensor         # X = wy_u + wy_w S₀     [B, H, C, L, N]
+    wy_u: torch.Tensor         #                        [B, H, C, L, V]
+    q_decayed: torch.Tensor    # r ⊙ e^{Γ}
+    k_decayed: torch.Tensor    # k ⊙ e^{Γ_L-Γ}
+    b_decayed: torch.Tensor    # b ⊙ e^{Γ_L-Γ}
+    chunk_decay: torch.Tensor  # [B, H, C, N, 1]
+
+
+def _intra_chunk(rc: torch.Tensor, wc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, ac: torch.Tensor,
+                 bc: torch.Tensor, intermediate_dtype: torch.dtype | None,
+                 rnd: Callable[[torch.Tensor], torch.Tensor]) -> _ChunkMatrices:
+    compute, length = rc.dtype, rc.shape[-2]
     gamma = wc.cumsum(dim=-2)           # Γ_i, inclusive   [B, H, C, L, N]
     gamma_prev = gamma - wc             # Γ_{i-1}
     gamma_last = gamma[..., -1:, :]     # Γ_L              [B, H, C, 1, N]
@@ -216,7 +255,7 @@ def wkv_chunk(
             f"accumulates |Σw| = {float(span):.1f} > {_EXP_LIMIT[compute]:.0f}, which overflows e^x; use a smaller "
             "chunk_size, fp64 inputs, or wkv_recurrent"
         )
-    tril = torch.ones(length, length, dtype=torch.bool, device=r.device).tril()
+    tril = torch.ones(length, length, dtype=torch.bool, device=rc.device).tril()
     strict = tril.clone().fill_diagonal_(False)
 
     # The centred factors reach e^{±|Σw|/2} (about e^19 at chunk 64), beyond fp16's range (6.5e4);
@@ -233,45 +272,24 @@ def wkv_chunk(
     a_qb = rnd((q_centred @ b_centred.transpose(-1, -2)).masked_fill(~tril, 0))
     a_ak = (a_centred @ k_centred.transpose(-1, -2)).masked_fill(~strict, 0)
     a_ab = (a_centred @ b_centred.transpose(-1, -2)).masked_fill(~strict, 0)
-
-    q_decayed = rnd(rc * torch.exp(gamma))                  # r ⊙ e^{Γ}
     a_decayed = rnd(ac * torch.exp(gamma_prev))             # a ⊙ e^{Γ_{i-1}}
-    k_decayed = rnd(kc * torch.exp(gamma_last - gamma))     # k ⊙ e^{Γ_L-Γ}
-    b_decayed = rnd(bc * torch.exp(gamma_last - gamma))     # b ⊙ e^{Γ_L-Γ}
-    chunk_decay = torch.exp(gamma_last).transpose(-1, -2)   # [B, H, C, N, 1]
 
-    eye = torch.eye(length, dtype=compute, device=r.device)
+    eye = torch.eye(length, dtype=compute, device=rc.device)
     # T = (I - A_ab)^{-1}, unit lower triangular: a triangular solve is forward substitution.
     inverse = torch.linalg.solve_triangular(eye - a_ab, eye.expand_as(a_ab), upper=False, unitriangular=True)
     if intermediate_dtype is None:
-        wy_w = inverse @ a_decayed                          # X = wy_u + wy_w S₀
+        wy_w = inverse @ a_decayed
         wy_u = inverse @ (a_ak @ vc)
     else:
         wy_w = rnd(rnd(inverse) @ a_decayed)
         wy_u = rnd(rnd(inverse @ a_ak) @ rnd(vc))
-
-    if initial_state is None:
-        state = rc.new_zeros(bsz, heads, n, vdim)
-    else:
-        state = initial_state.to(compute)
-    entering, pseudo = [], []
-    for c in range(num_chunks):
-        entering.append(state)
-        read = rnd(state)
-        x_c = rnd(wy_u[:, :, c] + wy_w[:, :, c] @ read)    # [B, H, L, V]
-        pseudo.append(x_c)
-        state = (
-            state * chunk_decay[:, :, c]
-            + k_decayed[:, :, c].transpose(-1, -2) @ vc[:, :, c]
-            + b_decayed[:, :, c].transpose(-1, -2) @ x_c
-        )
-    states_in = torch.stack(entering, dim=2)                 # [B, H, C, N, V]
-    x_all = torch.stack(pseudo, dim=2)                      # [B, H, C, L, V]
-    o = q_decayed @ rnd(states_in) + a_qk @ rnd(vc) + a_qb @ x_all
-    o = o.permute(0, 2, 3, 1, 4).reshape(bsz, padded, heads, vdim)[:, :seq].to(r.dtype)
-    if return_chunk_states:
-        return o, state, states_in.transpose(1, 2)
-    return o, state
+    return _ChunkMatrices(
+        a_qk=a_qk, a_qb=a_qb, wy_w=wy_w, wy_u=wy_u,
+        q_decayed=rnd(rc * torch.exp(gamma)),
+        k_decayed=rnd(kc * torch.exp(gamma_last - gamma)),
+        b_decayed=rnd(bc * torch.exp(gamma_last - gamma)),
+        chunk_decay=torch.exp(gamma_last).transpose(-1, -2),
+    )
 
 
 def random_wkv_inputs(

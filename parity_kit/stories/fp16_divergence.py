@@ -267,11 +267,7 @@ def conclude_divergence(
     high_ratio = float(fp32_profile["floor_ratio"].max()) if fp32_profile is not None else math.nan
     low_max = float(low_profile["rel_rms"].max()) if low_profile is not None else math.nan
     low_ratio = float(low_profile["floor_ratio"].max()) if low_profile is not None else math.nan
-    exact_conversion = not math.isnan(high_ratio) and high_ratio <= SAME_DTYPE_TOLERANCE
 
-    tf_dtype = teacher.get("dtype (original)", {})
-    tf_conv_high = teacher.get(f"conversion ({high})", {})
-    tf_conv_low = teacher.get(f"conversion ({low})", {})
     n_prompts, n_pairs = int(stats["prompt_index"].nunique()), int(stats["pair"].nunique())
     n_single = int(stats.loc[stats["varies"].isin(["dtype", "attention", "conversion"]), "pair"].nunique())
 
@@ -285,56 +281,32 @@ def conclude_divergence(
         f"Over {n_prompts} prompts and {n_pairs} pairs of runs ({n_single} of them differing in one factor only), "
         f"the share of generations that diverge within {max_new_tokens} tokens, by factor, is: "
         + "; ".join(f"{name} {_pct(v)}" for name, v in ranked) + ".",
-        (f"Original vs converted as shipped (original with {shipped['original']} attention, converted with "
-         f"{shipped['converted']}) diverge in {_pct(shipped_fraction[low])} of generations in {low} and "
-         f"{_pct(shipped_fraction[high])} in {high}. "
-         if not math.isnan(shipped_fraction[low]) else "")
-        + f"Shipped as they are, {low} vs {high} makes {_pct(orig_fraction)} of the original's generations "
-        f"diverge (median first divergent step {_fmt(pair_value(orig_dtype_pair, 'median_first_step'))}) and "
-        f"{_pct(conv_fraction)} of the converted model's (median {_fmt(pair_value(conv_dtype_pair, 'median_first_step'))})"
-        + (": the original is the more sensitive one." if orig_fraction > conv_fraction else
-           ": the original is not more sensitive than the converted model here." if orig_fraction < conv_fraction
-           else ": both are equally sensitive here."),
-        (f"Layer by layer in {high}, the converted model reproduces the original bit for bit, so the conversion "
-         "itself is exact" if high_ratio == 0 else
-         f"Layer by layer in {high}, the converted model reproduces the original within "
-         f"{_fmt(high_ratio, 2)}× one {high} rounding (at most), so the conversion itself is exact up to rounding"
-         if exact_conversion else
-         f"Layer by layer in {high}, the converted model differs from the original by up to {_fmt(high_ratio, 2)}× "
-         f"one {high} rounding: more than rounding explains, so check the conversion")
-        + (f"; in {low} they are bit for bit identical too." if low_max == 0 else
-           f"; in {low} the two differ by up to rel_rms {_fmt(low_max)} ({_fmt(low_ratio, 2)}× one {low} rounding)."),
-        (f"Teacher-forced over the {high} continuation, the original's {low} and {high} logits differ by median "
-         f"rel_rms {_fmt(tf_dtype.get('median_logit_rel_rms'))} with {tf_dtype.get('argmax_disagreements', 'n/a')} "
-         f"argmax disagreements in {tf_dtype.get('positions', 'n/a')} positions "
-         f"({tf_dtype.get('disagreements_below_error', 'n/a')} of them where the margin is below the logit error); "
-         f"original vs converted differ by median rel_rms {_fmt(tf_conv_high.get('median_logit_rel_rms'))} in {high} "
-         f"({tf_conv_high.get('argmax_disagreements', 'n/a')} disagreements) and "
-         f"{_fmt(tf_conv_low.get('median_logit_rel_rms'))} in {low} ({tf_conv_low.get('argmax_disagreements', 'n/a')})."),
+        _shipped_sentence(shipped, shipped_fraction, low, high, orig_fraction, conv_fraction,
+                          pair_value(orig_dtype_pair, "median_first_step"),
+                          pair_value(conv_dtype_pair, "median_first_step")),
+        _layer_sentence(high, low, high_ratio, low_max, low_ratio),
+        _teacher_sentence(teacher, low, high),
     ]
-    if len(diverged):
-        comparison = (f"{margin_all / margin_at:.0f}× smaller than" if 0 < margin_at < margin_all else
-                      "not smaller than" if margin_at >= margin_all else "against")
-        sentences.append(
-            f"At the divergent step the reference's top-1 − top-2 margin has median {_fmt(margin_at)} logits, "
-            f"{comparison} the median {_fmt(margin_all)} over all shared steps (median share of the same "
-            f"generation's earlier margins below it: {_fmt(percentile, 2)}); {_pct(newline_share)} of divergences "
-            f"come right after a newline token, whose base rate is {_pct(newline_base)} of steps.")
-    else:
-        sentences.append(f"No generation diverged in any pair within {max_new_tokens} tokens on this model.")
-    if ranked and main_fraction > 0:
-        sentences.append(
-            f"The factor that explains the divergence: {main} ({_pct(main_fraction)} of generations diverge). "
-            f"Advice: compare a conversion in {high}"
-            + (f", where it diverges in {_pct(measured.get(f'conversion in {high}', math.nan))} of generations"
-               if f"conversion in {high}" in measured else "")
-            + ", and compare teacher-forced logits over one token sequence rather than free-running generations: "
-              "a single near-tie flipped by rounding noise changes every later token without any bug.")
-    else:
-        sentences.append(
-            "No factor made any generation diverge here, so the tiny model does not show the effect; "
-            "teacher-forced logits still measure the numeric differences above.")
+    sentences.append(_margin_sentence(diverged, max_new_tokens, margin_at, margin_all, percentile, newline_share,
+                                      newline_base))
+    sentences.append(_advice_sentence(ranked, main, main_fraction, measured, high))
 
+    figures = _divergence_figures(
+        case=case, teacher=teacher, per_pair=per_pair, candidates=candidates, low=low, high=high,
+        n_prompts=n_prompts, n_pairs=n_pairs, max_new_tokens=max_new_tokens, main_fraction=main_fraction,
+        shipped_fraction=shipped_fraction, orig_fraction=orig_fraction, conv_fraction=conv_fraction,
+        margin_at=margin_at, margin_all=margin_all, percentile=percentile, newline_share=newline_share,
+        newline_base=newline_base, high_ratio=high_ratio, low_max=low_max, low_ratio=low_ratio)
+    return " ".join(sentences), figures
+
+
+def _divergence_figures(*, case: Mapping[str, LockstepResult], teacher: Mapping[str, Mapping[str, Any]],
+                        per_pair: pd.DataFrame, candidates: Mapping[str, float], low: str, high: str,
+                        n_prompts: int, n_pairs: int, max_new_tokens: int, main_fraction: float,
+                        shipped_fraction: Mapping[str, float], orig_fraction: float, conv_fraction: float,
+                        margin_at: float, margin_all: float, percentile: float, newline_share: float,
+                        newline_base: float, high_ratio: float, low_max: float, low_ratio: float) -> dict[str, Any]:
+    """Every number :func:`conclude_divergence` states, under the findings file's names."""
     figures: dict[str, Any] = {
         "case_first_divergent_step_original": case["original"].first_divergent_step,
         "case_first_divergent_step_converted": case["converted"].first_divergent_step,
@@ -362,4 +334,73 @@ def conclude_divergence(
         for field_name in ("median_logit_rel_rms", "max_logit_rel_rms", "argmax_disagreements",
                            "disagreements_below_error", "positions"):
             figures[f"teacher_forced_{slug}_{field_name}"] = tf.get(field_name)
-    return " ".join(sentences), figures
+    return figures
+
+
+def _layer_sentence(high: str, low: str, high_ratio: float, low_max: float, low_ratio: float) -> str:
+    exact_conversion = not math.isnan(high_ratio) and high_ratio <= SAME_DTYPE_TOLERANCE
+    if high_ratio == 0:
+        first = (f"Layer by layer in {high}, the converted model reproduces the original bit for bit, so the "
+                 "conversion itself is exact")
+    elif exact_conversion:
+        first = (f"Layer by layer in {high}, the converted model reproduces the original within "
+                 f"{_fmt(high_ratio, 2)}× one {high} rounding (at most), so the conversion itself is exact up to "
+                 "rounding")
+    else:
+        first = (f"Layer by layer in {high}, the converted model differs from the original by up to "
+                 f"{_fmt(high_ratio, 2)}× one {high} rounding: more than rounding explains, so check the conversion")
+    if low_max == 0:
+        return first + f"; in {low} they are bit for bit identical{' too' if high_ratio == 0 else ''}."
+    return first + f"; in {low} the two differ by up to rel_rms {_fmt(low_max)} ({_fmt(low_ratio, 2)}× one {low} rounding)."
+
+
+def _teacher_sentence(teacher: Mapping[str, Mapping[str, Any]], low: str, high: str) -> str:
+    tf_dtype = teacher.get("dtype (original)", {})
+    tf_conv_high = teacher.get(f"conversion ({high})", {})
+    tf_conv_low = teacher.get(f"conversion ({low})", {})
+    return (f"Teacher-forced over the {high} continuation, the original's {low} and {high} logits differ by median "
+            f"rel_rms {_fmt(tf_dtype.get('median_logit_rel_rms'))} with {tf_dtype.get('argmax_disagreements', 'n/a')} "
+            f"argmax disagreements in {tf_dtype.get('positions', 'n/a')} positions "
+            f"({tf_dtype.get('disagreements_below_error', 'n/a')} of them where the margin is below the logit error); "
+            f"original vs converted differ by median rel_rms {_fmt(tf_conv_high.get('median_logit_rel_rms'))} in "
+            f"{high} ({tf_conv_high.get('argmax_disagreements', 'n/a')} disagreements) and "
+            f"{_fmt(tf_conv_low.get('median_logit_rel_rms'))} in {low} "
+            f"({tf_conv_low.get('argmax_disagreements', 'n/a')}).")
+
+
+def _margin_sentence(diverged: pd.DataFrame, max_new_tokens: int, margin_at: float, margin_all: float,
+                     percentile: float, newline_share: float, newline_base: float) -> str:
+    if not len(diverged):
+        return f"No generation diverged in any pair within {max_new_tokens} tokens on this model."
+    comparison = (f"{margin_all / margin_at:.0f}× smaller than" if 0 < margin_at < margin_all else
+                  "not smaller than" if margin_at >= margin_all else "against")
+    return (f"At the divergent step the reference's top-1 − top-2 margin has median {_fmt(margin_at)} logits, "
+            f"{comparison} the median {_fmt(margin_all)} over all shared steps (median share of the same "
+            f"generation's earlier margins below it: {_fmt(percentile, 2)}); {_pct(newline_share)} of divergences "
+            f"come right after a newline token, whose base rate is {_pct(newline_base)} of steps.")
+
+
+def _advice_sentence(ranked: Sequence[tuple[str, float]], main: str, main_fraction: float,
+                     measured: Mapping[str, float], high: str) -> str:
+    if not (ranked and main_fraction > 0):
+        return ("No factor made any generation diverge here, so the tiny model does not show the effect; "
+                "teacher-forced logits still measure the numeric differences above.")
+    return (f"The factor that explains the divergence: {main} ({_pct(main_fraction)} of generations diverge). "
+            f"Advice: compare a conversion in {high}"
+            + (f", where it diverges in {_pct(measured.get(f'conversion in {high}', math.nan))} of generations"
+               if f"conversion in {high}" in measured else "")
+            + ", and compare teacher-forced logits over one token sequence rather than free-running generations: "
+              "a single near-tie flipped by rounding noise changes every later token without any bug.")
+
+
+def _shipped_sentence(shipped: Mapping[str, str], shipped_fraction: Mapping[str, float], low: str, high: str,
+                      orig_fraction: float, conv_fraction: float, orig_median: float, conv_median: float) -> str:
+    start = (f"Original vs converted as shipped (original with {shipped['original']} attention, converted with "
+             f"{shipped['converted']}) diverge in {_pct(shipped_fraction[low])} of generations in {low} and "
+             f"{_pct(shipped_fraction[high])} in {high}. " if not math.isnan(shipped_fraction[low]) else "")
+    verdict = (": the original is the more sensitive one." if orig_fraction > conv_fraction else
+               ": the original is not more sensitive than the converted model here." if orig_fraction < conv_fraction
+               else ": both are equally sensitive here.")
+    return (start + f"Shipped as they are, {low} vs {high} makes {_pct(orig_fraction)} of the original's generations "
+            f"diverge (median first divergent step {_fmt(orig_median)}) and {_pct(conv_fraction)} of the converted "
+            f"model's (median {_fmt(conv_median)})" + verdict)

@@ -451,6 +451,19 @@ def conclude_groupnorm_precision(
         f"{reference_dtype}: {plain['paired_z']:.2f} -> {gn_fix['paired_z']:.2f}"
         f"{z_note}).",
     ]
+    figures = _groupnorm_figures(logit_table=logit_table, sweep=sweep, local=local, blocks=blocks, leaves=leaves,
+                                 fix_table=fix_table, reference_dtype=reference_dtype, reference_ppl=reference_ppl,
+                                 reference_ppl_stderr=reference_ppl_stderr,
+                                 upcast_logits_change=upcast_logits_change)
+    return " ".join(parts), figures
+
+
+def _groupnorm_figures(*, logit_table: pd.DataFrame, sweep: ClassSweepSummary, local: LocalErrorSummary,
+                       blocks: BisectionResult, leaves: BisectionResult, fix_table: pd.DataFrame, reference_dtype: str,
+                       reference_ppl: float, reference_ppl_stderr: float,
+                       upcast_logits_change: float) -> dict[str, Any]:
+    """Every number :func:`conclude_groupnorm_precision` states, under the findings file's names."""
+    error_low = float(logit_table.loc[0, "rel_rms"])
     figures: dict[str, Any] = {
         "logits_rel_rms_vs_ref": error_low,
         "logits_rel_rms_vs_fp64": float(logit_table.loc[1, "rel_rms"]),
@@ -484,7 +497,7 @@ def conclude_groupnorm_precision(
                                               fix_table[f"rel_rms_vs_{reference_dtype}"].astype(float))),
         "paired_z_by_variant": dict(zip(fix_table["variant"], fix_table["paired_z"].astype(float))),
     }
-    return " ".join(parts), figures
+    return figures
 
 
 def explore_precision(
