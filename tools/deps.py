@@ -130,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("check", help="fresh venv with one dependency set, then the test suite")
     run.add_argument("set", choices=("pinned", "newest", "lowest"))
     run.add_argument("--venv", type=Path, help="keep the environment here (default: a temporary folder)")
-    run.add_argument("pytest_args", nargs="*", help="after --: arguments for pytest")
+    # arguments after `--` go to pytest (split off before parsing, so options may come in any order)
     sub.add_parser("lowest", help="rewrite constraints/lowest.txt from pyproject.toml's lower bounds")
     again = sub.add_parser("refresh", help="newest set; if the suite passes, write constraints/ci.txt")
     again.add_argument("--venv", type=Path)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.command == "check":
-        return check(args.set, args.venv, args.pytest_args)
+        return check(args.set, args.venv, pytest_args)
     if args.command == "lowest":
         LOWEST.write_text(lowest_text())
         print(f"wrote {LOWEST.relative_to(ROOT)}")
