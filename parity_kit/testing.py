@@ -1,15 +1,18 @@
-"""Models larger than one GPU: build a random model across devices, for trying capture and comparison at scale.
+"""Small models for tests, docs and benchmarks: tiny randomly initialised transformers models built from configs,
+a leak check for hooks, and a random model dispatched across several GPUs.
 
-``record`` and ``compare`` need nothing special for a model dispatched by accelerate
-(``device_map="auto"`` / ``dispatch_model``): accelerate wraps each module's ``forward`` to move its
-inputs to the module's execution device, and PyTorch forward hooks run around that wrapper, so each
-captured output lives on the GPU that produced it. ``record(..., device="cuda:0")`` gathers tensors
-to one GPU, ``mode="stats"`` reduces them on their own GPUs, and ``compare(..., device=...)`` reduces
-every pair on the chosen device.
+>>> model = tiny_llama(layers=1)
+>>> model.config.num_hidden_layers, sum(sum(c) for c in hook_counts(model).values())
+(1, 0)
 
-What this module adds is a way to get such a model without weights on disk: build it on the meta
-device, plan the split with accelerate, and fill each parameter with random values directly on the
-GPU that will hold it (nothing is initialised on the CPU).
+Models larger than one GPU (:func:`random_dispatched`): ``record`` and ``compare`` need nothing special for a
+model dispatched by accelerate (``device_map="auto"`` / ``dispatch_model``): accelerate wraps each module's
+``forward`` to move its inputs to the module's execution device, and PyTorch forward hooks run around that
+wrapper, so each captured output lives on the GPU that produced it. ``record(..., device="cuda:0")`` gathers
+tensors to one GPU, ``mode="stats"`` reduces them on their own GPUs, and ``compare(..., device=...)`` reduces
+every pair on the chosen device. What this module adds is a way to get such a model without weights on disk:
+build it on the meta device, plan the split with accelerate, and fill each parameter with random values
+directly on the GPU that will hold it (nothing is initialised on the CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +24,108 @@ from torch import nn
 
 from .dtypes import DtypeLike, parse_dtype
 from .errors import ParityKitError
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2, *, vocab_size: int = 64,
+               hidden_size: int = 32, intermediate_size: int = 64, heads: int = 4, kv_heads: int = 2,
+               max_position_embeddings: int = 64, **config: Any) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` (grouped-query attention), in eval mode, weights from ``seed``.
+
+    Ids 0/1/2 are pad/BOS/EOS. ``config`` overrides any other ``LlamaConfig`` field.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=max_position_embeddings, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config})).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """A randomly initialised two-layer ``GPT2LMHeadModel`` in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    """A randomly initialised two-layer ``BertModel`` in eval mode (an encoder: no causal mask, no lm head)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    return BertModel(config).eval()
+
+
+def hook_counts(model: nn.Module) -> dict[str, tuple[int, int, int, int]]:
+    """Per module: forward, forward-pre and kwargs hooks and whether ``forward`` is an instance attribute (a
+    capture wrapper); under ``"<global>"`` torch's process-wide hooks. Equal before and after a block proves
+    that the block removed exactly what it added."""
+    from torch.nn.modules import module as torch_module
+
+    counts = {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._forward_hooks_with_kwargs),
+                     int("forward" in m.__dict__))
+              for name, m in model.named_modules()}
+    counts["<global>"] = (len(torch_module._global_forward_hooks), len(torch_module._global_forward_pre_hooks),
+                          len(torch_module._global_forward_hooks_with_kwargs), 0)
+    return counts
+
+
+class NaiveNorm(nn.Module):
+    """Normalisation with the textbook variance E[x²] − E[x]²: over a near-constant input the two terms
+    nearly cancel, so in bf16 the variance is mostly rounding error (a planted precision culprit)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)
+        var = (x * x).mean(-1, keepdim=True) - mean * mean
+        return (x - mean) * torch.rsqrt(var.clamp_min(1e-5)) * self.weight
+
+
+def precision_sensitive_mlp(culprits: tuple[int, ...] = (3,), blocks: int = 6, d: int = 32) -> nn.Sequential:
+    """Linear → [Linear → norm → GELU] × blocks → Linear; block i in ``culprits`` feeds a :class:`NaiveNorm` a
+    near-constant input (bias 40, small spread), the others use LayerNorm on well-scaled inputs.
+
+    >>> sorted(n for n, m in precision_sensitive_mlp().named_modules() if isinstance(m, NaiveNorm))
+    ['11']
+    """
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(16, d)]
+    for i in range(blocks):
+        lin = nn.Linear(d, d)
+        if i in culprits:
+            with torch.no_grad():
+                lin.bias.fill_(40.0)
+                lin.weight.mul_(4.0)
+        layers += [lin, NaiveNorm(d) if i in culprits else nn.LayerNorm(d), nn.GELU()]
+    layers.append(nn.Linear(d, 8))
+    return nn.Sequential(*layers).eval()
+
+
+def stats_close(a: Any, b: Any, rel: float = 1e-5, abs_: float = 1e-6) -> list[str]:
+    """The fields in which two :class:`~parity_kit.TensorStats` differ beyond ``rel``/``abs_`` (NaN equals NaN);
+    empty when they agree."""
+    import math
+
+    bad = [name for name in ("shape", "dtype", "nan", "inf") if getattr(a, name) != getattr(b, name)]
+    for name in ("min", "max", "mean", "rms", "absmax"):
+        x, y = getattr(a, name), getattr(b, name)
+        if not ((math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=rel, abs_tol=abs_)):
+            bad.append(name)
+    if (a.per_token_rms is None) != (b.per_token_rms is None):
+        bad.append("per_token_rms")
+    elif a.per_token_rms is not None and not (
+            a.per_token_rms.dtype == torch.float32 and a.per_token_rms.shape == b.per_token_rms.shape
+            and torch.allclose(a.per_token_rms, b.per_token_rms, rtol=rel, atol=abs_, equal_nan=True)):
+        bad.append("per_token_rms")
+    return bad
 
 
 def _device_for(name: str, device_map: dict[str, Any]) -> torch.device:

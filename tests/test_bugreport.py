@@ -16,13 +16,19 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from parity_kit import Recording
-from parity_kit.analyses.runs import FROM_CONFIG_LLAMA, RunSpec, auto_mapping, compare_runs, summarise
+from parity_kit._util.paths import data_dir, repo_root
+from parity_kit.analyses.runs import (
+    FROM_CONFIG_LLAMA,
+    RunSpec,
+    auto_mapping,
+    compare_runs,
+    summarise,
+)
 from parity_kit.app.report_command import parse_cli_value
-from parity_kit.stories.bug_report import comparison_plots
 from parity_kit.errors import ParityKitError
 from parity_kit.models import builtin_path
-from parity_kit._util.paths import data_dir, repo_root
 from parity_kit.present.report import read_findings
+from parity_kit.stories.bug_report import comparison_plots
 
 SCRIPT = Path(sys.executable).parent / "parity-kit"
 TEMPLATE = repo_root() / "notebooks" / "05_bug_report.ipynb"

@@ -4,13 +4,14 @@ import collections
 
 import pytest
 import torch
-from conftest import build_tiny_llama, hook_counts
 from torch import nn
 
 import parity_kit as pk
 from parity_kit._util.sizes import parse_bytes
 from parity_kit.errors import ParityKitError
 from parity_kit.recording import TensorStats
+from parity_kit.testing import hook_counts
+from parity_kit.testing import tiny_llama as build_tiny_llama
 
 
 class TwiceLinear(nn.Module):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from parity_kit import models
+from parity_kit._util.paths import data_dir
 from parity_kit.builtins import corpus, tokenizer
 from parity_kit.builtins.train import SPECS, evaluate
-from parity_kit._util.paths import data_dir
 
 SUBSET = 64  # items re-scored per model: enough to catch a wrong checkpoint, fast on 2 cores
 

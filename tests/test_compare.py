@@ -5,13 +5,13 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import build_tiny_llama
 
 import parity_kit as pk
+from parity_kit.comparison.mapping import ModuleMapping
 from parity_kit.comparison.pairs import COLUMNS
 from parity_kit.errors import ParityKitError
-from parity_kit.comparison.mapping import ModuleMapping
 from parity_kit.recording import Call, Recording
+from parity_kit.testing import tiny_llama as build_tiny_llama
 
 
 def _rec(*calls: tuple[str, dict]) -> Recording:

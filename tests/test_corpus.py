@@ -9,9 +9,9 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
+from parity_kit._util.paths import data_dir
 from parity_kit.builtins import corpus, data, tokenizer
 from parity_kit.errors import ParityKitError
-from parity_kit._util.paths import data_dir
 
 
 def test_training_documents_are_deterministic_and_depend_on_the_seed():

@@ -15,11 +15,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from parity_kit.errors import ParityKitError
-from parity_kit.analyses.evaluation import LastWordItem, LastWordResult, evaluate_lastword, load_lastword_items
+from parity_kit.analyses.evaluation import (
+    LastWordItem,
+    LastWordResult,
+    evaluate_lastword,
+    load_lastword_items,
+)
 from parity_kit.analyses.paired import PairedComparison, paired_comparison
 from parity_kit.analyses.provenance import token_provenance
 from parity_kit.analyses.statistics import mean_stderr, perplexity_bootstrap_stderr
+from parity_kit.errors import ParityKitError
 
 torch.set_num_threads(1)
 
@@ -662,7 +667,10 @@ def test_conclusion_refuses_a_model_with_missing_measurements():
 
 
 def test_compare_with_and_without_bos_and_the_context_sweep(tok_plain, llama):
-    from parity_kit.stories.bos_token import bos_context_sweep, compare_with_and_without_bos
+    from parity_kit.stories.bos_token import (
+        bos_context_sweep,
+        compare_with_and_without_bos,
+    )
 
     items = load_lastword_items(_items(8))
     with_bos, without, test = compare_with_and_without_bos(llama, tok_plain, items, n_bootstrap=20,

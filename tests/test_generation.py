@@ -13,9 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from parity_kit import generation as gen
 from parity_kit.analyses import divergence
 from parity_kit.analyses import layers as layer_view
-from parity_kit.stories import fp16_divergence as story01
 from parity_kit.comparison.metrics import nominal_floor
 from parity_kit.errors import ParityKitError
+from parity_kit.stories import fp16_divergence as story01
 
 torch.set_num_threads(1)
 

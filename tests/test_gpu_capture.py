@@ -7,13 +7,18 @@ import warnings
 
 import pytest
 import torch
-from conftest import build_tiny_llama, hook_counts
 from torch import nn
 
 import parity_kit as pk
-from parity_kit.errors import ParityKitError
 from parity_kit.capture.stats_batch import StatsBatch
+from parity_kit.errors import ParityKitError
 from parity_kit.recording import TensorStats
+from parity_kit.testing import hook_counts, stats_close
+from parity_kit.testing import tiny_llama as build_tiny_llama
+
+
+def assert_stats_close(a: TensorStats, b: TensorStats) -> None:
+    assert stats_close(a, b) == []
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -327,7 +332,6 @@ def test_batched_cuda_stats_recompute_non_finite_outputs_exactly(input_ids):
 def test_stats_batch_of_one_dtype_on_one_gpu_takes_every_layout(monkeypatch):
     """A forward's outputs (one dtype, one GPU) reach the kernel as they are, with their addresses; a
     transpose among them (not dense) is copied first. Both agree with TensorStats.of."""
-    from test_recording import _assert_stats_close
 
     from parity_kit.capture.row_kernels import tensor_statistics_triton
 
@@ -344,7 +348,7 @@ def test_stats_batch_of_one_dtype_on_one_gpu_takes_every_layout(monkeypatch):
         for per_token in (True, False):
             seen.clear()
             for t, got in zip(tensors, StatsBatch(tensors, per_token).result()):
-                _assert_stats_close(got, TensorStats.of(t, per_token))
+                assert_stats_close(got, TensorStats.of(t, per_token))
             (given, (ptrs, rows, widths)), = seen
             assert all(a is b for a, b in zip(given[:4], dense))
             assert ptrs == [t.data_ptr() for t in given] and widths == [48, 300, 5, 1, 7][:len(given)]
@@ -360,13 +364,12 @@ two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device
 @two_gpus
 def test_stats_across_two_gpus_equal_in_hook_stats(input_ids):
     """A model split over two GPUs: a batch holds outputs of both, reduced on their own devices."""
-    from test_recording import _assert_stats_close
 
     g = torch.Generator("cuda:1").manual_seed(5)
     mixed = [torch.randn(3, 40, device="cuda:0"), torch.randn(2, 7, 33, device="cuda:1", generator=g).bfloat16(),
              torch.randn(5, device="cuda:1", generator=g), torch.randn(4, 40, device="cuda:0").half()]
     for t, got in zip(mixed, StatsBatch(mixed).result()):
-        _assert_stats_close(got, TensorStats.of(t))
+        assert_stats_close(got, TensorStats.of(t))
     model = build_tiny_llama(dtype=torch.bfloat16)
     model.model.embed_tokens.cuda(0)
     for i, layer in enumerate(model.model.layers):

@@ -362,7 +362,10 @@ def test_row_statistics_reject_what_they_cannot_reduce():
 
 @cuda
 def test_cuda_row_statistics_match_torch():
-    from parity_kit.capture.row_kernels import row_statistics_triton, tensor_statistics_triton
+    from parity_kit.capture.row_kernels import (
+        row_statistics_triton,
+        tensor_statistics_triton,
+    )
 
     for dtype in DTYPES:
         for name, tensors in (("mixed", _row_cases(dtype, "cuda")), ("aligned", _aligned_row_cases(dtype, "cuda")),

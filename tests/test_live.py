@@ -5,12 +5,13 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import build_tiny_llama, hook_counts
 from torch import nn
 
 import parity_kit as pk
-from parity_kit.errors import ParityKitError
 from parity_kit.comparison.live import compare_live
+from parity_kit.errors import ParityKitError
+from parity_kit.testing import hook_counts
+from parity_kit.testing import tiny_llama as build_tiny_llama
 
 
 def _assert_tables_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:

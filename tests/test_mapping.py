@@ -3,8 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from parity_kit.comparison.mapping import (
+    ModuleMapping,
+    internlm2_to_llama,
+    split_fused_qkv,
+)
 from parity_kit.errors import ParityKitError
-from parity_kit.comparison.mapping import ModuleMapping, internlm2_to_llama, split_fused_qkv
 
 CONFIG = {"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64, "num_hidden_layers": 2}
 

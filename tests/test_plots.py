@@ -4,11 +4,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import torch
-from conftest import build_tiny_llama
 from matplotlib.figure import Figure
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
+from parity_kit.testing import tiny_llama as build_tiny_llama
 
 
 @pytest.fixture

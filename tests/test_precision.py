@@ -7,14 +7,13 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import build_tiny_llama, hook_counts
 from torch import nn
 
 import parity_kit as pk
-from parity_kit.errors import ParityKitError
 from parity_kit.analyses.evaluation import LastWordResult
 from parity_kit.analyses.mixed_precision import run_in_dtype
 from parity_kit.analyses.precision import BisectionResult
+from parity_kit.errors import ParityKitError
 from parity_kit.stories.groupnorm import (
     ClassSweepSummary,
     LocalErrorSummary,
@@ -31,36 +30,12 @@ from parity_kit.stories.groupnorm import (
     summarise_class_sweep,
     summarise_local_errors,
 )
-
-
-class NaiveNorm(nn.Module):
-    """Normalisation with the textbook variance E[x²] − E[x]²: over a near-constant input the two terms
-    nearly cancel, so in bf16 the variance is mostly rounding error (a planted precision culprit)."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        var = (x * x).mean(-1, keepdim=True) - mean * mean
-        return (x - mean) * torch.rsqrt(var.clamp_min(1e-5)) * self.weight
+from parity_kit.testing import NaiveNorm, hook_counts, precision_sensitive_mlp
+from parity_kit.testing import tiny_llama as build_tiny_llama
 
 
 def build_sensitive(culprits: tuple[int, ...] = (3,), blocks: int = 6, d: int = 32) -> nn.Sequential:
-    """Linear → [Linear → norm → GELU] × blocks → Linear; block i in ``culprits`` feeds a NaiveNorm a
-    near-constant input (bias 40, small spread), the others use LayerNorm on well-scaled inputs."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Linear(16, d)]
-    for i in range(blocks):
-        lin = nn.Linear(d, d)
-        if i in culprits:
-            with torch.no_grad():
-                lin.bias.fill_(40.0)
-                lin.weight.mul_(4.0)
-        layers += [lin, NaiveNorm(d) if i in culprits else nn.LayerNorm(d), nn.GELU()]
-    layers.append(nn.Linear(d, 8))
-    return nn.Sequential(*layers).eval()
+    return precision_sensitive_mlp(culprits, blocks, d)
 
 
 def culprit_names(model: nn.Module) -> set[str]:

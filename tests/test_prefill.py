@@ -11,20 +11,40 @@ import pytest
 import torch
 
 import parity_kit as pk
-from parity_kit.errors import ParityKitError
-from parity_kit.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
-from parity_kit._util.paths import data_dir
 from parity_kit import prefill
+from parity_kit._util.paths import data_dir
 from parity_kit.analyses.prefill import (
-    FLA_MODES, OUR_MODES, boundary_positions, compare_prefill, fla_unavailable_reason, prefill_then_decode, run_mode,
+    FLA_MODES,
+    OUR_MODES,
+    boundary_positions,
+    compare_prefill,
+    fla_unavailable_reason,
+    prefill_then_decode,
+    run_mode,
     sweep,
 )
-from parity_kit.analyses.prefill_model import capture_wkv_inputs, lastword_by_mode, model_mode_comparison
-from parity_kit.stories.prefill_modes import (
-    REPORTED_FIGURES, chunk_size_table, conclude_prefill, decode_comparison, error_pivot, explore, length_table,
-    reported_vs_measured, state_growth, stored_kernel_figures, stored_kernel_table, story_plan,
+from parity_kit.analyses.prefill_model import (
+    capture_wkv_inputs,
+    lastword_by_mode,
+    model_mode_comparison,
 )
+from parity_kit.errors import ParityKitError
+from parity_kit.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from parity_kit.models.wkv import random_wkv_inputs, wkv_recurrent
+from parity_kit.stories.prefill_modes import (
+    REPORTED_FIGURES,
+    chunk_size_table,
+    conclude_prefill,
+    decode_comparison,
+    error_pivot,
+    explore,
+    length_table,
+    reported_vs_measured,
+    state_growth,
+    stored_kernel_figures,
+    stored_kernel_table,
+    story_plan,
+)
 
 HAS_FLA_GPU = torch.cuda.is_available() and importlib.util.find_spec("fla") is not None
 

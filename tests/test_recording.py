@@ -1,15 +1,15 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
-from conftest import build_tiny_llama
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
 from parity_kit.recording import Call, Recording, TensorStats
+from parity_kit.testing import stats_close
+from parity_kit.testing import tiny_llama as build_tiny_llama
 
 
 def _assert_bit_exact(a: Recording, b: Recording) -> None:
@@ -140,14 +140,7 @@ def test_lookup_errors_and_output():
 
 
 def _assert_stats_close(a: TensorStats, b: TensorStats) -> None:
-    assert (a.shape, a.dtype, a.nan, a.inf) == (b.shape, b.dtype, b.nan, b.inf)
-    for field_ in ("min", "max", "mean", "rms", "absmax"):
-        x, y = getattr(a, field_), getattr(b, field_)
-        assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-5, abs=1e-6), field_
-    assert (a.per_token_rms is None) == (b.per_token_rms is None)
-    if a.per_token_rms is not None:
-        assert a.per_token_rms.dtype == torch.float32 and a.per_token_rms.shape == b.per_token_rms.shape
-        torch.testing.assert_close(a.per_token_rms, b.per_token_rms, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert stats_close(a, b) == []
 
 
 def test_stats_batch_equals_one_by_one():

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from parity_kit.errors import ParityKitError
-from parity_kit.models.wkv import random_wkv_inputs, wkv_chunk, wkv_recurrent, wkv_reference
+from parity_kit.models.wkv import (
+    random_wkv_inputs,
+    wkv_chunk,
+    wkv_recurrent,
+    wkv_reference,
+)
 
 
 def rel_rms(ref: torch.Tensor, x: torch.Tensor) -> float:

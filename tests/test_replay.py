@@ -4,19 +4,24 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny_llama, hook_counts
-from test_precision import NaiveNorm, build_sensitive, culprit_names
 from torch import nn
 
 import parity_kit as pk
-from parity_kit.errors import ParityKitError
 from parity_kit.analyses.mixed_precision import run_in_dtype
+from parity_kit.errors import ParityKitError
+from parity_kit.testing import NaiveNorm, hook_counts
+from parity_kit.testing import precision_sensitive_mlp as build_sensitive
+from parity_kit.testing import tiny_llama as build_tiny_llama
 
 
 @pytest.fixture
 def pair() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     ref = build_sensitive()
     return ref, copy.deepcopy(ref).to(torch.bfloat16), torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+
+
+def culprit_names(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, NaiveNorm)}
 
 
 def test_local_error_is_exactly_zero_for_the_same_model_in_fp32(pair):

@@ -15,9 +15,9 @@ import torch
 from matplotlib.figure import Figure
 
 import parity_kit as pk
-from parity_kit.present import report
-from parity_kit.errors import ParityKitError
 from parity_kit._util.environment import diff_capsules, environment_capsule
+from parity_kit.errors import ParityKitError
+from parity_kit.present import report
 from parity_kit.present.report import export_html, read_findings, write_findings
 
 REQUIRED_KEYS = {

@@ -7,7 +7,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from parity_kit.errors import ParityKitError
-from parity_kit.models.rwkv7 import WKV7, RWKV7Config, RWKV7ForCausalLM, RWKV7State, set_wkv_mode
+from parity_kit.models.rwkv7 import (
+    WKV7,
+    RWKV7Config,
+    RWKV7ForCausalLM,
+    RWKV7State,
+    set_wkv_mode,
+)
 
 
 def small_config(**kw) -> RWKV7Config:

@@ -7,7 +7,10 @@ import torch
 
 from parity_kit.errors import ParityKitError
 from parity_kit.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
-from parity_kit.models.rwkv7_convert import convert_rwkv7_to_fla, write_blinkdl_checkpoint
+from parity_kit.models.rwkv7_convert import (
+    convert_rwkv7_to_fla,
+    write_blinkdl_checkpoint,
+)
 
 
 @pytest.fixture()

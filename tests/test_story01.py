@@ -41,9 +41,9 @@ def standin_data(tmp_path_factory):
     """A data folder whose built-in InternLM2 pair is a small random model and its real conversion."""
     from transformers import AutoTokenizer
 
+    from parity_kit._util.paths import data_dir
     from parity_kit.models.convert import convert_internlm2_to_llama
     from parity_kit.models.internlm2 import InternLM2Config, InternLM2ForCausalLM
-    from parity_kit._util.paths import data_dir
 
     source = data_dir()
     if not (source / "prompts.json").is_file() or not (source / "tokenizer").is_dir():

@@ -7,14 +7,14 @@ import struct
 
 import pytest
 import torch
-from conftest import hook_counts
 from safetensors.torch import load_file
 from torch import nn
 
 import parity_kit as pk
 from parity_kit.errors import ParityKitError
-from parity_kit.recording.storage import INDEX_FILE, TENSOR_FILE, TensorFileWriter
 from parity_kit.recording import TensorStats
+from parity_kit.recording.storage import INDEX_FILE, TENSOR_FILE, TensorFileWriter
+from parity_kit.testing import hook_counts
 
 
 def _same(a: pk.Recording, b: pk.Recording) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-import pandas as pd
-
 from parity_kit.errors import ParityKitError
-from parity_kit.present.panels import LOCAL_FOLDER, ControlPanel, ModelCache, dtype_choice, model_choice
+from parity_kit.present.panels import (
+    LOCAL_FOLDER,
+    ControlPanel,
+    ModelCache,
+    dtype_choice,
+    model_choice,
+)
 
 
 def _analysis(params):

@@ -4,12 +4,8 @@ A :class:`GreedyTrace` holds, per generated step, the greedy choice (argmax, as 
 picks it), the top-1 − top-2 margin, the top-k and the logits. Two traces of two runs, compared step by
 step, are a lockstep comparison (:func:`parity_kit.lockstep_greedy`).
 
->>> import torch
->>> from transformers import LlamaConfig, LlamaForCausalLM
->>> _ = torch.manual_seed(0)
->>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-...                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
->>> trace = greedy_decode(LlamaForCausalLM(cfg).eval(), [1, 5, 7], max_new_tokens=3, top_k=2, eos=set())
+>>> from parity_kit.testing import tiny_llama
+>>> trace = greedy_decode(tiny_llama(layers=1), [1, 5, 7], max_new_tokens=3, top_k=2, eos=set())
 >>> len(trace.tokens), len(trace.topk_ids[0])
 (3, 2)
 """

@@ -86,11 +86,8 @@ def divergence_statistics(
     Summarise with :func:`divergence_summary`.
 
     >>> import torch
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-    ...                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    >>> m = LlamaForCausalLM(cfg).eval()
+    >>> from parity_kit.testing import tiny_llama
+    >>> m = tiny_llama(layers=1)
     >>> stats = divergence_statistics({"self": (m, m)}, [[1, 2], [3, 4]], None, max_new_tokens=4,
     ...                               progress=False, stop_at_eos=False)
     >>> stats["diverged"].tolist()

@@ -15,11 +15,8 @@ logit error between the runs), and *how often* over a prompt set:
 Over a prompt set, :func:`parity_kit.divergence_statistics` repeats the lockstep decoding for pairs of runs.
 
 >>> import torch
->>> from transformers import LlamaConfig, LlamaForCausalLM
->>> _ = torch.manual_seed(0)
->>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-...                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
->>> model = LlamaForCausalLM(cfg).eval()
+>>> from parity_kit.testing import tiny_llama
+>>> model = tiny_llama(layers=1)
 >>> result = lockstep_greedy(model, model, [1, 5, 7], max_new_tokens=8, progress=False, stop_at_eos=False)
 >>> result.first_divergent_step is None
 True
@@ -182,11 +179,8 @@ def lockstep_greedy(
     token adds. ``cand_tokenizer`` defaults to ``ref_tokenizer``.
 
     >>> import torch
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-    ...                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    >>> ref = LlamaForCausalLM(cfg).eval()
+    >>> from parity_kit.testing import tiny_llama
+    >>> ref = tiny_llama(layers=1)
     >>> r = lockstep_greedy(ref, ref, [1, 2, 3], max_new_tokens=4, progress=False, stop_at_eos=False)
     >>> (r.first_divergent_step, len(r.steps), float(r.steps["logit_max_abs"].max()))
     (None, 4, 0.0)
@@ -303,11 +297,8 @@ def teacher_forced(
     candidate's: a flip by noise needs this to be smaller than the logit error).
 
     >>> import torch
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-    ...                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    >>> m = LlamaForCausalLM(cfg).eval()
+    >>> from parity_kit.testing import tiny_llama
+    >>> m = tiny_llama(layers=1)
     >>> t = teacher_forced(m, m, [1, 2, 3, 4])
     >>> (len(t), bool(t["argmax_agree"].all()), float(t["logit_rel_rms"].max()))
     (4, True, 0.0)

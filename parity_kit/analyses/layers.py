@@ -38,10 +38,9 @@ def layer_comparison(
     is an InternLM2 model (fused ``wqkv`` split into q/k/v, modules renamed), else to identical names.
     The table's ``floor``/``verdict`` columns tell whether each difference stays at the rounding floor.
 
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-    ...                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    >>> m = LlamaForCausalLM(cfg).eval()
+    >>> import torch
+    >>> from parity_kit.testing import tiny_llama
+    >>> m = tiny_llama(layers=1)
     >>> table = layer_comparison(m, m, [1, 2, 3])
     >>> float(table.loc[table["status"] == "ok", "rel_rms"].max())
     0.0

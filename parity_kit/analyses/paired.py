@@ -126,6 +126,7 @@ def position_loss_difference(a: LastWordResult, b: LastWordResult, *, context_wi
     documents with a value there; positions where either run has no prediction (the first token of a
     run without BOS) are left out. Both runs must score the same documents with the same tokenizer.
 
+    >>> from parity_kit.analyses.evaluation import evaluate_lastword
     >>> from parity_kit.models import load
     >>> model, tok = load("tiny-internlm2-llama")
     >>> items = [{"context": "The cat sat on the", "target": " mat"},

@@ -21,6 +21,7 @@ DEFAULT_VOCAB_SIZE = 1536
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
     """Train a byte-level BPE (``tokenizers.Tokenizer``) with ``<s> </s> <pad> <unk>`` as ids 0–3.
 
+    >>> from parity_kit.builtins.corpus import training_documents
     >>> tok = train_tokenizer(training_documents(200), vocab_size=300)
     >>> tok.token_to_id("<s>"), tok.token_to_id("<unk>")
     (0, 3)
@@ -47,6 +48,7 @@ def save_tokenizer(tokenizer, folder: str | Path, *, add_bos: bool) -> Path:
     ``add_bos=False`` is the RWKV-7 flavour (the caller prepends token 0 when wanted).
 
     >>> import tempfile
+    >>> from parity_kit.builtins.corpus import training_documents
     >>> tok = train_tokenizer(training_documents(200), vocab_size=300)
     >>> save_tokenizer(tok, tempfile.mkdtemp(), add_bos=True).name
     'tokenizer.json'

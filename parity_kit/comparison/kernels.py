@@ -84,7 +84,7 @@ def _ordered(x, UNIT: tl.constexpr):
     return tl.where(bits < 0, -mag, bits).to(tl.int64)
 
 
-# One long function on purpose: a Triton kernel is one compiled body, and its fifteen per-lane accumulators
+# Long on purpose: a Triton kernel is one compiled body, and its fifteen per-lane accumulators
 # live in registers only while they stay in one function's scope.
 @triton.jit(do_not_specialize=["tiles_per_program", "num_programs"])
 def _pair_partials(ref_ptr, cand_ptr, part_ptr, n, tiles_per_program, num_programs,

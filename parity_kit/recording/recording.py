@@ -17,6 +17,7 @@ from .storage import load_recording, save_recording
 class Recording:
     """Captured calls of a model, in completion order; see :func:`parity_kit.record`.
 
+    >>> import torch
     >>> rec = Recording("tensors", [Call("a", 0, 0, {"output": torch.ones(2)}),
     ...                             Call("a", 1, 1, {"output": torch.zeros(2)})])
     >>> rec.names, len(rec["a"]), rec["a"][1].output.tolist()
@@ -95,7 +96,7 @@ class Recording:
         written recording. An existing recording at ``path`` is replaced; any other existing,
         non-empty folder is refused.
 
-        >>> import tempfile
+        >>> import tempfile, torch
         >>> rec = Recording("tensors", [Call("a", 0, 0, {"output": torch.ones(2, dtype=torch.bfloat16)})])
         >>> back = Recording.load(rec.save(tempfile.mkdtemp() + "/rec"))
         >>> back["a"][0].output.dtype

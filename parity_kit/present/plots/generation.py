@@ -20,11 +20,9 @@ def lockstep_margins(result: Any, *, title: str | None = None) -> Figure:
     the greedy choice. Log scale; exact zeros are marked at the bottom.
 
     >>> import torch
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from parity_kit.testing import tiny_llama
     >>> from parity_kit.analyses.generation import lockstep_greedy
-    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-    ...                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    >>> m = LlamaForCausalLM(cfg).eval()
+    >>> m = tiny_llama(layers=1)
     >>> r = lockstep_greedy(m, m.to(torch.float16).float(), [1, 2], max_new_tokens=5, progress=False)
     >>> type(lockstep_margins(r)).__name__
     'Figure'
