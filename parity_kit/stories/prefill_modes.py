@@ -29,7 +29,8 @@ from ..models.wkv import random_wkv_inputs, wkv_reference
 from ..present import plots
 
 
-# Figures quoted from elsewhere (FLA issue #198, notes/anchors.md): inputs of the side-by-side table, not
+# Figures quoted from elsewhere (FLA issue #198, https://github.com/fla-org/flash-linear-attention/issues/198, and
+# an earlier H200 measurement of the kernels): inputs of the side-by-side table, not
 # measured by this package. Columns: source, T, comparison, output max, output mean, state max, state mean.
 REPORTED_FIGURES: tuple[tuple[str, int | None, str, float, float, float, float], ...] = (
     ("FLA #198 (real model)", None, "chunk vs recurrent", 1.0, 0.052, 0.043, 0.007),
