@@ -216,3 +216,103 @@ def random_dispatched(model: nn.Module, max_memory: dict[Any, int | str], *, dty
     materialize_random(model, device_map, dtype=target, std=std, seed=seed)
     model.eval()
     return dispatch_model(model, device_map=device_map), device_map
+
+
+# ------------------------------------------------------------------------------------------------------------
+# planted one-module faults: what a calibrated verdict must name (tests/test_calibration.py)
+# ------------------------------------------------------------------------------------------------------------
+
+#: Faults :func:`plant_fault` puts into one layer of a Llama-style ``*ForCausalLM`` (model.model.layers[i]).
+LLAMA_FAULTS = ("rms_norm_eps", "weight_perturbed", "heads_swapped", "activation_swapped")
+
+
+def plant_fault(model: nn.Module, fault: str, layer: int = 1, *, seed: int = 0) -> str:
+    """Change one module of layer ``layer`` in place and return its name:
+
+    - ``rms_norm_eps``: the input norm's epsilon ×10 (1e-6 → 1e-5, a config copied from another checkpoint);
+      randomly initialised models carry small activations (mean square ~4e-4), so this moves the norm by ~1%;
+    - ``weight_perturbed``: the MLP's down projection multiplied by ``1 + 1e-2·N(0, 1)`` (1e-2 relative);
+    - ``heads_swapped``: the query projection's rows of heads 0 and 1 exchanged (a head permutation gone wrong
+      in a conversion);
+    - ``activation_swapped``: the MLP's SiLU replaced by GELU.
+
+    >>> model = tiny_llama(layers=2)
+    >>> plant_fault(model, "activation_swapped")
+    'model.layers.1.mlp.act_fn'
+    """
+    block = model.model.layers[layer]
+    prefix = f"model.layers.{layer}"
+    with torch.no_grad():
+        if fault == "rms_norm_eps":
+            block.input_layernorm.variance_epsilon *= 10
+            return f"{prefix}.input_layernorm"
+        if fault == "weight_perturbed":
+            weight = block.mlp.down_proj.weight
+            noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+            weight.mul_(1 + 1e-2 * noise.to(weight.device, weight.dtype))
+            return f"{prefix}.mlp.down_proj"
+        if fault == "heads_swapped":
+            weight = block.self_attn.q_proj.weight
+            dim = block.self_attn.head_dim
+            first = weight[:dim].clone()
+            weight[:dim] = weight[dim:2 * dim]
+            weight[dim:2 * dim] = first
+            return f"{prefix}.self_attn.q_proj"
+        if fault == "activation_swapped":
+            block.mlp.act_fn = nn.GELU()
+            return f"{prefix}.mlp.act_fn"
+    raise ParityKitError(f"fault {fault!r} is not one of {list(LLAMA_FAULTS)}")
+
+
+class LowPrecisionGroupNorm(nn.GroupNorm):
+    """GroupNorm computed without upcast: in ``compute_dtype`` (default: the input's dtype), with the one-pass
+    variance E[x²] − E[x]² that fused kernels use. Over inputs with a common offset the two terms nearly cancel,
+    so in bf16 the variance is mostly rounding error (a planted precision fault)."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.compute_dtype or x.dtype
+        grouped = x.to(low).reshape(x.shape[0], self.num_groups, -1)  # [N, G, C/G]
+        mean = grouped.mean(-1, keepdim=True)
+        var = ((grouped * grouped).mean(-1, keepdim=True) - mean * mean).clamp_min(0)
+        y = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * self.weight.to(low) + self.bias.to(low)).to(x.dtype)
+
+
+def groupnorm_mlp(blocks: int = 4, d: int = 64, groups: int = 8, offset: float = 8.0, seed: int = 0) -> nn.Sequential:
+    """Linear → [Linear → GroupNorm → SiLU] × blocks → Linear, each Linear with bias ``offset`` so every GroupNorm
+    sees groups whose mean is several times their spread (as after a biased projection or a ReLU).
+
+    >>> [n for n, m in groupnorm_mlp(blocks=2).named_modules() if isinstance(m, nn.GroupNorm)]
+    ['2', '5']
+    """
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(16, d)]
+    for _ in range(blocks):
+        lin = nn.Linear(d, d)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(d, d, generator=gen) / d**0.5)
+            lin.bias.fill_(offset)
+        layers += [lin, nn.GroupNorm(groups, d), nn.SiLU()]
+    layers.append(nn.Linear(d, 8))
+    return nn.Sequential(*layers).eval()
+
+
+def plant_low_precision_groupnorm(model: nn.Sequential, index: int, compute_dtype: torch.dtype | None = None) -> str:
+    """Replace the GroupNorm at ``index`` of a :func:`groupnorm_mlp` by a :class:`LowPrecisionGroupNorm` with the
+    same weights; returns its name.
+
+    >>> plant_low_precision_groupnorm(groupnorm_mlp(blocks=2), 2, torch.bfloat16)
+    '2'
+    """
+    norm = model[index]
+    if not isinstance(norm, nn.GroupNorm):
+        raise ParityKitError(f"module {index} is a {type(norm).__name__}, not a GroupNorm")
+    fault = LowPrecisionGroupNorm(norm.num_groups, norm.num_channels, norm.eps, compute_dtype)
+    fault.load_state_dict(norm.state_dict())
+    model[index] = fault.to(norm.weight.device, norm.weight.dtype)
+    return str(index)

@@ -136,6 +136,9 @@ def _interpreted_checks() -> None:
         for name, ref, cand, unit in _cases(seed):
             _assert_matches(kernels.pair_reductions_triton(ref, cand, unit),
                             M._pair_reductions_torch(ref, cand, unit), name)
+            # the floor taken from the candidate (a candidate wider than the reference), in the reference's unit
+            _assert_matches(kernels.pair_reductions_triton(ref, cand, unit, floor_from_candidate=True),
+                            M._pair_reductions_torch(ref, cand, unit, True), f"{name}, floor from the candidate")
     # few programs, so each walks several tiles and the last ones run past the end
     kernels._MAX_PROGRAMS = 4
     g = torch.Generator().manual_seed(2)
@@ -196,6 +199,8 @@ def test_cuda_kernel_matches_the_torch_path(seed):
 
     for name, ref, cand, unit in _cases(seed, "cuda"):
         _assert_matches(pair_reductions_triton(ref, cand, unit), M._pair_reductions_torch(ref, cand, unit), name)
+        _assert_matches(pair_reductions_triton(ref, cand, unit, floor_from_candidate=True),
+                        M._pair_reductions_torch(ref, cand, unit, True), f"{name}, floor from the candidate")
 
 
 @cuda

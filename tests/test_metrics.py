@@ -87,7 +87,9 @@ def test_all_metrics_and_errors():
     x = ref.to(torch.bfloat16)
     out = M.all_metrics(ref, x)
     assert out["floor"] == pytest.approx(out["rel_rms"])  # x is exactly ref rounded to bf16
-    assert out["max_ulp"] == 0.0
+    assert out["max_ulp_raw"] == 0.0  # both sides round to the same bf16 values
+    # at the tensor's scale one rounding is at most half an ULP of the largest value (|ref| < 4·rms here)
+    assert 0 < out["max_ulp"] <= 2.0
     with pytest.raises(ParityKitError, match="shape mismatch"):
         M.rel_rms(torch.ones(2), torch.ones(3))
     with pytest.raises(ParityKitError, match="floating dtype"):
@@ -160,7 +162,41 @@ def test_fused_reductions_equal_the_separate_metrics(seed):
     ]
     for ref, x, dtype in cases:
         expected = M.all_metrics(ref, x, dtype=dtype)
-        got = M.metrics_from_reductions(M.pair_reductions(ref, x, dtype).tolist())
+        got = M.metrics_from_reductions(M.pair_reductions(ref, x, dtype).tolist(), dtype)
         for key, value in expected.items():
             assert _same(got[key], value), (key, got[key], value, ref, x)
         assert got["nonfinite"] == int((~torch.isfinite(x.double())).sum())
+        # a wider candidate: the floor is its own representability in the unit, the other metrics do not move
+        swapped = M.metrics_from_reductions(M.pair_reductions(ref, x, dtype, floor_from_candidate=True).tolist(), dtype)
+        floor_of_x = M.representability_floor(x, dtype) if x.numel() else 0.0
+        assert _same(swapped["floor"], floor_of_x) or (math.isinf(swapped["floor"]) and not torch.isfinite(x).all())
+        assert all(_same(swapped[k], got[k]) for k in got if k != "floor")
+
+
+def test_ulp_at_is_the_spacing_of_the_dtype():
+    assert M.ulp_at(1.0, "fp32") == 2.0**-23 and M.ulp_at(1.5, "fp32") == 2.0**-23
+    assert M.ulp_at(0.999, "bf16") == 2.0**-8 and M.ulp_at(1024.0, "fp16") == 1.0
+    assert M.ulp_at(-2.0, "bf16") == 2.0**-6
+    assert M.ulp_at(0.0, "bf16") == M.ulp_at(1e-45, "bf16") == torch.finfo(torch.bfloat16).tiny * 2.0**-7
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+    for dtype, view in bits.items():  # the spacing is the distance to the next representable value
+        for v in (0.3, 1.0, 7.5, 1000.0):
+            t = torch.tensor([v], dtype=dtype)
+            following = (t.view(view) + 1).view(dtype)
+            assert float(following) - float(t) == M.ulp_at(float(t), dtype), (dtype, v)
+
+
+def test_scaled_ulps_ignore_sign_flips_near_zero_and_read_rounding_as_a_few_units():
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(4096, generator=g, dtype=torch.float64)
+    ref[:8] = 1e-6 * torch.randn(8, generator=g, dtype=torch.float64)
+    x = ref.to(torch.bfloat16).double()
+    x[:8] = -x[:8]  # tiny values change sign: thousands of raw ULPs apart, nothing at the tensor's scale
+    assert M.max_ulp(ref, x, "bf16") > 1e4
+    assert M.scaled_max_ulp(ref, x, "bf16") < 4
+    # a real error of 1% on one large value is many ULPs at the tensor's scale
+    bad = x.clone()
+    bad[100] = ref[100] * 1.01 + 0.05
+    assert M.scaled_max_ulp(ref, bad, "bf16") > 4 * M.scaled_max_ulp(ref, x, "bf16")
+    assert M.scaled_max_ulp(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert M.scaled_max_ulp(torch.zeros(3), torch.ones(3)) == math.inf

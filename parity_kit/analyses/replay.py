@@ -64,8 +64,10 @@ def local_vs_propagated(
     One row per (module, call, floating output leaf), in the candidate's completion order. Columns:
     ``order, module, cand_module, call, tensor, shape, ref_dtype, cand_dtype``, ``input_<metric>``
     (of the module's first input: the error it inherited), ``local_<metric>`` (its output on the
-    reference inputs), ``free_<metric>`` (its output in the free run), ``floor`` (the metric of the
-    reference output rounded to the candidate's output dtype), ``local_verdict``, ``free_verdict``,
+    reference inputs), ``free_<metric>`` (its output in the free run), ``floor`` (one rounding, by the rule of
+    :mod:`parity_kit.comparison.floor`: the wider of the two outputs rounded to the narrower dtype; the
+    calibrated floors of :func:`parity_kit.calibrate_floor` are what :func:`parity_kit.compare_models` judges
+    by), ``local_verdict``, ``free_verdict``,
     ``free_over_local`` (NaN when both are 0), ``inputs_from_reference`` ("replaced/total" tensor
     leaves), ``status`` ("ok" | "missing in candidate"). With the candidate being the same model in the
     same dtype, the local error is exactly 0.
@@ -119,6 +121,8 @@ def _selected_reference_names(rec: Recording, reference: nn.Module | Recording, 
     chosen = {n for n, _ in select_modules(stand_in, modules)}
     return [n for n in rec.names if n in chosen]
 
+
+_PRIMARY_ALIAS = {"output": "output.0", "output.0": "output"}
 
 #: candidate module name -> the reference modules replayed on it, each with its output transform (or None)
 ReplayPlan = dict[str, list[tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]]]
@@ -198,8 +202,10 @@ class _Replayer:
             if not isinstance(ref_t, torch.Tensor) or not ref_t.is_floating_point():
                 continue
             ref_t = transform(ref_t) if transform is not None else ref_t
-            self.rows.append(self._row(ref_name, cand_name, ref_call.index, leaf, ref_t, free_leaves.get(leaf),
-                                       local_leaves.get(leaf), replayed.input_error, replayed.replaced))
+            # one implementation may return a tensor where the other returns a tuple (output / output.0)
+            cand_leaf = leaf if leaf in free_leaves else _PRIMARY_ALIAS.get(leaf, leaf)
+            self.rows.append(self._row(ref_name, cand_name, ref_call.index, leaf, ref_t, free_leaves.get(cand_leaf),
+                                       local_leaves.get(cand_leaf), replayed.input_error, replayed.replaced))
 
     def _replay(self, module: nn.Module, cand_name: str, ref_name: str, ref_call: Call, args: tuple,
                 kwargs: dict) -> _Replayed:
@@ -241,7 +247,7 @@ class _Replayer:
              replaced: str) -> dict[str, Any]:
         ok = free_t is not None and local_t is not None
         cand_dtype = free_t.dtype if free_t is not None else None
-        floor = (rounding_floor(ref_t, cand_dtype, ref_t.dtype, self.metric_fn)
+        floor = (rounding_floor(ref_t, cand_dtype, ref_t.dtype, self.metric_fn, cand=free_t)
                  if ok and cand_dtype.is_floating_point else math.nan)
         local = float(self.metric_fn(ref_t, local_t)) if ok else math.nan
         free = float(self.metric_fn(ref_t, free_t)) if ok else math.nan

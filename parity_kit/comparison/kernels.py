@@ -84,11 +84,26 @@ def _ordered(x, UNIT: tl.constexpr):
     return tl.where(bits < 0, -mag, bits).to(tl.int64)
 
 
+@triton.jit
+def _floor_terms(side, side_t, side_fin, valid, ROUNDED: tl.constexpr):
+    """Per lane: the squared rounding error of ``side`` (fp32) rounded to the unit (``side_t``), its square and
+    whether the rounding broke a value (overflow to inf)."""
+    if ROUNDED:
+        ok_f, bad_f, _, _ = _finite_split(side, side_t)
+        rf = tl.where(ok_f, side, 0.0).to(tl.float64)
+        e = tl.where(ok_f, side_t, 0.0).to(tl.float64) - rf
+        return e * e, rf * rf, (valid & bad_f).to(tl.int32)
+    # rounding is exact: every finite value matches itself, every non-finite one agrees
+    rf = tl.where(side_fin, side, 0.0).to(tl.float64)
+    return tl.zeros_like(rf), rf * rf, tl.zeros_like(valid).to(tl.int32)
+
+
 # Long on purpose: a Triton kernel is one compiled body, and its fifteen per-lane accumulators
 # live in registers only while they stay in one function's scope.
 @triton.jit(do_not_specialize=["tiles_per_program", "num_programs"])
 def _pair_partials(ref_ptr, cand_ptr, part_ptr, n, tiles_per_program, num_programs,
-                   UNIT: tl.constexpr, ROUND_REF: tl.constexpr, ROUND_CAND: tl.constexpr, BLOCK: tl.constexpr):
+                   UNIT: tl.constexpr, ROUND_REF: tl.constexpr, ROUND_CAND: tl.constexpr,
+                   FLOOR_FROM_CAND: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.float64)
@@ -142,17 +157,14 @@ def _pair_partials(ref_ptr, cand_ptr, part_ptr, n, tiles_per_program, num_progra
         a = _ordered(tl.where(ok_t, rt, 0.0), UNIT)
         b = _ordered(tl.where(ok_t, ct, 0.0), UNIT)
         ulp = tl.maximum(ulp, tl.abs(a - b))
-        # the floor: the reference against itself rounded to the unit dtype
-        if ROUND_REF:
-            ok_f, bad_f, _, _ = _finite_split(r, rt)
-            rf = tl.where(ok_f, r, 0.0).to(tl.float64)
-            e = tl.where(ok_f, rt, 0.0).to(tl.float64) - rf
-            floor_err += e * e
-            floor_bad += (valid & bad_f).to(tl.int32)
+        # the floor: the reference (or, for a wider candidate, the candidate) against itself rounded to the unit
+        if FLOOR_FROM_CAND:
+            e2, s2, fb = _floor_terms(c, ct, fin_c, valid, ROUND_CAND)
         else:
-            # rounding is exact: every finite value matches itself, every non-finite one agrees
-            rf = tl.where(fin_r, r, 0.0).to(tl.float64)
-        floor_r2 += rf * rf
+            e2, s2, fb = _floor_terms(r, rt, fin_r, valid, ROUND_REF)
+        floor_err += e2
+        floor_r2 += s2
+        floor_bad += fb
         start += stride
         r_raw, c_raw = r_next, c_next
     # partials[reduction, program], in metrics.REDUCTIONS order
@@ -189,10 +201,12 @@ def _finish(part_ptr, out_ptr, num_programs, COUNT: tl.constexpr, ROWS: tl.const
             tl.store(out_ptr + k, tl.sum(v, axis=0))
 
 
-def pair_reductions_triton(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def pair_reductions_triton(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, *,
+                           floor_from_candidate: bool = False) -> torch.Tensor:
     """:func:`parity_kit.comparison.metrics.pair_reductions` in one fused pass: fp64 ``[15]`` on the tensors'
     device, queued without waiting. ``ref`` and ``x`` are fp16/bf16/fp32 tensors of one numel on one
-    CUDA device (any layout), ``dtype`` the ULP unit and floor dtype (fp16/bf16/fp32).
+    CUDA device (any layout), ``dtype`` the ULP unit and floor dtype (fp16/bf16/fp32); the floor sums round
+    the candidate instead of the reference with ``floor_from_candidate``.
 
     >>> import torch
     >>> from parity_kit.comparison.metrics import metrics_from_reductions
@@ -225,11 +239,12 @@ def pair_reductions_triton(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtyp
     # rounding to the unit is skipped (at compile time) where the unit holds every value of the input dtype
     round_ref = _needs_rounding(r.dtype, dtype)
     round_cand = _needs_rounding(c.dtype, dtype)
+    flags = (unit, round_ref, round_cand, floor_from_candidate)
     if r.is_cuda and r.device.index != torch.cuda.current_device():
         with torch.cuda.device(r.device):
-            _launch(r, c, partials, out, n, tiles, programs, unit, round_ref, round_cand)
+            _launch(r, c, partials, out, n, tiles, programs, flags)
     else:
-        _launch(r, c, partials, out, n, tiles, programs, unit, round_ref, round_cand)
+        _launch(r, c, partials, out, n, tiles, programs, flags)
     return out
 
 
@@ -238,10 +253,11 @@ def _needs_rounding(source: torch.dtype, unit: torch.dtype) -> bool:
 
 
 def _launch(r: torch.Tensor, c: torch.Tensor, partials: torch.Tensor, out: torch.Tensor, n: int, tiles: int,
-            programs: int, unit: int, round_ref: bool, round_cand: bool) -> None:
+            programs: int, flags: tuple[int, bool, bool, bool]) -> None:
+    unit, round_ref, round_cand, floor_from_cand = flags
     _pair_partials[(programs,)](r, c, partials, n, triton.cdiv(tiles, programs), programs,
-                                UNIT=unit, ROUND_REF=round_ref, ROUND_CAND=round_cand, BLOCK=_BLOCK,
-                                num_warps=_WARPS)
+                                UNIT=unit, ROUND_REF=round_ref, ROUND_CAND=round_cand,
+                                FLOOR_FROM_CAND=bool(floor_from_cand), BLOCK=_BLOCK, num_warps=_WARPS)
     _finish[(1,)](partials, out, programs, COUNT=_REDUCTION_COUNT, ROWS=_MAX_PROGRAMS, num_warps=4)
 
 

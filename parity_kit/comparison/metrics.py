@@ -6,15 +6,21 @@ Conventions (pinned by tests):
 - ``cosine`` of two all-zero tensors is 1; of a zero and a non-zero tensor 0.
 - ``sqnr_db = 10 log10(sum(ref²) / sum((x - ref)²))``; +inf for equal tensors, -inf when ref is all
   zero and x is not.
-- ``max_ulp`` rounds both tensors to the candidate dtype and measures the largest distance on the
+- ``max_ulp`` rounds both tensors to a dtype (the unit) and measures the largest distance on the
   integer line of that dtype's bit patterns (+0 and -0 coincide; exact across powers of two and for
-  subnormals).
+  subnormals). Each value counts in its *own* ULPs, so two values near zero of opposite sign are
+  thousands of ULPs apart: comparison tables keep this raw figure as ``max_ulp_raw``.
+- ``scaled_max_ulp`` is the largest difference in ULPs *at the tensor's scale*: ``max_abs`` divided by the
+  unit's spacing at ``rms(ref)`` (:func:`ulp_at`). A value smaller than the rms is not judged by its own tiny
+  spacing, so near-zero sign flips do not dominate; an honest rounding of a tensor reads a few units. This is
+  the ``max_ulp`` column of comparison tables.
 - Non-finite values: positions where ``ref`` and ``x`` hold the same non-finite value (both NaN, or the
   same infinity) agree and are left out. Any other non-finite value in either tensor makes the
   distances ``max_abs, mean_abs, rel_rms, max_ulp`` inf, ``cosine`` NaN and ``sqnr_db`` -inf: the
   candidate is broken there and no finite number describes it.
 - ``representability_floor(ref, dtype)`` is the rel_rms that rounding ``ref`` to ``dtype`` already
-  causes; ``verdict`` judges an error against it.
+  causes; ``verdict`` judges an error against a floor (which floor applies is the rule of
+  :mod:`parity_kit.comparison.floor`).
 
 >>> ref = torch.tensor([1.0, 2.0, 3.0]); x = torch.tensor([1.0, 2.0, 3.5])
 >>> round(rel_rms(ref, x), 4), max_abs(ref, x)
@@ -33,9 +39,9 @@ import torch
 from ..dtypes import DtypeLike, parse_dtype
 from ..errors import ParityKitError
 
-__all__ = ["max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp", "error_metric", "ERROR_METRICS",
-           "representability_floor", "nominal_floor", "all_metrics", "verdict", "pair_reductions",
-           "metrics_from_reductions", "REDUCTIONS"]
+__all__ = ["max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp", "scaled_max_ulp", "ulp_at",
+           "error_metric", "ERROR_METRICS", "representability_floor", "nominal_floor", "all_metrics", "verdict",
+           "pair_reductions", "metrics_from_reductions", "REDUCTIONS"]
 
 _BITS_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
               torch.float32: torch.int32, torch.float64: torch.int64}
@@ -202,6 +208,48 @@ def max_ulp(ref: torch.Tensor, x: torch.Tensor, dtype: DtypeLike | None = None) 
     return float(dist.max())
 
 
+def ulp_at(magnitude: float, dtype: DtypeLike) -> float:
+    """The spacing of ``dtype``'s values at ``magnitude`` (one ULP there); subnormal spacing below the smallest
+    normal value.
+
+    >>> ulp_at(1.0, "bf16"), ulp_at(3.0, "fp16"), ulp_at(0.0, "fp16") == 2.0**-24
+    (0.0078125, 0.001953125, True)
+    """
+    info = torch.finfo(parse_dtype(dtype))
+    magnitude = abs(float(magnitude))
+    if not magnitude >= info.tiny:  # also 0 and NaN
+        return info.tiny * info.eps
+    if math.isinf(magnitude):
+        return math.inf
+    _, exponent = math.frexp(magnitude)  # magnitude = m * 2**exponent, 0.5 <= m < 1
+    return math.ldexp(info.eps, exponent - 1)
+
+
+def _scaled_ulp(max_difference: float, rms_ref: float, dtype: DtypeLike) -> float:
+    if max_difference == 0.0:
+        return 0.0
+    if math.isinf(max_difference) or math.isnan(max_difference):
+        return math.inf
+    return max_difference / ulp_at(rms_ref, dtype) if rms_ref > 0 else math.inf
+
+
+def scaled_max_ulp(ref: torch.Tensor, x: torch.Tensor, dtype: DtypeLike | None = None) -> float:
+    """The largest difference in ULPs of ``dtype`` (default: ``x``'s) at the scale of ``ref``: ``max_abs`` over
+    :func:`ulp_at` of ``rms(ref)``. Inf if a non-finite value disagrees or ``ref`` is all zero and ``x`` is not.
+
+    >>> ref = torch.tensor([1.0, -1.0, 1e-6]); x = torch.tensor([1.0, -1.0, -1e-6])  # a sign flip near zero
+    >>> max_ulp(ref, x) > 1e9, scaled_max_ulp(ref, x) < 1
+    (True, True)
+    """
+    target = parse_dtype(dtype) if dtype is not None else x.dtype
+    r, c, broken = _pair(ref, x)
+    if broken:
+        return math.inf
+    if r.numel() == 0:
+        return 0.0
+    return _scaled_ulp(float((c - r).abs().max()), float(r.square().mean().sqrt()), target)
+
+
 def representability_floor(ref: torch.Tensor, dtype: DtypeLike) -> float:
     """The rel_rms that rounding ``ref`` to ``dtype`` already causes (0 if ``ref`` is already in it).
 
@@ -232,10 +280,11 @@ def nominal_floor(dtype: DtypeLike) -> float:
 
 
 def all_metrics(ref: torch.Tensor, x: torch.Tensor, dtype: DtypeLike | None = None) -> dict[str, float]:
-    """Every metric at once; ``dtype`` (default ``x``'s dtype) sets the ULP unit and the floor.
+    """Every metric at once; ``dtype`` (default ``x``'s dtype) sets the ULP unit and the floor. ``max_ulp`` is
+    :func:`scaled_max_ulp` (as in comparison tables), ``max_ulp_raw`` :func:`max_ulp`.
 
     >>> sorted(all_metrics(torch.ones(3), torch.ones(3)))
-    ['cosine', 'floor', 'max_abs', 'max_ulp', 'mean_abs', 'rel_rms', 'sqnr_db']
+    ['cosine', 'floor', 'max_abs', 'max_ulp', 'max_ulp_raw', 'mean_abs', 'rel_rms', 'sqnr_db']
     """
     target = parse_dtype(dtype) if dtype is not None else x.dtype
     r, c, broken = _pair(ref, x)
@@ -245,8 +294,11 @@ def all_metrics(ref: torch.Tensor, x: torch.Tensor, dtype: DtypeLike | None = No
     else:
         out = {"max_abs": max_abs(r, c), "mean_abs": mean_abs(r, c), "rel_rms": _rel_rms(r, c),
                "cosine": cosine(r, c), "sqnr_db": sqnr_db(r, c)}
-    out["max_ulp"] = max_ulp(ref, x, target) if target in _BITS_VIEW else math.nan
-    out["floor"] = representability_floor(ref, target) if target in _BITS_VIEW else 0.0
+    floating = target in _BITS_VIEW
+    rms_ref = float(r.square().mean().sqrt()) if r.numel() else 0.0
+    out["max_ulp"] = (_scaled_ulp(out["max_abs"], rms_ref, target) if r.numel() else 0.0) if floating else math.nan
+    out["max_ulp_raw"] = max_ulp(ref, x, target) if floating else math.nan
+    out["floor"] = representability_floor(ref, target) if floating else 0.0
     return out
 
 
@@ -287,9 +339,12 @@ def _finite_split(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return ok, ~(ok | agree)
 
 
-def pair_reductions(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def pair_reductions(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, *,
+                    floor_from_candidate: bool = False) -> torch.Tensor:
     """The sums, maxima and counts every metric of ``(ref, x)`` derives from, as fp64 ``[len(REDUCTIONS)]``
-    on the tensors' device; ``dtype`` is the ULP unit and floor dtype. Queues work without waiting.
+    on the tensors' device; ``dtype`` is the ULP unit and floor dtype. The floor sums round the reference to
+    ``dtype``, or the candidate with ``floor_from_candidate`` (when the candidate is the wider run, the floor is
+    its representability in the reference's dtype). Queues work without waiting.
 
     CUDA pairs of fp16/bf16/fp32 (unit too) go through one fused Triton pass
     (:func:`parity_kit.comparison.kernels.pair_reductions_triton`) where Triton is installed; everything else,
@@ -303,14 +358,14 @@ def pair_reductions(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
     kernel = _fused_kernel(ref, x, dtype)
     if kernel is not None:
         try:
-            return kernel(ref, x, dtype)
+            return kernel(ref, x, dtype, floor_from_candidate=floor_from_candidate)
         except (ParityKitError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # a GPU or Triton build the kernel cannot run on: torch gives the same numbers
             _kernel_state = "failed"
             warnings.warn(f"the fused comparison kernel failed ({type(e).__name__}: {e}); reducing with torch "
                           "(same results, slower)", RuntimeWarning, stacklevel=2)
-    return _pair_reductions_torch(ref, x, dtype)
+    return _pair_reductions_torch(ref, x, dtype, floor_from_candidate)
 
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -336,7 +391,8 @@ def _fused_kernel(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> Cal
     return None if isinstance(_kernel_state, str) else _kernel_state
 
 
-def _pair_reductions_torch(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _pair_reductions_torch(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
+                           floor_from_candidate: bool = False) -> torch.Tensor:
     r, c = ref.detach().reshape(-1), x.detach().reshape(-1)
     if r.numel() == 0:
         return torch.zeros(len(REDUCTIONS), dtype=torch.float64, device=r.device)
@@ -351,10 +407,10 @@ def _pair_reductions_torch(ref: torch.Tensor, x: torch.Tensor, dtype: torch.dtyp
     a, b = _ordered_ints(torch.where(ok_t, rt, 0)), _ordered_ints(torch.where(ok_t, ct, 0))
     opposite = (a < 0) != (b < 0)
     dist = torch.where(opposite, (a.double() - b.double()).abs(), (a - b).abs().double())
-    # the floor: the reference against itself rounded to the dtype
-    q = rt.double()
-    ok_f, bad_f = _finite_split(r64, q)
-    rf = torch.where(ok_f, r64, 0.0)
+    # the floor: the reference (or the candidate) against itself rounded to the dtype
+    side, q = (c64, ct.double()) if floor_from_candidate else (r64, rt.double())
+    ok_f, bad_f = _finite_split(side, q)
+    rf = torch.where(ok_f, side, 0.0)
     e = torch.where(ok_f, q, 0.0) - rf
     return torch.stack([
         ad.max(), ad.sum(), (d * d).sum(), (rz * rz).sum(), (cz * cz).sum(), (rz * cz).sum(),
@@ -370,8 +426,9 @@ def _ratio_rms(err: float, norm: float) -> float:
     return math.sqrt(err / norm)
 
 
-def metrics_from_reductions(values: list[float]) -> dict[str, float]:
-    """:func:`all_metrics` (plus ``nonfinite``, the candidate's NaN/Inf count) from :func:`pair_reductions`.
+def metrics_from_reductions(values: list[float], unit: DtypeLike = "fp32") -> dict[str, float]:
+    """:func:`all_metrics` (plus ``nonfinite``, the candidate's NaN/Inf count) from :func:`pair_reductions`;
+    ``unit`` is the dtype the reductions counted ULPs in (it sets the spacing of the scaled ``max_ulp``).
 
     >>> v = pair_reductions(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]), torch.float32).tolist()
     >>> metrics_from_reductions(v)["max_abs"]
@@ -399,7 +456,10 @@ def metrics_from_reductions(values: list[float]) -> dict[str, float]:
             out["sqnr_db"] = -math.inf
         else:
             out["sqnr_db"] = 10.0 * math.log10(v["sum_r2"] / v["sum_d2"])
-    out["max_ulp"] = math.inf if v["ulp_bad"] else (v["ulp"] if v["ulp_ok"] else 0.0)
+    finite_kept = v["kept"] - v["bad"]
+    rms_ref = math.sqrt(v["sum_r2"] / finite_kept) if finite_kept else 0.0
+    out["max_ulp"] = _scaled_ulp(out["max_abs"], rms_ref, unit) if finite_kept else (math.inf if v["bad"] else 0.0)
+    out["max_ulp_raw"] = math.inf if v["ulp_bad"] else (v["ulp"] if v["ulp_ok"] else 0.0)
     out["floor"] = math.inf if v["floor_bad"] else _ratio_rms(v["floor_err"], v["floor_r2"])
     out["nonfinite"] = int(v["nonfinite"])
     return out

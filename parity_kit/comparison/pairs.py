@@ -21,7 +21,7 @@ from ..dtypes import parse_dtype
 from ..errors import ParityKitError
 from ..recording import Call, Recording
 from . import metrics as M
-from .floor import floor_for, floor_ratio
+from .floor import floor_for, floor_from_candidate, floor_ratio, unit_dtype
 from .mapping import MappingTarget, ModuleMapping
 
 
@@ -30,10 +30,15 @@ MappingLike = ModuleMapping | Mapping[str, str] | Callable[[str], "str | None"] 
 
 COLUMNS = ["order", "module", "cand_module", "call", "tensor", "shape", "ref_dtype", "cand_dtype",
            "max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp", "floor", "floor_ratio",
-           "verdict", "status", "nonfinite"]
+           "verdict", "status", "nonfinite",
+           # ULPs per value (sign flips near zero dominate it), the one-rounding floor, and the calibrated
+           # judgement that parity_kit.comparison.floor.apply_floor fills in (NaN / None until then)
+           "max_ulp_raw", "rounding_floor", "floor_kind", "own_rel_rms", "own_floor", "own_floor_ratio",
+           "diagnosis", "own_cause"]
 
 
-METRICS = ("max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp")
+METRICS = ("max_abs", "mean_abs", "rel_rms", "cosine", "sqnr_db", "max_ulp", "max_ulp_raw", "floor_ratio",
+           "own_rel_rms", "own_floor_ratio")
 
 
 def require_tensors(rec: Recording, role: str) -> None:
@@ -69,7 +74,8 @@ def empty_row(order: int | None, module: str, cand_module: str | None, call: int
          shape: Any = None, ref_dtype: str | None = None, cand_dtype: str | None = None) -> dict[str, Any]:
     row = dict.fromkeys(COLUMNS, math.nan)
     row.update(order=order, module=module, cand_module=cand_module, call=call, tensor=leaf, shape=shape,
-               ref_dtype=ref_dtype, cand_dtype=cand_dtype, verdict=None, status=status, nonfinite=0)
+               ref_dtype=ref_dtype, cand_dtype=cand_dtype, verdict=None, status=status, nonfinite=0,
+               floor_kind=None, diagnosis=None, own_cause=None)
     return row
 
 
@@ -107,11 +113,12 @@ def compare_leaf(call: Call, leaf: str, ref_t: torch.Tensor, target: MappingTarg
         return row
     row = empty_row(call.order, call.module, name, call.index, leaf, "ok", tuple(ref_t.shape), ref_dtype, cand_dtype)
     if ref_t.is_floating_point() and cand_t.is_floating_point():
-        jobs.append(PairJob(row, ref_t, cand_t, parse_dtype(cand_dtype)))
+        jobs.append(PairJob(row, ref_t, cand_t, unit_dtype(ref_dtype, cand_dtype),
+                            floor_from_candidate(ref_dtype, cand_dtype)))
         return row
     # integer leaves (token ids, positions): exact values, so no floor and no ULP unit
-    values = {**M.all_metrics(ref_t.double(), cand_t.double()), "max_ulp": math.nan, "floor": 0.0,
-              "nonfinite": nonfinite_count(cand_t)}
+    values = {**M.all_metrics(ref_t.double(), cand_t.double()), "max_ulp": math.nan, "max_ulp_raw": math.nan,
+              "floor": 0.0, "nonfinite": nonfinite_count(cand_t)}
     fill_row(row, values, tolerance)
     return row
 
@@ -122,7 +129,8 @@ def fill_row(row: dict[str, Any], values: dict[str, float], tolerance: float) ->
     if row["ref_dtype"] is not None and _floating(row["ref_dtype"]) and _floating(row["cand_dtype"]):
         floor = floor_for(floor, row["ref_dtype"], row["cand_dtype"])
     row.update(values)
-    row["floor"] = floor
+    row["floor"] = row["rounding_floor"] = floor
+    row["floor_kind"] = "one rounding"
     rel = values["rel_rms"]
     row["floor_ratio"] = floor_ratio(rel, floor)
     row["verdict"] = M.verdict(rel, floor, tolerance)
@@ -155,14 +163,15 @@ class PairJob:
     row: dict[str, Any]
     ref: torch.Tensor | None
     cand: torch.Tensor | None
-    dtype: torch.dtype
+    dtype: torch.dtype              # the ULP unit and one-rounding dtype: the narrower of the two runs'
+    floor_from_candidate: bool = False  # the candidate is the wider run: the floor rounds it, not the reference
 
 
 _compiled_reductions: Callable[..., torch.Tensor] | None = None
 _compile_failed = False
 
 
-def _reduce(ref: torch.Tensor, cand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _reduce(ref: torch.Tensor, cand: torch.Tensor, dtype: torch.dtype, from_candidate: bool) -> torch.Tensor:
     """:func:`metrics.pair_reductions`, through torch.compile on CUDA when PARITY_KIT_COMPILE=1."""
     global _compiled_reductions, _compile_failed
     # opt-in: in benchmarks/results/compare_throughput_h200.json the compiled torch path gives the eager
@@ -171,12 +180,12 @@ def _reduce(ref: torch.Tensor, cand: torch.Tensor, dtype: torch.dtype) -> torch.
         try:
             if _compiled_reductions is None:
                 _compiled_reductions = torch.compile(M.pair_reductions, dynamic=True)
-            return _compiled_reductions(ref.reshape(-1), cand.reshape(-1), dtype)
+            return _compiled_reductions(ref.reshape(-1), cand.reshape(-1), dtype, floor_from_candidate=from_candidate)
         except Exception as e:  # a missing compiler or an unsupported op: the eager path gives the same numbers
             _compile_failed = True
             warnings.warn(f"torch.compile of the comparison kernels failed ({type(e).__name__}: {e}); "
                           "comparing eagerly (same results, slower)", RuntimeWarning, stacklevel=3)
-    return M.pair_reductions(ref, cand, dtype)
+    return M.pair_reductions(ref, cand, dtype, floor_from_candidate=from_candidate)
 
 
 class PairReducer:
@@ -201,7 +210,7 @@ class PairReducer:
         if cand_t.device != where:
             self.moved += cand_t.numel() * cand_t.element_size()
             cand_t = cand_t.to(where, non_blocking=True)
-        values = _reduce(ref_t, cand_t, job.dtype)
+        values = _reduce(ref_t, cand_t, job.dtype, job.floor_from_candidate)
         job.ref = job.cand = None  # the queued reduction keeps what it needs: let the tensors go
         self.queued.append((job, values))
         if self.chunk is not None and self.moved >= self.chunk:
@@ -214,7 +223,7 @@ class PairReducer:
         for items in by_device.values():
             table = torch.stack([v for _, v in items]).cpu().tolist()  # one transfer per device
             for (job, _), values in zip(items, table):
-                fill_row(job.row, M.metrics_from_reductions(values), self.tolerance)
+                fill_row(job.row, M.metrics_from_reductions(values, job.dtype), self.tolerance)
         self.queued.clear()
         self.moved = 0
 
