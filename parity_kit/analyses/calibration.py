@@ -8,7 +8,7 @@ and two models compared and judged against it (the rule itself is :mod:`parity_k
   baseline's inputs) of such runs against the same model in fp64: a :class:`parity_kit.comparison.floor.Floor`;
 - :func:`compare_models` — record both models, compare, measure each module's own error by replaying it on the
   reference inputs, calibrate the floor on the wider run's model, judge every row, and recompute each culprit
-  in fp64 to tell a module that computes differently from a precision-sensitive one.
+  in fp64 in both runs to tell a module that computes differently from a precision-sensitive one.
 
 >>> import copy, torch
 >>> from parity_kit.testing import tiny_llama
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._util.calling import call_model, model_dtype, prepare_inputs
+from .._util.calling import call_model, model_device, model_dtype, prepare_inputs
 from .._util.trees import map_tensors
 from ..capture import ModuleSpec, record
 from ..comparison import compare
@@ -101,13 +101,16 @@ def rounding_only(model: nn.Module, dtype: DtypeLike) -> Iterator[nn.Module]:
 
 
 def without_cache(model: nn.Module, inputs: Any) -> Any:
-    """``inputs`` with ``use_cache=False`` where the model's forward takes it: a replayed module would otherwise
-    update its key/value cache (or recurrent state) a second time and read it back.
+    """``inputs`` on the model's device, with ``use_cache=False`` where the model's forward takes it: a replayed
+    module would otherwise update its key/value cache (or recurrent state) a second time and read it back.
 
     >>> from parity_kit.testing import tiny_llama
     >>> sorted(without_cache(tiny_llama(layers=1), torch.tensor([[1, 2]])))
     ['input_ids', 'use_cache']
     """
+    if not callable(inputs) or isinstance(inputs, torch.Tensor):
+        device = model_device(model)
+        inputs = map_tensors(inputs, lambda _name, t: t.to(device))
     params = inspect.signature(model.forward).parameters
     if "use_cache" not in params:
         return inputs
@@ -157,10 +160,11 @@ def calibrate_floor(model: nn.Module, inputs: Any, dtypes: tuple[DtypeLike, Dtyp
     for dtype, runs in _rounding_runs(kinds).items():
         with rounding_only(model, dtype) as sim:
             table = local_vs_propagated(base_rec, sim.eval(), inputs)
-        for row in table[table["status"] == "ok"].itertuples():
+        for row in table[table["status"].isin(["ok", "inputs not replayable"])].itertuples():
             key = (row.module, int(row.call), row.tensor)
             for kind, value in (("free", row.free_rel_rms), ("own", row.local_rel_rms)):
-                squares[kind][key] = squares[kind].get(key, 0.0) + runs * float(value) ** 2
+                if not math.isnan(value):  # no own floor where the module cannot be replayed
+                    squares[kind][key] = squares[kind].get(key, 0.0) + runs * float(value) ** 2
     component = FloorComponent(
         "rounding", "rounding-only runs in " + " and ".join(dtype_name(k) for k in kinds) + " against fp64 "
         "(weights and every module's inputs and outputs rounded, computing in the accumulation precision)",
@@ -233,10 +237,10 @@ def compare_models(
     Steps: record the reference (with inputs) and the candidate (``ref_rec`` / ``cand_rec`` reuse recordings of
     these inputs); :func:`parity_kit.compare`; each module's own error by replaying the candidate's module on the
     reference inputs (:func:`parity_kit.local_vs_propagated`); :func:`calibrate_floor` on the wider run's model;
-    :func:`parity_kit.comparison.floor.apply_floor`; and for each innermost culprit, the same replay with the
-    module computing in fp64: an own error that stays above the floor means the module *computes differently*
-    (a bug, or a deliberate change), one that falls within it a *precision-sensitive* module (its function is
-    the reference's; its arithmetic loses more than rounding at its boundaries explains). Models that take
+    :func:`parity_kit.comparison.floor.apply_floor`; and for each innermost culprit, both runs' modules
+    recomputed in fp64 on the same inputs: an own error that stays above the floor means the module *computes
+    differently* (a bug, or a deliberate change), one that falls within it a *precision-sensitive* module (both
+    compute one function; the less precise run's arithmetic loses more than rounding at its boundaries explains). Models that take
     ``use_cache`` run without it. ``mapping`` maps reference to candidate module names (as in ``compare``).
     ``progress(fraction, step)`` is called between steps; otherwise a tqdm bar shows them (``show_progress``).
     """
@@ -277,8 +281,7 @@ def compare_models(
                                 keyed_by=side)
         step(5)
         judged = apply_floor(table, floor, own, tolerance=tolerance)
-        causes = (_culprit_causes(judged, ref_rec, cand_model, cand_inputs, mapping, tolerance)
-                  if replay_source is ref_rec else {})
+        causes = _culprit_causes(judged, ref_model, cand_model, ref_inputs, cand_inputs, mapping, tolerance)
         judged = apply_floor(table, floor, own, tolerance=tolerance, causes=causes)
         step(6)
     finally:
@@ -292,16 +295,21 @@ def _mapped_names(table: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(n.split(" [", 1)[0] for n in names))
 
 
-def _culprit_causes(table: pd.DataFrame, ref_rec: Recording, cand_model: nn.Module, inputs: Any,
-                    mapping: Any, tolerance: float) -> dict[str, str]:
-    """Each innermost culprit's cause: replayed computing in fp64 on the reference inputs, does its own error
-    stay above its floor (it computes differently) or fall within it (it is precision-sensitive)?"""
+def _culprit_causes(table: pd.DataFrame, ref_model: nn.Module, cand_model: nn.Module, ref_inputs: Any,
+                    cand_inputs: Any, mapping: Any, tolerance: float) -> dict[str, str]:
+    """Each innermost culprit's cause. Both runs' modules recompute in fp64 on the same inputs (the reference run
+    with the culprits in fp64 is recorded, and each candidate module, in fp64 too, is replayed on its inputs):
+    an own error that stays above the floor means the two compute different functions; one that falls within it
+    means the excess came from the arithmetic of whichever run is less precise (precision-sensitive)."""
     found = culprits(table)
     if found.empty:
         return {}
+    ref_names = list(found["module"])
     cand_names = list(dict.fromkeys(str(n).split(" [", 1)[0] for n in found["cand_module"]))
+    with run_in_dtype(ref_model, ref_names, _FP64):
+        exact_ref = _record_with_inputs(ref_model, ref_inputs, ref_names)
     with run_in_dtype(cand_model, cand_names, _FP64):
-        replayed = local_vs_propagated(ref_rec, cand_model, inputs, modules=list(found["module"]), mapping=mapping)
+        replayed = local_vs_propagated(exact_ref, cand_model, cand_inputs, modules=ref_names, mapping=mapping)
     causes = {}
     for row in found.itertuples():
         match = replayed[(replayed["module"] == row.module) & (replayed["call"] == row.call)

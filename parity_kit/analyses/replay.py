@@ -14,6 +14,7 @@ only passing on what it received; a module with a large local error is a culprit
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,8 +70,11 @@ def local_vs_propagated(
     calibrated floors of :func:`parity_kit.calibrate_floor` are what :func:`parity_kit.compare_models` judges
     by), ``local_verdict``, ``free_verdict``,
     ``free_over_local`` (NaN when both are 0), ``inputs_from_reference`` ("replaced/total" tensor
-    leaves), ``status`` ("ok" | "missing in candidate"). With the candidate being the same model in the
-    same dtype, the local error is exactly 0.
+    leaves), ``status`` ("ok" | "missing in candidate" | "inputs not replayable": a floating input of the
+    call could not be taken from the reference, so the local error is NaN). Reference input leaves are matched by
+    name and, between an implementation that passes an argument by position and one that names it, through
+    the candidate forward's parameter order (when the shapes agree). With the candidate being the same model in
+    the same dtype, the local error is exactly 0.
 
     >>> import copy, torch
     >>> from torch import nn
@@ -124,6 +128,28 @@ def _selected_reference_names(rec: Recording, reference: nn.Module | Recording, 
 
 _PRIMARY_ALIAS = {"output": "output.0", "output.0": "output"}
 
+
+def _parameter_names(module: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return []
+
+
+def _other_spelling(leaf: str, parameters: list[str]) -> str | None:
+    """``input.0.x`` ↔ ``input.<name of parameter 0>.x``, by the candidate forward's parameter order.
+
+    >>> _other_spelling("input.hidden_states", ["hidden_states", "mask"]), _other_spelling("input.1.0", ["h", "pos"])
+    ('input.0', 'input.pos.0')
+    """
+    _, head, *rest = leaf.split(".")
+    if head.isdigit():
+        index = int(head)
+        name = parameters[index] if index < len(parameters) else None
+    else:
+        name = str(parameters.index(head)) if head in parameters else None
+    return None if name is None else ".".join(["input", name, *rest])
+
 #: candidate module name -> the reference modules replayed on it, each with its output transform (or None)
 ReplayPlan = dict[str, list[tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]]]
 
@@ -155,6 +181,7 @@ class _Replayed:
     output: Any
     input_error: float
     replaced: str  # "replaced/total" tensor leaves of the inputs
+    from_reference: bool = True  # every floating input (and at least one input) came from the reference
 
 
 class _Replayer:
@@ -205,20 +232,28 @@ class _Replayer:
             # one implementation may return a tensor where the other returns a tuple (output / output.0)
             cand_leaf = leaf if leaf in free_leaves else _PRIMARY_ALIAS.get(leaf, leaf)
             self.rows.append(self._row(ref_name, cand_name, ref_call.index, leaf, ref_t, free_leaves.get(cand_leaf),
-                                       local_leaves.get(cand_leaf), replayed.input_error, replayed.replaced))
+                                       local_leaves.get(cand_leaf), replayed.input_error, replayed.replaced,
+                                       replayed.from_reference))
 
     def _replay(self, module: nn.Module, cand_name: str, ref_name: str, ref_call: Call, args: tuple,
                 kwargs: dict) -> _Replayed:
         """Run ``module`` again on ``ref_call``'s inputs: each recorded tensor leaf, cloned and cast to the dtype
         of the live leaf it replaces; leaves the reference lacks (and non-tensor arguments) are the live ones."""
         ref_inputs = ref_call.inputs
-        counted = [0, 0]
+        counted = [0, 0, 0]  # leaves replaced, leaves in all, floating leaves left live
+        parameters = _parameter_names(module)
 
         def from_reference(leaf: str, live: torch.Tensor) -> torch.Tensor:
             counted[1] += 1
             ref_t = ref_inputs.get(leaf)
             if not isinstance(ref_t, torch.Tensor):
-                return live.clone()
+                # the other implementation may pass this argument by position where this one names it (or
+                # the reverse): the same parameter under the other spelling, when its shape agrees
+                other = ref_inputs.get(_other_spelling(leaf, parameters))
+                if not isinstance(other, torch.Tensor) or other.shape != live.shape:
+                    counted[2] += int(live.is_floating_point())
+                    return live.clone()
+                ref_t = other
             if ref_t.shape != live.shape:
                 raise ParityKitError(
                     f"cannot replay {cand_name!r}: reference input {leaf!r} of {ref_name!r} has shape "
@@ -240,17 +275,19 @@ class _Replayer:
         comparable = (isinstance(ref_in, torch.Tensor) and live_in is not None and live_in.is_floating_point()
                       and ref_in.shape == live_in.shape)
         input_error = float(self.metric_fn(ref_in, live_in)) if comparable else math.nan
-        return _Replayed(local_out, input_error, f"{counted[0]}/{counted[1]}")
+        # a floating input left live carries the inherited error into the replay: no own error then
+        return _Replayed(local_out, input_error, f"{counted[0]}/{counted[1]}", counted[0] > 0 and counted[2] == 0)
 
     def _row(self, ref_name: str, cand_name: str, index: int, leaf: str, ref_t: torch.Tensor,
              free_t: torch.Tensor | None, local_t: torch.Tensor | None, input_error: float,
-             replaced: str) -> dict[str, Any]:
+             replaced: str, from_reference: bool = True) -> dict[str, Any]:
         ok = free_t is not None and local_t is not None
         cand_dtype = free_t.dtype if free_t is not None else None
         floor = (rounding_floor(ref_t, cand_dtype, ref_t.dtype, self.metric_fn, cand=free_t)
                  if ok and cand_dtype.is_floating_point else math.nan)
-        local = float(self.metric_fn(ref_t, local_t)) if ok else math.nan
         free = float(self.metric_fn(ref_t, free_t)) if ok else math.nan
+        replayed = ok and from_reference
+        local = float(self.metric_fn(ref_t, local_t)) if replayed else math.nan
         name = self.metric_name
         return {
             "order": len(self.rows), "module": ref_name, "cand_module": cand_name, "call": index, "tensor": leaf,
@@ -258,11 +295,11 @@ class _Replayer:
             "cand_dtype": dtype_name(cand_dtype) if cand_dtype is not None else None,
             f"input_{name}": input_error, f"local_{name}": local, f"free_{name}": free,
             "floor": floor,
-            "local_verdict": verdict(local, floor, self.tolerance) if ok else "",
+            "local_verdict": verdict(local, floor, self.tolerance) if replayed else "",
             "free_verdict": verdict(free, floor, self.tolerance) if ok else "",
             "free_over_local": free / local if local > 0 else (math.inf if free > 0 else math.nan),
             "inputs_from_reference": replaced,
-            "status": "ok" if ok else "missing in candidate",
+            "status": "ok" if replayed else ("inputs not replayable" if ok else "missing in candidate"),
         }
 
     def table(self) -> pd.DataFrame:

@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 
 from ..capture import record
 from ..comparison import compare, first_divergence, first_nonfinite, per_token_error
+from ..comparison.floor import Floor, culprits, run_verdict
 from ..comparison.mapping import internlm2_to_llama
 from ..dtypes import check_dtype_on_device, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from ..models.cache import MODELS
+from .calibration import compare_models
 from .provenance import token_provenance
 
 FROM_CONFIG_LLAMA = "tiny-llama-from-config"
@@ -43,8 +45,8 @@ RECORDINGS_SUFFIX = ".recordings"
 """``<reports_dir>/<notebook>.recordings/{reference,candidate}``: where :meth:`RunComparison.save_recordings` writes."""
 
 Progress = Callable[[float, str], None]
-TABLE_COLUMNS = ["order", "module", "cand_module", "tensor", "shape", "ref_dtype", "cand_dtype", "rel_rms", "max_ulp",
-                 "floor", "verdict", "status", "nonfinite"]
+TABLE_COLUMNS = ["order", "module", "cand_module", "tensor", "shape", "ref_dtype", "cand_dtype", "rel_rms", "floor",
+                 "verdict", "own_rel_rms", "own_floor", "diagnosis", "own_cause", "max_ulp", "status", "nonfinite"]
 
 
 @dataclass(frozen=True)
@@ -167,18 +169,51 @@ def auto_mapping(ref_model: torch.nn.Module, cand_model: torch.nn.Module) -> tup
 
 @dataclass
 class Summary:
-    """Headline numbers of a comparison table (see :func:`summarise`)."""
+    """Headline numbers of a comparison table (see :func:`summarise`); ``judgement`` is
+    :func:`parity_kit.comparison.floor.run_verdict` of the table (verdict "not judged" for a plain compare table)."""
 
     threshold: float
     n_rows: int                      # comparable ("ok") rows
     n_not_comparable: int            # rows missing on one side or with a shape mismatch
     n_modules: int
-    n_within: int                    # modules whose every row is within the rounding floor
+    n_within: int                    # modules whose every row is within its floor (the table's verdict column)
     first: pd.Series | None          # first row over the threshold, execution order
     worst: pd.Series | None          # row with the largest rel_rms
     last: pd.Series | None           # first row of the last recorded module
     first_nonfinite: pd.Series | None
     rel_rms_by_row: list[float] = field(default_factory=list)
+    judgement: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        """The run's verdict: "healthy", "computes differently", "precision-sensitive", ... (see ``judgement``)."""
+        return str(self.judgement.get("verdict", "not judged"))
+
+    def _verdict_sentence(self, cand_label: str) -> str:
+        j = self.judgement
+        consistent = f"{j['n_modules_consistent']} of {j['n_modules']} modules are consistent with rounding"
+        named = ", ".join(f"{m} (own error ×{r:.3g} its floor)"
+                          for m, r in zip(j["culprits"][:3], j["culprit_own_floor_ratios"][:3]))
+        sensitive = ", ".join(j["precision_sensitive"][:3])
+        if self.verdict == "healthy":
+            text = f"{cand_label} is healthy: every error is within its calibrated floor and no module computes " \
+                   f"differently ({consistent})."
+            if sensitive:
+                text += (f" {sensitive} lose(s) more precision than rounding at their boundaries explains (within "
+                         "the floor when recomputed in fp64) without lifting the run above its floor.")
+            return text + " "
+        if self.verdict == "computes differently":
+            return (f"{cand_label} computes differently from the reference at {named}: the own error stays above "
+                    f"the floor when the module computes in fp64, so it is a bug or a deliberate change; "
+                    f"{consistent}. ")
+        if self.verdict == "precision-sensitive":
+            return (f"{cand_label} computes the reference's function but loses precision at {named}: within the "
+                    f"floor when recomputed in fp64, above it in the run; {consistent}. ")
+        if self.verdict == "own error above floor":
+            return f"{cand_label} has modules whose own error is above their floor: {named}; {consistent}. "
+        if self.verdict == "above floor":
+            return f"{cand_label} has errors above the calibrated floor that no module's own error explains; {consistent}. "
+        return ""
 
     def describe(self, cand_label: str) -> str:
         """The computed conclusion, one sentence per finding.
@@ -186,7 +221,7 @@ class Summary:
         >>> t = pd.DataFrame({"order": [0], "module": ["a"], "tensor": "output", "rel_rms": [0.5],
         ...                   "verdict": ["above floor ×9"], "status": "ok", "nonfinite": [0]})
         >>> summarise(t, 0.01).describe("bf16")
-        'bf16 first exceeds rel_rms 0.01 at a (rel_rms 0.5, above floor ×9); 0 of 1 modules stay within the rounding floor; the largest error is rel_rms 0.5 at a; the last module (a) ends at rel_rms 0.5.'
+        'bf16 first exceeds rel_rms 0.01 at a (rel_rms 0.5, above floor ×9); 0 of 1 modules stay within the floor; the largest error is rel_rms 0.5 at a; the last module (a) ends at rel_rms 0.5.'
         """
         if self.n_rows == 0:
             return (f"no module of the two runs could be compared ({self.n_not_comparable} rows missing or with "
@@ -196,9 +231,10 @@ class Summary:
         else:
             where = (f"{cand_label} first exceeds rel_rms {self.threshold:g} at {self.first['module']} "
                      f"(rel_rms {self.first['rel_rms']:.3g}, {self.first['verdict']})")
-        text = (f"{where}; {self.n_within} of {self.n_modules} modules stay within the rounding floor; "
-                f"the largest error is rel_rms {self.worst['rel_rms']:.3g} at {self.worst['module']}; "
-                f"the last module ({self.last['module']}) ends at rel_rms {self.last['rel_rms']:.3g}.")
+        text = self._verdict_sentence(cand_label) + (
+            f"{where}; {self.n_within} of {self.n_modules} modules stay within the floor; "
+            f"the largest error is rel_rms {self.worst['rel_rms']:.3g} at {self.worst['module']}; "
+            f"the last module ({self.last['module']}) ends at rel_rms {self.last['rel_rms']:.3g}.")
         if self.first_nonfinite is not None:
             text += (f" The candidate first produces NaN/Inf at {self.first_nonfinite['module']} "
                      f"({int(self.first_nonfinite['nonfinite'])} values).")
@@ -207,18 +243,25 @@ class Summary:
         return text
 
     def figures(self) -> dict[str, Any]:
-        """Every number :meth:`describe` relies on, for :func:`parity_kit.write_findings`."""
+        """Every number and judgement :meth:`describe` relies on, for :func:`parity_kit.write_findings`."""
         def num(row: pd.Series | None, column: str) -> float | int | None:
             if row is None:
                 return None
             return int(row[column]) if column in ("order", "nonfinite") else float(row[column])
 
+        j = self.judgement
         return {
+            "verdict": self.verdict,
             "threshold": self.threshold,
             "n_rows": self.n_rows,
             "n_rows_not_comparable": self.n_not_comparable,
             "n_modules": self.n_modules,
             "n_modules_within_floor": self.n_within,
+            "n_modules_consistent": j.get("n_modules_consistent"),
+            "culprits": j.get("culprits", []),
+            "culprit_causes": j.get("culprit_causes", []),
+            "culprit_own_floor_ratios": j.get("culprit_own_floor_ratios", []),
+            "precision_sensitive": j.get("precision_sensitive", []),
             "first_divergence_order": num(self.first, "order"),
             "first_divergence_rel_rms": num(self.first, "rel_rms"),
             "max_rel_rms": num(self.worst, "rel_rms"),
@@ -230,14 +273,14 @@ class Summary:
 
 
 def summarise(table: pd.DataFrame, threshold: float = 1e-2) -> Summary:
-    """Headline numbers of a :func:`parity_kit.compare` table: first divergence, modules within the
-    floor, largest error, last module, first non-finite value.
+    """Headline numbers of a :func:`parity_kit.compare` table (calibrated or not): first divergence, modules
+    within the floor, largest error, last module, first non-finite value, and the run's verdict.
 
     >>> t = pd.DataFrame({"order": [0, 1], "module": ["a", "b"], "tensor": "output", "rel_rms": [1e-4, 0.2],
     ...                   "verdict": ["within floor", "above floor ×50"], "status": "ok", "nonfinite": [0, 0]})
     >>> s = summarise(t, 0.01)
-    >>> s.first["module"], s.n_within, s.n_modules
-    ('b', 1, 2)
+    >>> s.first["module"], s.n_within, s.n_modules, s.verdict
+    ('b', 1, 2, 'not judged')
     """
     comparable = table[table["status"] == "ok"]
     within = comparable.groupby("module", sort=False)["verdict"].agg(lambda v: bool((v == "within floor").all()))
@@ -254,6 +297,7 @@ def summarise(table: pd.DataFrame, threshold: float = 1e-2) -> Summary:
         last=comparable[comparable["module"] == last_module].iloc[0] if has_rows else None,
         first_nonfinite=first_nonfinite(table),
         rel_rms_by_row=comparable["rel_rms"].astype(float).tolist(),
+        judgement=run_verdict(table),
     )
 
 
@@ -272,6 +316,12 @@ class RunComparison:
     input_ids: dict[str, list[int]]
     provenance: Any = None                 # evaluation.TokenProvenance when the two runs' token ids differ
     ref_nonfinite: dict[str, Any] | None = None   # first NaN/Inf of the reference recording itself
+    floor: Floor | None = None             # the calibrated floor (None when the token ids differ: not judged)
+
+    def culprits(self, top: int | None = None) -> pd.DataFrame:
+        """The innermost modules whose own error is above their floor, worst first
+        (:func:`parity_kit.comparison.floor.culprits`)."""
+        return culprits(self.table, top)
 
     @property
     def conclusion(self) -> str:
@@ -335,37 +385,40 @@ def compare_runs(
     progress: Progress | None = None,
     show_progress: bool = True,
 ) -> RunComparison:
-    """Load both runs, feed them the same input, record, compare and localise.
+    """Load both runs, feed them the same input, record, compare, judge by the calibrated floor and localise.
 
     Input: ``input_ids`` (``[1, T]``) if given, else ``prompt`` encoded by each run's own tokenizer
     (their ids are diffed with :func:`parity_kit.token_provenance` when they differ), else ``seq_len``
-    random ids from ``seed`` (a model without tokenizer, e.g. :data:`FROM_CONFIG_LLAMA`). ``progress(fraction,
-    message)`` is called between steps (a panel's progress bar); without it a tqdm bar shows the steps
-    (``show_progress=False`` turns it off). An InternLM2 reference and a Llama candidate are aligned with
-    the InternLM2 → Llama module mapping.
+    random ids from ``seed`` (a model without tokenizer, e.g. :data:`FROM_CONFIG_LLAMA`). When both runs see the
+    same ids, :func:`parity_kit.compare_models` records, compares and judges every row against the calibrated
+    floor (own error, "consistent with rounding" / "inherited" / "own error above floor", the run's verdict);
+    when they do not, the recordings are compared with the one-rounding floor only (verdict "not judged").
+    ``progress(fraction, message)`` is called between steps (a panel's progress bar); without it a tqdm bar
+    shows the steps (``show_progress=False`` turns it off). An InternLM2 reference and a Llama candidate are
+    aligned with the InternLM2 → Llama module mapping.
 
     >>> r = compare_runs(RunSpec(FROM_CONFIG_LLAMA), RunSpec(FROM_CONFIG_LLAMA, "fp16"), seq_len=4, layers=1,
     ...                  modules=["model.layers.0"], show_progress=False)
-    >>> r.summary.n_modules, r.mapping
-    (1, 'identity')
+    >>> r.summary.n_modules, r.mapping, r.summary.verdict
+    (1, 'identity', 'healthy')
     """
-    steps = ["load reference", "load candidate", "record reference", "record candidate", "compare", "done"]
+    steps = ["load reference", "load candidate", "compare", "done"]
     bar = None
     if progress is None and show_progress:
         bar = tqdm(total=len(steps) - 1, desc="compare_runs")
 
-    def step(i: int) -> None:
+    def step(i: float, message: str) -> None:
         if progress is not None:
-            progress(i / (len(steps) - 1), steps[i])
+            progress(i / (len(steps) - 1), message)
         if bar is not None:
-            bar.set_postfix_str(steps[i])
-            bar.n = i
+            bar.set_postfix_str(message)
+            bar.n = int(i)
             bar.refresh()
 
     try:
-        step(0)
+        step(0, steps[0])
         ref_model, ref_tok = load_run(ref, seed=seed, layers=layers)
-        step(1)
+        step(1, steps[1])
         cand_model, cand_tok = load_run(cand, seed=seed, layers=layers)
         ids = {"reference": _token_ids(ref, ref_model, ref_tok, prompt, input_ids, seed, seq_len),
                "candidate": _token_ids(cand, cand_model, cand_tok, prompt, input_ids, seed, seq_len)}
@@ -376,20 +429,25 @@ def compare_runs(
             else:
                 pipelines = {name: (lambda _text, seq=seq: seq) for name, seq in ids.items()}
             provenance = token_provenance(prompt or "", pipelines, tokenizer=ref_tok)
-        step(2)
-        ref_rec = capture(ref_model, torch.tensor([ids["reference"]]), modules)
-        step(3)
-        cand_rec = capture(cand_model, torch.tensor([ids["candidate"]]), modules)
-        step(4)
+        step(2, steps[2])
         mapping, mapping_name = auto_mapping(ref_model, cand_model)
-        table = compare(ref_rec, cand_rec, mapping)
+        floor = None
+        if provenance is None:
+            judged = compare_models(ref_model, cand_model, torch.tensor([ids["reference"]]), modules=modules,
+                                    mapping=mapping, show_progress=False,
+                                    progress=lambda f, message: step(2 + f, f"compare: {message}"))
+            ref_rec, cand_rec, table, floor = judged.ref_rec, judged.cand_rec, judged.table, judged.floor
+        else:  # different inputs: no module can be replayed on the other run's inputs
+            ref_rec = capture(ref_model, torch.tensor([ids["reference"]]), modules)
+            cand_rec = capture(cand_model, torch.tensor([ids["candidate"]]), modules)
+            table = compare(ref_rec, cand_rec, mapping)
         per_token = None
         if ids["reference"] == ids["candidate"] and (table["status"] == "ok").any():
             per_token = per_token_error(ref_rec, cand_rec, mapping)
         summary = summarise(table, threshold)
-        step(5)
+        step(3, steps[3])
     finally:
         if bar is not None:
             bar.close()
     return RunComparison(ref, cand, ref_rec, cand_rec, table, per_token, summary, mapping_name, ids, provenance,
-                         first_nonfinite(ref_rec))
+                         first_nonfinite(ref_rec), floor)

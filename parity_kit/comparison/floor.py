@@ -410,8 +410,9 @@ def run_verdict(table: pd.DataFrame) -> dict[str, Any]:
     ('above floor', 1, 2)
     """
     ok = table[table["status"] == "ok"] if "status" in table.columns else table
-    diagnosis = ok["diagnosis"] if "diagnosis" in ok.columns else pd.Series([None] * len(ok), index=ok.index)
-    judged = ok[diagnosis.notna()]
+    if "diagnosis" not in ok.columns:
+        ok = ok.assign(diagnosis=None)
+    judged = ok[ok["diagnosis"].notna()]
     consistent = judged.groupby("module", sort=False)["diagnosis"].agg(lambda d: bool((d == CONSISTENT).all()))
     found = culprits(table)
     causes = found["own_cause"].tolist()

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import ParityKitError
 from ..recording import Recording, TensorStats
+from .floor import DIAGNOSES
 from .mapping import ModuleMapping
 from .pairs import METRICS, MappingLike, is_output, require_tensors
 
@@ -16,22 +17,37 @@ from .pairs import METRICS, MappingLike, is_output, require_tensors
 _LOWER_IS_WORSE = {"cosine", "sqnr_db"}
 
 
-def first_divergence(table: pd.DataFrame, metric: str = "rel_rms", threshold: float = 1e-2) -> pd.Series | None:
+def first_divergence(table: pd.DataFrame, metric: str = "rel_rms", threshold: float = 1e-2, *,
+                     diagnosis: str | None = None) -> pd.Series | None:
     """The first "ok" row, in table (execution) order, whose ``metric`` crosses ``threshold``.
 
-    Crossing means above for distances (rel_rms, max_abs, mean_abs, max_ulp, floor_ratio) and below
-    for similarities (cosine, sqnr_db); a NaN metric counts as crossed. None if no row crosses.
+    Crossing means above for distances (rel_rms, max_abs, mean_abs, max_ulp, floor_ratio, own_rel_rms,
+    own_floor_ratio) and below for similarities (cosine, sqnr_db); a NaN metric counts as crossed, except an
+    own error, which is NaN where it was not measured. Search by own error on a calibrated table
+    (:func:`parity_kit.compare_models`, :func:`parity_kit.comparison.floor.apply_floor`) with
+    ``metric="own_floor_ratio", threshold=2``, or by judgement with ``diagnosis="own error above floor"``
+    (the first row with that diagnosis; ``metric`` and ``threshold`` are then not used). None if no row crosses.
 
-    >>> t = pd.DataFrame({"module": ["a", "b", "c"], "rel_rms": [1e-4, 5e-2, 1.0], "status": "ok"})
-    >>> first_divergence(t)["module"]
-    'b'
+    >>> t = pd.DataFrame({"module": ["a", "b", "c"], "rel_rms": [1e-4, 5e-2, 1.0], "status": "ok",
+    ...                   "diagnosis": ["consistent with rounding", "inherited", "own error above floor"]})
+    >>> first_divergence(t)["module"], first_divergence(t, diagnosis="own error above floor")["module"]
+    ('b', 'c')
     """
+    ok = table[table["status"] == "ok"] if "status" in table.columns else table
+    if diagnosis is not None:
+        if diagnosis not in DIAGNOSES:
+            raise ParityKitError(f"diagnosis={diagnosis!r} is not one of {list(DIAGNOSES)}")
+        if "diagnosis" not in table.columns or table["diagnosis"].isna().all():
+            raise ParityKitError("the table has no diagnosis: judge it first (pk.compare_models, or "
+                                 "parity_kit.comparison.floor.apply_floor on a compare table)")
+        hits = ok[ok["diagnosis"] == diagnosis]
+        return None if hits.empty else hits.iloc[0]
     if metric not in table.columns:
         raise ParityKitError(f"metric {metric!r} is not a column of the table; use one of {list(METRICS)}")
-    ok = table[table["status"] == "ok"] if "status" in table.columns else table
     values = ok[metric].astype(float)
     crossed = (values < threshold) if metric in _LOWER_IS_WORSE else (values > threshold)
-    crossed |= values.isna()
+    if not metric.startswith("own_"):
+        crossed |= values.isna()
     hits = ok[crossed]
     return None if hits.empty else hits.iloc[0]
 
