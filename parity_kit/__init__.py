@@ -26,8 +26,12 @@ _EXPORTS: dict[str, str] = {
     "compare": "comparison", "first_divergence": "comparison", "first_nonfinite": "comparison",
     "per_token_error": "comparison", "compare_live": "comparison",
     "ModuleMapping": "comparison.mapping",
+    "Floor": "comparison.floor", "FloorComponent": "comparison.floor", "apply_floor": "comparison.floor",
+    "culprits": "comparison.floor", "run_verdict": "comparison.floor",
     # analyses
     "local_vs_propagated": "analyses.replay",
+    "calibrate_floor": "analyses.calibration", "compare_models": "analyses.calibration",
+    "rounding_only": "analyses.calibration",
     "run_in_dtype": "analyses.mixed_precision", "sweep_by_class": "analyses.precision",
     "bisect_precision": "analyses.precision",
     "lockstep_greedy": "analyses.generation", "teacher_forced": "analyses.generation",

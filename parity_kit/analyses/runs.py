@@ -242,8 +242,17 @@ class Summary:
             text += f" {self.n_not_comparable} rows could not be compared (missing on one side or different shapes)."
         return text
 
+    def judgements(self) -> dict[str, Any]:
+        """The categorical judgements :meth:`describe` makes: the verdict, the culprits (innermost modules with own
+        error above their floor, worst first), their causes and the precision-sensitive modules. (Findings files
+        hold numbers only, so :meth:`figures` carries their counts and ratios; the names are in the conclusion.)"""
+        j = self.judgement
+        return {"verdict": self.verdict, "culprits": list(j.get("culprits", [])),
+                "culprit_causes": list(j.get("culprit_causes", [])),
+                "precision_sensitive": list(j.get("precision_sensitive", []))}
+
     def figures(self) -> dict[str, Any]:
-        """Every number and judgement :meth:`describe` relies on, for :func:`parity_kit.write_findings`."""
+        """Every number :meth:`describe` relies on, for :func:`parity_kit.write_findings`."""
         def num(row: pd.Series | None, column: str) -> float | int | None:
             if row is None:
                 return None
@@ -251,17 +260,16 @@ class Summary:
 
         j = self.judgement
         return {
-            "verdict": self.verdict,
             "threshold": self.threshold,
             "n_rows": self.n_rows,
             "n_rows_not_comparable": self.n_not_comparable,
             "n_modules": self.n_modules,
             "n_modules_within_floor": self.n_within,
             "n_modules_consistent": j.get("n_modules_consistent"),
-            "culprits": j.get("culprits", []),
-            "culprit_causes": j.get("culprit_causes", []),
+            "n_culprits": len(j.get("culprits", [])),
             "culprit_own_floor_ratios": j.get("culprit_own_floor_ratios", []),
-            "precision_sensitive": j.get("precision_sensitive", []),
+            "n_precision_sensitive": len(j.get("precision_sensitive", [])),
+            "n_rows_by_diagnosis": j.get("n_rows_by_diagnosis", {}),
             "first_divergence_order": num(self.first, "order"),
             "first_divergence_rel_rms": num(self.first, "rel_rms"),
             "max_rel_rms": num(self.worst, "rel_rms"),

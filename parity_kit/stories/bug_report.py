@@ -17,19 +17,24 @@ __all__ = ["RunComparison", "RunSpec", "bug_report_panel", "bug_report_run", "co
 
 
 def comparison_plots(result: RunComparison) -> list[Any]:
-    """Error per module (with the noise floor) and, when per-token errors exist, the module × token heatmap."""
+    """Free-run and own error per module against the calibrated floor (the one-rounding floor when the runs saw
+    different tokens and nothing was judged) and, when per-token errors exist, the module × token heatmap."""
     shown = []
-    if result.summary.n_rows:
-        shown.append(plots.error_by_module(result.table,
-                                           title=f"{result.ref.label} vs {result.cand.label}: error per module"))
+    title = f"{result.ref.label} vs {result.cand.label}: error per module"
+    if result.summary.n_rows and result.table["diagnosis"].notna().any():
+        shown.append(plots.verdicts_by_module(result.table, title=title))
+    elif result.summary.n_rows:
+        shown.append(plots.error_by_module(result.table, title=title))
     if result.per_token is not None and not result.per_token.empty:
         shown.append(plots.token_heatmap(result.per_token, title="rel_rms per module and token position"))
     return shown
 
 
 def panel_items(result: RunComparison, rows: int = 24) -> list[Any]:
-    """What a panel shows: the conclusion, the table, the plots."""
-    return [result.conclusion, result.view(rows), *comparison_plots(result)]
+    """What a panel shows: the conclusion, the culprits (when a module's own error is above its floor), the table,
+    the plots."""
+    found = result.culprits()
+    return [result.conclusion, *([found] if not found.empty else []), result.view(rows), *comparison_plots(result)]
 
 
 def bug_report_run(params: dict[str, Any]) -> list[Any]:

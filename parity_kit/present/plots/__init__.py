@@ -13,6 +13,7 @@ from .errors import error_by_module, layer_error_growth, local_vs_propagated_wat
 from .evaluation import bos_effect_by_context_length, loss_difference_by_position, perplexity_with_errorbars
 from .generation import divergence_histogram, layer_error_profile, lockstep_margins
 from .precision import bisection_curve, class_sweep
+from .verdicts import verdicts_by_module
 from .prefill import (prefill_error_vs_chunk_size, prefill_error_vs_length, prefill_error_vs_position,
                       prefill_state_at_boundaries)
 
@@ -21,4 +22,5 @@ __all__ = [
     "layer_error_growth", "layer_error_profile", "local_vs_propagated_waterfall", "lockstep_margins",
     "loss_difference_by_position", "perplexity_with_errorbars", "prefill_error_vs_chunk_size",
     "prefill_error_vs_length", "prefill_error_vs_position", "prefill_state_at_boundaries", "token_heatmap",
+    "verdicts_by_module",
 ]
