@@ -81,6 +81,9 @@ def test_bf16_candidate_is_measured_against_the_floor_and_recordings_round_trip(
                           threshold=1e-6, progress=lambda f, m: steps.append((f, m)))
     ok = result.table[result.table["status"] == "ok"]
     assert (ok["cand_dtype"] == "bf16").all() and (ok["rel_rms"] > 0).all() and (ok["floor"] > 0).all()
+    assert (ok["floor_kind"] == "calibrated").all() and (ok["floor"] >= ok["rounding_floor"]).all()
+    assert result.summary.verdict == "healthy" and result.floor is not None and result.culprits().empty
+    assert result.figures()["n_modules_consistent"] == result.summary.n_modules
     assert result.summary.first["module"] == "model.layers.0", "threshold 1e-6 is crossed at the first module"
     assert [f for f, _ in steps] == sorted(f for f, _ in steps) and steps[-1][0] == 1.0
     assert result.per_token.shape == (3, len(result.input_ids["reference"]))
@@ -105,6 +108,7 @@ def test_different_tokenizers_show_token_provenance(llama_dir, tmp_path):
     assert (result.table["status"] == "shape mismatch").any()
     assert result.per_token is None
     assert result.conclusion.startswith("The two runs do not see the same token ids")
+    assert result.summary.verdict == "not comparable" and result.floor is None  # nothing can be replayed
     assert result.figures()["first_token_difference"] == 0
 
 
@@ -116,6 +120,7 @@ def test_first_nonfinite_is_localised(llama_dir, tmp_path):
     assert "NaN/Inf at model.layers.1.mlp.down_proj" in result.conclusion
     assert result.figures()["first_nonfinite_order"] == int(hit["order"])
     assert result.ref_nonfinite is None
+    assert result.summary.verdict == "not finite"
 
 
 def test_missing_builtin_says_how_to_create_it(monkeypatch, tmp_path):
@@ -145,6 +150,24 @@ def test_summary_of_a_table_with_nothing_comparable():
     assert summary.n_rows == 0 and summary.n_not_comparable == 1
     assert summary.describe("x").startswith("no module of the two runs could be compared")
     assert summary.figures()["max_rel_rms"] is None
+
+
+def test_summary_names_a_module_that_computes_differently():
+    table = pd.DataFrame({
+        "order": [0, 1, 2], "module": ["a", "b", "c"], "cand_module": ["a", "b", "c"], "call": 0, "tensor": "output",
+        "rel_rms": [1e-3, 0.05, 0.04], "verdict": ["within floor", "above floor ×25", "above floor ×20"],
+        "status": "ok", "nonfinite": 0, "own_rel_rms": [1e-3, 0.05, 1e-3], "own_floor": 2e-3,
+        "own_floor_ratio": [0.5, 25.0, 0.5], "diagnosis": ["consistent with rounding", "own error above floor",
+                                                            "inherited"],
+        "own_cause": [None, "computes differently", None]})
+    summary = summarise(table, 0.01)
+    assert summary.judgements() == {"verdict": "computes differently", "culprits": ["b"],
+                                    "culprit_causes": ["computes differently"], "precision_sensitive": []}
+    figures = summary.figures()
+    assert figures["n_culprits"] == 1 and figures["culprit_own_floor_ratios"] == [25.0]
+    assert figures["n_modules_consistent"] == 1 and figures["n_rows_by_diagnosis"]["inherited"] == 1
+    text = summary.describe("cand")
+    assert "b (own error ×25 its floor)" in text and "1 of 3 modules are consistent with rounding" in text
 
 
 def test_cli_values():

@@ -122,6 +122,25 @@ def test_first_divergence():
         pk.first_divergence(table, "nope")
 
 
+def test_first_divergence_by_own_error():
+    ref = _rec(*[(f"l{i}", {"output": torch.ones(8)}) for i in range(3)])
+    cand = _rec(*[(f"l{i}", {"output": torch.ones(8) * (1 + e)}) for i, e in enumerate([0.0, 0.1, 0.1])])
+    table = pk.compare(ref, cand)
+    own = pd.DataFrame({"module": ["l0", "l1", "l2"], "cand_module": ["l0", "l1", "l2"], "call": 0,
+                        "tensor": "output", "local_rel_rms": [0.0, 0.1, 0.0], "status": "ok"})
+    judged = pk.apply_floor(table, own=own)
+    assert judged["diagnosis"].tolist() == ["consistent with rounding", "own error above floor", "inherited"]
+    assert pk.first_divergence(judged, diagnosis="own error above floor")["module"] == "l1"
+    assert pk.first_divergence(judged, diagnosis="inherited")["module"] == "l2"
+    assert pk.first_divergence(judged, "own_floor_ratio", threshold=2.0)["module"] == "l1"
+    # an own error that was not measured (NaN) is not a divergence
+    assert pk.first_divergence(pk.apply_floor(table), "own_rel_rms", threshold=1e-3) is None
+    with pytest.raises(ParityKitError, match="no diagnosis"):
+        pk.first_divergence(table, diagnosis="inherited")
+    with pytest.raises(ParityKitError, match="not one of"):
+        pk.first_divergence(judged, diagnosis="bug")
+
+
 def test_first_nonfinite_recording_and_table():
     ref = _rec(("a", {"output": torch.ones(3)}), ("b", {"output": torch.ones(3)}), ("c", {"output": torch.ones(3)}))
     cand = _rec(("a", {"output": torch.ones(3)}), ("b", {"output": torch.tensor([1.0, float("nan"), float("inf")])}),

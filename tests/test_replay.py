@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -173,3 +174,58 @@ def test_plots_take_a_real_local_vs_propagated_table(input_ids):
         pk.plots.layer_error_growth(table, metric="free_rel_rms", kinds=["nope"])
     with pytest.raises(ParityKitError):
         pk.plots.local_vs_propagated_waterfall(table, metric="cosine")
+
+
+class _Positional(nn.Module):
+    """Takes its input by position and returns a tensor (like InternLM2's attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, hidden: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.inner(hidden) * scale
+
+
+class _Keyword(_Positional):
+    """The same computation, called by keyword and returning a tuple (like Llama's attention)."""
+
+    def forward(self, hidden: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return self.inner(hidden) * scale, None
+
+
+class _Caller(nn.Module):
+    def __init__(self, block: nn.Module, by_keyword: bool) -> None:
+        super().__init__()
+        self.block, self.by_keyword = block, by_keyword
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.full((1,), 2.0, dtype=x.dtype)
+        out = self.block(hidden=x, scale=scale) if self.by_keyword else self.block(x, scale)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def test_positional_and_keyword_inputs_are_matched_between_implementations():
+    torch.manual_seed(0)
+    ref = _Caller(_Positional(), by_keyword=False).eval()
+    cand = _Caller(_Keyword(), by_keyword=True).eval()
+    cand.block.inner.load_state_dict(ref.block.inner.state_dict())
+    x = torch.randn(3, 4)
+    with pk.record(ref, "*", inputs=True) as rec, torch.no_grad():
+        ref(x + 0.5)  # the reference saw other inputs: a replay that ignored them would show an error
+    table = pk.local_vs_propagated(rec, cand, x, modules=["block"]).set_index("module")
+    assert table.loc["block", "inputs_from_reference"] == "2/2" and table.loc["block", "status"] == "ok"
+    assert table.loc["block", "local_rel_rms"] == 0.0 and table.loc["block", "free_rel_rms"] > 0.1
+
+
+def test_a_call_whose_floating_inputs_cannot_come_from_the_reference_has_no_own_error():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 4)).eval()
+    cand = copy.deepcopy(ref)
+    with pk.record(ref, "*", inputs=True) as rec, torch.no_grad():
+        ref(torch.randn(2, 4))
+    for call in rec.calls:  # the reference kept its inputs under a name the candidate never uses
+        call.tensors["input.other"] = call.tensors.pop("input.0")
+    table = pk.local_vs_propagated(rec, cand, torch.randn(2, 4))
+    assert table.loc[0, "status"] == "inputs not replayable" and table.loc[0, "inputs_from_reference"] == "0/1"
+    assert math.isnan(table.loc[0, "local_rel_rms"]) and table.loc[0, "free_rel_rms"] > 0
