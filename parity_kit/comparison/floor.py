@@ -29,7 +29,7 @@ candidate's own code in its dtype, and a module that loses precision inside (a v
 score matrix materialised in bf16) would then pass for rounding. Rounding at module boundaries models a module
 that computes its function well from rounded inputs and weights; a module whose own error exceeds that floor
 computes differently — a bug, or a precision-sensitive operation (:func:`parity_kit.compare_models` tells
-these two apart by recomputing the module in fp64).
+these two apart by recomputing the module of both runs in fp64 on the same inputs).
 
 **Judgement** of a row (``tolerance`` × floor, 2 by default):
 
