@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import parity_kit as pk
-from parity_kit.analyses.calibration import accumulation_dtype, calibrate_floor, compare_models, rounding_only, without_cache
+from parity_kit.analyses.calibration import (accumulation_dtype, calibrate_floor, compare_models, rounding_only,
+                                             without_cache)
 from parity_kit.analyses.runs import build_tiny_llama, random_input_ids
 from parity_kit.comparison.floor import COMPUTES_DIFFERENTLY, CONSISTENT, OWN, PRECISION_SENSITIVE
 from parity_kit.dtypes import parse_dtype

@@ -240,8 +240,8 @@ def compare_models(
     :func:`parity_kit.comparison.floor.apply_floor`; and for each innermost culprit, both runs' modules
     recomputed in fp64 on the same inputs: an own error that stays above the floor means the module *computes
     differently* (a bug, or a deliberate change), one that falls within it a *precision-sensitive* module (both
-    compute one function; the less precise run's arithmetic loses more than rounding at its boundaries explains). Models that take
-    ``use_cache`` run without it. ``mapping`` maps reference to candidate module names (as in ``compare``).
+    compute one function; the less precise run's arithmetic loses more than rounding at its boundaries
+    explains). Models that take ``use_cache`` run without it. ``mapping`` maps reference to candidate module names (as in ``compare``).
     ``progress(fraction, step)`` is called between steps; otherwise a tqdm bar shows them (``show_progress``).
     """
     _check_models(ref_model, cand_model)

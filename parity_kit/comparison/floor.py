@@ -432,7 +432,7 @@ def run_verdict(table: pd.DataFrame) -> dict[str, Any]:
         outcome = PRECISION_SENSITIVE if sensitive else ABOVE
     else:
         outcome = "healthy"
-    return {"verdict": outcome, "n_modules": int(len(consistent)), "n_modules_consistent": sum(bool(v) for v in consistent),
+    return {"verdict": outcome, "n_modules": len(consistent), "n_modules_consistent": sum(bool(v) for v in consistent),
             "culprits": found["module"].tolist(), "culprit_causes": causes,
             "culprit_own_floor_ratios": [float(v) for v in found["own_floor_ratio"]],
             "precision_sensitive": sensitive,
