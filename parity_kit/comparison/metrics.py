@@ -237,7 +237,7 @@ def scaled_max_ulp(ref: torch.Tensor, x: torch.Tensor, dtype: DtypeLike | None =
     """The largest difference in ULPs of ``dtype`` (default: ``x``'s) at the scale of ``ref``: ``max_abs`` over
     :func:`ulp_at` of ``rms(ref)``. Inf if a non-finite value disagrees or ``ref`` is all zero and ``x`` is not.
 
-    >>> ref = torch.tensor([1.0, -1.0, 1e-6]); x = torch.tensor([1.0, -1.0, -1e-6])  # a sign flip near zero
+    >>> ref = torch.tensor([1.0, -1.0, 1e-8]); x = torch.tensor([1.0, -1.0, -1e-8])  # a sign flip near zero
     >>> max_ulp(ref, x) > 1e9, scaled_max_ulp(ref, x) < 1
     (True, True)
     """
