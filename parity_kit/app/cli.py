@@ -69,7 +69,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     train = _load("parity_kit.builtins.train", "train", "train")
-    path = train(args.name, seed=args.seed, out_dir=args.out)
+    path = train(args.name, seed=args.seed, out_dir=args.out, bos=args.bos)
     print(path)
     return 0
 
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a built-in tiny model reproducibly")
     train.add_argument("name", help="built-in model, e.g. tiny-internlm2 or tiny-rwkv7")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--bos", choices=["document", "sequence"], default="document",
+                       help="BOS at the start of every packed document (default) or only at position 0 of every "
+                            "training sequence (documents inside it separated by EOS)")
     train.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: data/models/<name>)")
     train.set_defaults(func=_cmd_train)
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .corpus import BOS_ID, iter_training_documents, read_lastword_items, training_documents
+from .corpus import BOS_ID, EOS, SPECIAL_TOKENS, iter_training_documents, read_lastword_items, training_documents
 from .data import TOKENIZER_DOCS
 from .tokenizer import save_tokenizer, train_tokenizer
 from ..errors import ParityKitError
@@ -40,6 +40,7 @@ from .._util.atomic import atomic_write, replace_folder
 from .._util.paths import data_dir
 
 LLAMA_NAME = "tiny-internlm2-llama"
+EOS_ID = SPECIAL_TOKENS.index(EOS)
 EVAL_FILE = "eval/lastword.jsonl"
 
 
@@ -129,14 +130,27 @@ def build_model(name: str, vocab_size: int) -> torch.nn.Module:
     return RWKV7ForCausalLM(RWKV7Config(**kwargs))
 
 
-def packed_batches(tokenizer, seed: int, batch_size: int, seq_len: int) -> Iterator[torch.Tensor]:
+#: Where BOS goes in the packed training rows: "document" (every document starts with BOS, several per row) or
+#: "sequence" (BOS at position 0 of every row only, the documents inside a row separated by EOS: the model sees
+#: BOS only as the first token of a sequence, as models trained on fixed windows with a BOS prefix do).
+BOS_PLACEMENTS = ("document", "sequence")
+
+
+def packed_batches(tokenizer, seed: int, batch_size: int, seq_len: int,
+                   bos: str = "document") -> Iterator[torch.Tensor]:
     """Endless ``[batch_size, seq_len + 1]`` batches; each row starts at a document's BOS and packs
     whole BOS-started documents until it is full (the tail of the last one is cut off and dropped).
+    With ``bos="sequence"`` only position 0 holds BOS and documents after the first follow an EOS.
 
     >>> row = next(packed_batches(build_tokenizer(0), 0, 2, 16))
     >>> row.shape, int(row[0, 0])
     (torch.Size([2, 17]), 0)
+    >>> rows = next(packed_batches(build_tokenizer(0), 0, 4, 256, bos="sequence"))
+    >>> int((rows == BOS_ID).sum()), bool((rows[:, 0] == BOS_ID).all())
+    (4, True)
     """
+    if bos not in BOS_PLACEMENTS:
+        raise ParityKitError(f"bos={bos!r}: use one of {list(BOS_PLACEMENTS)}")
     docs = iter_training_documents(seed)
     width = seq_len + 1
 
@@ -145,7 +159,7 @@ def packed_batches(tokenizer, seed: int, batch_size: int, seq_len: int) -> Itera
         while True:
             texts = [next(docs) for _ in range(256)]
             for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
-                current += [BOS_ID, *enc.ids]
+                current += [BOS_ID if bos == "document" or not current else EOS_ID, *enc.ids]
                 if len(current) >= width:
                     yield current[:width]
                     current = []
@@ -278,11 +292,12 @@ def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | No
 
 
 def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int | None = None,
-          eval_limit: int | None = None, progress: bool = True) -> Path:
+          eval_limit: int | None = None, progress: bool = True, bos: str = "document") -> Path:
     """Train built-in model ``name`` from ``seed`` and save it to ``out_dir`` (default ``data/models/<name>``).
 
     ``steps`` overrides the recipe's step count (for quick tests; the cosine schedule is stretched to it),
-    ``eval_limit`` evaluates on the first items of the eval file only.
+    ``eval_limit`` evaluates on the first items of the eval file only; ``bos`` places BOS in the training
+    rows (:data:`BOS_PLACEMENTS`).
     Training ``tiny-internlm2`` also writes ``tiny-internlm2-llama`` next to it (folder ``<out_dir>-llama``
     when ``out_dir`` is given). At the default location, ``data/models/README.md`` is rewritten.
     Returns the model folder.
@@ -311,7 +326,7 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
         model = build_model(name, tokenizer.get_vocab_size())
         model.train()
         optimizer = _optimizer(model, settings)
-        batches = packed_batches(tokenizer, seed, settings.batch_size, settings.seq_len)
+        batches = packed_batches(tokenizer, seed, settings.batch_size, settings.seq_len, bos)
         losses: list[float] = []
         started = time.perf_counter()
         bar = tqdm(range(settings.steps), desc=f"train {name}", disable=not progress)
@@ -342,10 +357,11 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
                 "n_params": _param_count(model),
                 "settings": asdict(settings),
                 "tokens_seen": settings.steps * settings.batch_size * settings.seq_len,
+                "bos_placement": bos,
                 "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                 "loss_curve": curve,
                 "wall_time_s": wall,
-                "command": f"parity-kit train {name} --seed {seed}",
+                "command": f"parity-kit train {name} --seed {seed}" + (f" --bos {bos}" if bos != "document" else ""),
                 "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                 "machine": platform.machine(), "threads": settings.threads},
             }
