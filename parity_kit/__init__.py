@@ -35,7 +35,8 @@ _EXPORTS: dict[str, str] = {
     "run_in_dtype": "analyses.mixed_precision", "sweep_by_class": "analyses.precision",
     "bisect_precision": "analyses.precision",
     "lockstep_greedy": "analyses.generation", "teacher_forced": "analyses.generation",
-    "divergence_statistics": "analyses.divergence",
+    "divergence_statistics": "analyses.divergence", "ModelPair": "analyses.divergence",
+    "execution_floor": "analyses.execution_floor", "ExecutionFloor": "comparison.execution",
     "evaluate_lastword": "analyses.evaluation", "paired_comparison": "analyses.paired",
     "token_provenance": "analyses.provenance",
     # reports
