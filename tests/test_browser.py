@@ -124,7 +124,7 @@ def test_quickstart_panel_in_a_real_browser(jupyter_lab, tmp_path):
             notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook")
             notebook.wait_for()
             # the kernel has started and answered: the status bar says "Python 3 (ipykernel) | Idle"
-            expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle").first).to_be_visible()
+            expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle").first).to_be_visible(timeout=120_000)  # a loaded machine starts kernels slowly
             expect(page.locator(".jp-Dialog")).to_have_count(0)
 
             page.get_by_role("menuitem", name="Run", exact=True).click()
