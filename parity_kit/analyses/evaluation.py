@@ -88,19 +88,29 @@ def load_lastword_items(
         if not path.is_file():
             raise ParityKitError(f"eval set {str(path)!r} does not exist; pass a JSONL file or a list of items")
         items: list[LastWordItem] = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ParityKitError(
-                        f"{path}:{lineno}: not valid JSON ({e.msg}); one JSON object per line"
-                    ) from None
-                items.append(_item_from_mapping(obj, f"{path}:{lineno}"))
-                if limit is not None and len(items) >= limit:
-                    break
+        try:
+            raw_lines = path.read_bytes().splitlines()
+        except OSError as e:
+            raise ParityKitError(f"cannot read eval set {str(path)!r} ({e.strerror or e}); check its permissions") from None
+        for lineno, raw in enumerate(raw_lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ParityKitError(
+                    f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the "
+                    "eval set as UTF-8 JSONL"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ParityKitError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); one JSON object per line"
+                ) from None
+            items.append(_item_from_mapping(obj, f"{path}:{lineno}"))
+            if limit is not None and len(items) >= limit:
+                break
         source = str(path)
     else:
         if isinstance(items_or_path, Mapping):

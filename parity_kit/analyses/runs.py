@@ -300,7 +300,7 @@ def summarise(table: pd.DataFrame, threshold: float = 1e-2) -> Summary:
         n_not_comparable=len(table) - len(comparable),
         n_modules=len(within),
         n_within=int(within.sum()),
-        first=first_divergence(table, metric="rel_rms", threshold=threshold),
+        first=first_divergence(table, metric="rel_rms", threshold=threshold) if has_rows else None,
         worst=comparable.loc[comparable["rel_rms"].astype(float).idxmax()] if has_rows else None,
         last=comparable[comparable["module"] == last_module].iloc[0] if has_rows else None,
         first_nonfinite=first_nonfinite(table),

@@ -173,15 +173,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``parity-kit`` console script; returns the exit status.
 
+    A failure prints one line, ``parity-kit COMMAND: error: ...``, and returns 2 for a ParityKitError (bad
+    input: the line says what to do), 1 for anything else (an unexpected failure, named by its type) and 130
+    for Ctrl-C; ``--debug`` anywhere on the command line prints the traceback as well.
+
     >>> main(["env", "--json"]) == 0  # doctest: +SKIP
     True
     """
-    args = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_list
+    args = build_parser().parse_args([a for a in args_list if a != "--debug"])
     try:
         return args.func(args)
     except ParityKitError as e:
-        print(f"parity-kit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(e), debug, 2)
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", debug, 130, prefix="")
+    except Exception as e:  # noqa: BLE001  # anything else still ends in one line, not a traceback
+        return _fail(args.command, f"{type(e).__name__}: {e} (an unexpected failure: run again with --debug for the "
+                     "traceback, and report it)", debug, 1)
+
+
+def _fail(command: str, message: str, debug: bool, status: int, prefix: str = "error: ") -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+    print(f"parity-kit {command}: {prefix}{' '.join(message.split())}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

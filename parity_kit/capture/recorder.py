@@ -178,16 +178,27 @@ def record(
             }
 
     handles = []
-    failed = False
+    failure: BaseException | None = None
     try:
         handles.append(model.register_forward_pre_hook(root_shapes, with_kwargs=True))
         handles.extend(install_hooks(capturer, selected, named, inputs))
+        rec.in_block = True
         yield rec
-    except BaseException:
-        failed = True
+    except BaseException as e:
+        failure = e
         raise
     finally:
-        _end_block(capturer, rec, named, handles, failed, destination, writer, folder)
+        rec.in_block = False
+        _mark_completion(rec.metadata, failure)
+        _end_block(capturer, rec, named, handles, failure is not None, destination, writer, folder)
+
+
+def _mark_completion(metadata: dict[str, Any], failure: BaseException | None) -> None:
+    """``complete`` in the metadata: False when the block raised (the forward stopped part-way, so later modules
+    are missing and parents of the failing one never finished), with the exception in ``interrupted``."""
+    metadata["complete"] = failure is None
+    if failure is not None:
+        metadata["interrupted"] = f"{type(failure).__name__}: {failure}"[:500]
 
 
 def _end_block(capturer: Capturer, rec: Recording, named: list[tuple[str, nn.Module]], handles: list[Any],

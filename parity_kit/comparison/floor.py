@@ -62,7 +62,7 @@ import torch
 from ..dtypes import DtypeLike, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from . import metrics
-from .metrics import nominal_floor, verdict
+from .metrics import check_tolerance, nominal_floor, verdict
 
 CONSISTENT = "consistent with rounding"
 OWN = "own error above floor"
@@ -154,10 +154,15 @@ def floor_ratio(value: float, floor: float) -> float:
     return 0.0 if value == 0 else math.inf
 
 
-def check_tolerance(tolerance: float) -> float:
-    if not isinstance(tolerance, (int, float)) or tolerance <= 0 or math.isnan(tolerance):
-        raise ParityKitError(f"floor_tolerance={tolerance!r} must be a positive number (2.0 by default)")
-    return float(tolerance)
+def require_table(table: Any, what: str) -> None:
+    """ParityKitError unless ``table`` looks like a comparison table (a DataFrame with a module column)."""
+    if not isinstance(table, pd.DataFrame):
+        raise ParityKitError(f"{what} takes a comparison table (pk.compare / pk.compare_models), got "
+                             f"{type(table).__name__}")
+    missing = [c for c in ("module",) if c not in table.columns]
+    if missing:
+        raise ParityKitError(f"{what}: the table lacks the column(s) {missing}; pass a table returned by pk.compare "
+                             "or pk.compare_models")
 
 
 def judge(value: float, floor: float, tolerance: float = 2.0) -> dict[str, Any]:
@@ -302,6 +307,10 @@ def apply_floor(table: pd.DataFrame, floor: Floor | None = None, own: pd.DataFra
     [[0.005, 'within floor', 'calibrated', 'consistent with rounding']]
     """
     tolerance = check_tolerance(tolerance)
+    require_table(table, "apply_floor")
+    if floor is not None and not isinstance(floor, Floor):
+        raise ParityKitError(f"floor must be a Floor (from pk.calibrate_floor) or None, got {type(floor).__name__} "
+                             f"{floor!r:.40}")
     out = table.copy()
     for column in ("rounding_floor", "floor_ratio", "own_rel_rms", "own_floor", "own_floor_ratio"):
         if column not in out.columns:
@@ -380,6 +389,7 @@ def culprits(table: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
     ['a.x']
     """
     columns = ["module", "cand_module", "call", "tensor", "own_rel_rms", "own_floor", "own_floor_ratio", "own_cause"]
+    require_table(table, "culprits")
     if "diagnosis" not in table.columns:
         return pd.DataFrame(columns=columns)
     own_rows = table[table["diagnosis"] == OWN]
@@ -410,6 +420,7 @@ def run_verdict(table: pd.DataFrame) -> dict[str, Any]:
     >>> v = run_verdict(t); v["verdict"], v["n_modules_consistent"], v["n_modules"]
     ('above floor', 1, 2)
     """
+    require_table(table, "run_verdict")
     ok = table[table["status"] == "ok"] if "status" in table.columns else table
     if "diagnosis" not in ok.columns:
         ok = ok.assign(diagnosis=None)

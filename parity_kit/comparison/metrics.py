@@ -30,9 +30,11 @@ Conventions (pinned by tests):
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -307,6 +309,19 @@ def _two_significant(value: float) -> str:
     return f"{rounded:.0f}" if rounded >= 10 else f"{rounded:g}"
 
 
+def check_tolerance(tolerance: Any, knob: str = "floor_tolerance") -> float:
+    """``tolerance`` as a float if it is a positive, finite number; ParityKitError otherwise.
+
+    >>> check_tolerance(2)
+    2.0
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not math.isfinite(tolerance) \
+            or tolerance <= 0:
+        raise ParityKitError(f"{knob}={tolerance!r} is not a positive, finite number; the default 2.0 allows twice "
+                             "the floor")
+    return float(tolerance)
+
+
 def verdict(value: float, floor: float, tolerance: float = 2.0) -> str:
     """"within floor" if ``value <= tolerance * floor``, else "above floor ×N" (N = value / floor,
     two significant digits; ×inf when the floor is 0). A NaN value gives "not finite".
@@ -314,6 +329,7 @@ def verdict(value: float, floor: float, tolerance: float = 2.0) -> str:
     >>> verdict(3e-4, 2e-4), verdict(5e-3, 2e-4), verdict(1e-6, 0.0)
     ('within floor', 'above floor ×25', 'above floor ×inf')
     """
+    check_tolerance(tolerance)
     if math.isnan(value):
         return "not finite"
     if value <= tolerance * floor:

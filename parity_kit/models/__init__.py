@@ -175,8 +175,24 @@ def load(
                 "use 'eager' or 'sdpa', or leave it None for the model's default"
             ) from None
         raise ParityKitError(f"could not load {location!r}: {message}") from None
+    except Exception as e:  # a bad field type, weights of other shapes, a damaged safetensors file, ...
+        raise _load_failure(location, e) from None
     model = model.to(device).eval()
     return model, tokenizer
+
+
+def _load_failure(location: str, e: Exception) -> ParityKitError:
+    """What went wrong loading ``location``, from the exception transformers, safetensors or the config raised."""
+    message = " ".join(str(e).split())[:400]
+    kind = type(e).__name__
+    if "safetensor" in kind.lower() or "safetensor" in type(e).__module__.lower():
+        return ParityKitError(f"could not load {location!r}: a weights file (model.safetensors) is damaged or truncated "
+                              f"({kind}: {message}); restore or re-download the weights")
+    if "mismatch" in message.lower():
+        return ParityKitError(f"could not load {location!r}: the weights' shapes do not match config.json ({message}); "
+                              "fix config.json (hidden_size, heads, vocab_size, ...) or use the weights it describes")
+    return ParityKitError(f"could not load {location!r} ({kind}: {message}); check config.json (field names, types "
+                          "and values) and the weights files")
 
 
 def shipped_attention(name_or_path: str, *, trust_remote_code: bool = False) -> str:
