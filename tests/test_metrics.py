@@ -202,10 +202,12 @@ def test_scaled_ulps_ignore_sign_flips_near_zero_and_read_rounding_as_a_few_unit
     assert M.scaled_max_ulp(torch.zeros(3), torch.ones(3)) == math.inf
 
 
-def test_finite_fast_path_gives_the_general_paths_reductions():
+@pytest.mark.parametrize("piece", [2**18, 100])
+def test_finite_fast_path_gives_the_general_paths_reductions(piece, monkeypatch):
     """On the CPU a finite fp32/fp16/bf16 pair takes the few-pass path: the same maxima and counts as the general
-    fp64 path, the same sums up to summation order; pairs it does not take (NaN/Inf, a unit that overflows, fp64)
-    fall through to the general path."""
+    fp64 path, the same sums up to summation order, in one piece or many; pairs it does not take (NaN/Inf, a unit
+    that overflows, fp64) fall through to the general path."""
+    monkeypatch.setattr(M, "_FINITE_PIECE", piece)
     g = torch.Generator().manual_seed(7)
     base = torch.randn(4099, generator=g)
     near_zero = base.clone()
@@ -230,7 +232,10 @@ def test_finite_fast_path_gives_the_general_paths_reductions():
                 assert a == b if exact else _same(a, b), (name, a, b, unit, from_candidate)
             assert M.pair_reductions(ref, x, unit, floor_from_candidate=from_candidate).tolist() == fast.tolist()
     nan, inf = float("nan"), float("inf")
+    late_nan = base.clone()
+    late_nan[-1] = nan  # in the last piece
     for ref, x, unit in [(T([1.0, nan]), T([1.0, nan]), torch.float32), (T([1.0, 2.0]), T([1.0, inf]), torch.float32),
-                         (T([1e5, -3.0]), T([1e5, -3.0001]), torch.float16),
+                         (T([1e5, -3.0]), T([1e5, -3.0001]), torch.float16), (base, late_nan, torch.float32),
+                         (base * 1e5, base * 1e5, torch.float16),
                          (T([1.0, 2.0]).double(), T([1.0, 2.5]).double(), torch.float32), (T([]), T([]), torch.float32)]:
         assert M._pair_reductions_finite(ref, x, unit, False) is None, (ref, x, unit)
