@@ -135,6 +135,11 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
         raise ParityKitError("prompt is empty; give the text that shows the problem")
     ids = [int(t) for t in tokenizer(prompt)["input_ids"]]
     if not ids:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        if size is not None and size <= len(getattr(tokenizer, "all_special_ids", [])) + 1:
+            raise ParityKitError(f"the tokenizer has no vocabulary ({size} entries), so prompt {prompt!r} became no "
+                                 "tokens; the checkpoint is missing its tokenizer files: copy them from the "
+                                 "checkpoint it came from")
         raise ParityKitError(f"the tokenizer turned prompt {prompt!r} into no tokens; use a longer prompt")
     return ids
 

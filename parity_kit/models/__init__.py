@@ -118,6 +118,27 @@ def _hub_unavailable(name: str, reason: str) -> ParityKitError:
     )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken", "*vocab*.txt",
+                    "spiece.model", "sentencepiece*.model")
+
+
+def tokenizer_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The files in a checkpoint folder a tokenizer can be built from (``tokenizer.json``, ``tokenizer.model``,
+    ``vocab.json``, ...); ``tokenizer_config.json`` alone is not enough.
+
+    >>> tokenizer_files(builtin_path("tiny-internlm2-llama"))
+    ['tokenizer.json']
+    """
+    path = Path(folder)
+    return sorted({f.name for pattern in _TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()})
+
+
+def _no_tokenizer_message(location: str) -> str:
+    return (f"{location!r} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}), so the prompt cannot be "
+            "encoded; copy the tokenizer files of the checkpoint it came from into the folder "
+            "(tokenizer.save_pretrained(folder) writes them)")
+
+
 def load(
     name_or_path: str | os.PathLike[str],
     dtype: DtypeLike = "fp32",
@@ -147,6 +168,8 @@ def load(
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **config_overrides}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if kind == "folder" and not tokenizer_files(location):
+        raise ParityKitError(_no_tokenizer_message(location))
     offline = kind == "hub" and _offline()
     if offline:
         kwargs["local_files_only"] = True  # the cache may still hold it
