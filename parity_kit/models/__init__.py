@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..dtypes import DtypeLike, check_dtype_on_device
 from ..errors import ParityKitError
 from .._util.paths import data_dir
+from .from_config import FROM_CONFIG_LLAMA, load_from_config
 
 if TYPE_CHECKING:
     import torch
@@ -151,7 +152,9 @@ def load(
 
     ``name_or_path`` is a built-in name (:data:`BUILTINS`), a local folder (plain transformers models,
     our InternLM2 / RWKV-7 architectures, FLA RWKV-7 folders, InternLM2 remote-code folders with
-    ``trust_remote_code=True``) or a hub id ``org/name`` (needs network; the local cache is used offline).
+    ``trust_remote_code=True``), a hub id ``org/name`` (needs network; the local cache is used offline) or
+    ``"tiny-llama-from-config"`` (the quickstart's default: a small Llama with seeded random weights and the
+    project's tokenizer, no files; ``seed=`` and ``layers=`` choose it).
     ``attn_implementation`` ("eager", "sdpa", ...) is passed to ``from_pretrained``; ``config_overrides``
     set config fields, e.g. ``wkv_mode="recurrent"`` for RWKV-7.
 
@@ -159,6 +162,8 @@ def load(
     >>> model.training, next(model.parameters()).dtype
     (False, torch.float32)
     """
+    if str(name_or_path) == FROM_CONFIG_LLAMA:
+        return load_from_config(dtype, device, attn_implementation, **config_overrides)
     torch_dtype = check_dtype_on_device(dtype, device)
     kind, location = _resolve(name_or_path)
     register_architectures()
