@@ -104,7 +104,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     parameters = {name: parse_cli_value(value) for name, value in args.parameters or []}
     files = make_report(args.notebook, args.out, hide_code=args.hide_code, execute=not args.no_execute,
-                        parameters=parameters)
+                        parameters=parameters, name=args.name)
     rows = [("notebook", files.executed), ("html", files.html), *(("findings", f) for f in files.findings),
             ("recordings", files.archive)]
     for kind, path in rows:
@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="run a notebook headless and gather HTML, findings and recordings to attach")
     report.add_argument("notebook", type=Path, help="the notebook, e.g. a copy of notebooks/05_bug_report.ipynb")
     report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
-    report.add_argument("--hide-code", action="store_true", help="leave the input cells out of the HTML")
+    report.add_argument("--name", default=None, metavar="NAME",
+                        help="name the outputs NAME.html, NAME.findings.json, ... (default: the notebook's file name)")
+    report.add_argument("--hide-code", action="store_true",
+                        help="leave the input cells out of the HTML (the parameters the run used stay, at the top)")
     report.add_argument("--no-execute", action="store_true", help="the notebook is already executed: only export it")
     report.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                         help="set a parameter of the notebook's parameters cell (repeatable); VALUE is a Python "
