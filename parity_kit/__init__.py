@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "execution_floor": "analyses.execution_floor", "ExecutionFloor": "comparison.execution",
     "evaluate_lastword": "analyses.evaluation", "paired_comparison": "analyses.paired",
     "token_provenance": "analyses.provenance",
+    "triage": "analyses.triage",
     # reports
     "environment_capsule": "_util.environment", "diff_capsules": "_util.environment", "write_findings": "present.report",
     "read_findings": "present.report", "export_html": "present.report",
