@@ -6,7 +6,7 @@ deterministic from the seed on a given machine and thread count: the corpus and 
 stream. Every sequence starts with the BOS token of a document, and documents are packed one after
 another (each with its own BOS) up to the sequence length.
 
-After training, the model is evaluated on ``data/eval/lastword.jsonl`` with :func:`evaluate`, with
+After training, the model is evaluated on ``parity_kit/data/eval/lastword.jsonl`` with :func:`evaluate`, with
 and without BOS, and everything is written to the
 model folder: ``model.safetensors`` (fp32), ``config.json``, tokenizer files, ``training.json`` (settings,
 loss curve, evaluation, wall time) and ``loss.png``. Training ``tiny-internlm2`` also produces
@@ -242,7 +242,7 @@ def _param_count(model: torch.nn.Module) -> int:
 
 def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | None = None, *,
              n_bootstrap: int = 10_000, batch_size: int = 32) -> dict[str, Any]:
-    """Held-out last-word accuracy and perplexity with and without BOS (``data/eval/lastword.jsonl`` by default).
+    """Held-out last-word accuracy and perplexity with and without BOS (``parity_kit/data/eval/lastword.jsonl`` by default).
 
     Returns ``{"with_bos": {...}, "without_bos": {...}}``; each holds ``n, acc, acc_stderr, ppl,
     ppl_stderr`` and ``correct`` (one "0"/"1" character per item, so a subset can be re-checked).
@@ -293,13 +293,14 @@ def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | No
 
 def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int | None = None,
           eval_limit: int | None = None, progress: bool = True, bos: str = "document") -> Path:
-    """Train built-in model ``name`` from ``seed`` and save it to ``out_dir`` (default ``data/models/<name>``).
+    """Train built-in model ``name`` from ``seed`` and save it to ``out_dir`` (default
+    ``parity_kit/data/models/<name>``).
 
     ``steps`` overrides the recipe's step count (for quick tests; the cosine schedule is stretched to it),
     ``eval_limit`` evaluates on the first items of the eval file only; ``bos`` places BOS in the training
     rows (:data:`BOS_PLACEMENTS`).
     Training ``tiny-internlm2`` also writes ``tiny-internlm2-llama`` next to it (folder ``<out_dir>-llama``
-    when ``out_dir`` is given). At the default location, ``data/models/README.md`` is rewritten.
+    when ``out_dir`` is given). At the default location, ``parity_kit/data/models/README.md`` is rewritten.
     Returns the model folder.
 
     >>> import tempfile, pathlib
@@ -408,7 +409,7 @@ def evaluate_checkpoint(folder: str | os.PathLike[str], *, eval_limit: int | Non
     record["eval"] = evaluation
     record["eval_file"] = EVAL_FILE
     record["eval_command"] = (f"python -c \"from parity_kit.builtins.train import evaluate_checkpoint; "
-                              f"evaluate_checkpoint('data/models/{record['name']}')\" (the training command runs it too)")
+                              f"evaluate_checkpoint('parity_kit/data/models/{record['name']}')\" (the training command runs it too)")
     _write_record(folder, record)
     return evaluation
 
@@ -448,11 +449,11 @@ def convert_to_llama(src: Path, dst: Path, *, eval_limit: int | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# data/models/README.md
+# parity_kit/data/models/README.md
 
 
 def write_models_readme(models_dir: Path | None = None) -> Path:
-    """Write ``README.md`` in ``models_dir`` (default ``data/models``) from the ``training.json`` files there.
+    """Write ``README.md`` in ``models_dir`` (default ``parity_kit/data/models``) from the ``training.json`` files there.
 
     >>> write_models_readme().name  # doctest: +SKIP
     'README.md'
@@ -479,7 +480,7 @@ def write_models_readme(models_dir: Path | None = None) -> Path:
         "Written by `parity_kit.builtins.train.write_models_readme()` from each model's `training.json`; every number",
         "below was computed by `parity-kit train` (training on the CPU, then the held-out evaluation).",
         "",
-        f"Held-out evaluation: `data/{EVAL_FILE}` (last-word accuracy: every target token is the greedy",
+        f"Held-out evaluation: `parity_kit/data/{EVAL_FILE}` (last-word accuracy: every target token is the greedy",
         "choice; perplexity: exp(−mean log-likelihood of the target), bootstrap standard error),",
         "computed with `parity_kit.builtins.train.evaluate` (the statistics of `parity_kit.analyses.evaluation.evaluate_lastword`,",
         "lm-eval conventions, 10,000 bootstrap replicates) with BOS (token 0) prepended, as in training,",
