@@ -758,3 +758,68 @@ def test_case(world: World, fn: Callable[[World], Any], match: str) -> None:
 def test_the_suite_is_large_enough() -> None:
     assert len(CASES) >= 70, len(CASES)
     assert len({name for name, _, _ in CASES}) == len(CASES)
+
+
+# ------------------------------------------------------------------ interrupted recordings
+class _Planted(RuntimeError):
+    pass
+
+
+def _interrupted(w: World, mode: str = "tensors", **kwargs: Any) -> Recording:
+    """A recording of ``w.llama`` whose forward raises inside its MLP (a planted fault)."""
+    def fail(*_: Any) -> None:
+        raise _Planted("planted fault in the MLP")
+
+    before = leak_state(w)
+    handle = w.llama.model.layers[0].mlp.register_forward_hook(fail)
+    try:
+        with pytest.raises(_Planted):  # the block's own exception reaches the caller, unchanged
+            with pk.record(w.llama, "*", mode=mode, **kwargs) as rec:
+                w.llama(w.ids)
+    finally:
+        handle.remove()
+    assert leak_state(w) == before
+    return rec
+
+
+def test_a_complete_recording_says_so(world: World) -> None:
+    assert world.rec.metadata["complete"] is True and "interrupted" not in world.rec.metadata
+
+
+def test_an_interrupted_recording_is_marked_incomplete(world: World) -> None:
+    rec = _interrupted(world)
+    assert rec.metadata["complete"] is False
+    assert "_Planted: planted fault in the MLP" in rec.metadata["interrupted"]
+    assert "model.layers.0.mlp" not in rec and "model.layers.0.mlp.down_proj" in rec  # stopped part-way
+    back = Recording.load(rec.save(world.path()))
+    assert back.metadata["complete"] is False
+
+
+def test_compare_marks_the_rows_of_an_interrupted_run(world: World) -> None:
+    rec = _interrupted(world)
+    table = pk.compare(world.rec, rec)
+    assert "ok" not in set(table["status"])
+    assert (table["status"] == "incomplete candidate").sum() == sum(len(c.outputs) for c in rec.calls)
+    assert set(pk.compare(rec, world.rec)["status"]) >= {"incomplete reference"}
+    assert set(pk.compare(rec, rec)["status"]) == {"incomplete runs"}
+    both = table[table["status"] == "incomplete candidate"]
+    assert both["rel_rms"].notna().all()  # the metrics are still there to look at
+    with pytest.raises(ParityKitError, match="not comparable"):
+        pk.compare(world.rec, rec, strict=True)
+    with pytest.raises(ParityKitError, match="incomplete candidate.*block raised"):
+        pk.first_divergence(table)
+
+
+def test_a_recording_of_an_earlier_version_counts_as_complete(world: World) -> None:
+    older = Recording("tensors", world.rec.calls, {k: v for k, v in world.rec.metadata.items() if k != "complete"})
+    assert set(pk.compare(older, world.rec)["status"]) == {"ok"}
+
+
+@pytest.mark.parametrize("batch", ["auto", "1GiB", 0])
+def test_an_interrupted_stats_recording_is_readable_and_saves(world: World, batch: Any) -> None:
+    rec = _interrupted(world, "stats", stats_batch=batch)
+    assert rec.metadata["complete"] is False
+    names = [c.module for c in rec.calls]
+    assert "model.layers.0.mlp.down_proj" in names
+    back = Recording.load(rec.save(world.path()))
+    assert [c.module for c in back.calls] == names and back.metadata["complete"] is False
