@@ -35,9 +35,11 @@ _EXPORTS: dict[str, str] = {
     "run_in_dtype": "analyses.mixed_precision", "sweep_by_class": "analyses.precision",
     "bisect_precision": "analyses.precision",
     "lockstep_greedy": "analyses.generation", "teacher_forced": "analyses.generation",
-    "divergence_statistics": "analyses.divergence",
+    "divergence_statistics": "analyses.divergence", "ModelPair": "analyses.divergence",
+    "execution_floor": "analyses.execution_floor", "ExecutionFloor": "comparison.execution",
     "evaluate_lastword": "analyses.evaluation", "paired_comparison": "analyses.paired",
     "token_provenance": "analyses.provenance",
+    "triage": "analyses.triage",
     # reports
     "environment_capsule": "_util.environment", "diff_capsules": "_util.environment", "write_findings": "present.report",
     "read_findings": "present.report", "export_html": "present.report",

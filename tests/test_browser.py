@@ -123,8 +123,9 @@ def test_quickstart_panel_in_a_real_browser(jupyter_lab, tmp_path):
             page.goto(f"{base}/lab/tree/00_quickstart.ipynb?token={token}")
             notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook")
             notebook.wait_for()
-            # the kernel has started and answered: the status bar says "Python 3 (ipykernel) | Idle"
-            expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle").first).to_be_visible()
+            # the kernel has started and answered: the status bar says "Python 3 (ipykernel) | Idle" (a loaded
+            # machine takes more than the default 5 s to start a kernel)
+            expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle").first).to_be_visible(timeout=120_000)
             expect(page.locator(".jp-Dialog")).to_have_count(0)
 
             page.get_by_role("menuitem", name="Run", exact=True).click()

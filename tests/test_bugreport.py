@@ -230,6 +230,8 @@ def test_report_runs_the_template_and_gathers_html_findings_and_recordings(llama
     assert hidden.returncode == 0, hidden.stderr
     hidden_page = (tmp_path / "hidden" / "05_bug_report.html").read_text()
     assert 'class="highlight' not in hidden_page and "data:image/png;base64" in hidden_page
+    assert str(llama_dir) in hidden_page and "cand_dtype" in hidden_page, "the parameters stay with --hide-code"
+    assert "What to fill in" not in hidden_page and "What to fill in" not in page
     assert (tmp_path / "hidden" / "05_bug_report.findings.json").read_text() == \
         (out / "05_bug_report.findings.json").read_text()
     assert (tmp_path / "hidden" / "05_bug_report.recordings.zip").exists()

@@ -11,6 +11,7 @@ torch.float32
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -73,6 +74,30 @@ def primary_tensor(output: Any, what: str) -> torch.Tensor:
         f"cannot find a tensor in the output of {what} ({type(output).__name__}); return a tensor, "
         "a tuple starting with one, or an object with .logits"
     )
+
+
+#: ``config.model_type`` of recurrent models: a padding token would enter their state, so they take no padding mask.
+RECURRENT_MODEL_TYPES = frozenset({"rwkv", "rwkv5", "rwkv6", "rwkv7", "mamba", "mamba2", "retnet", "gla"})
+
+
+def model_type(model: nn.Module) -> str:
+    """``model.config.model_type``, or "" for a model without one."""
+    return str(getattr(getattr(model, "config", None), "model_type", "") or "")
+
+
+def takes_padding_mask(model: nn.Module) -> bool:
+    """Whether ``model`` can run a padded batch: it takes an ``attention_mask`` and is not recurrent.
+
+    >>> from parity_kit.testing import tiny_llama
+    >>> takes_padding_mask(tiny_llama(layers=1)), takes_padding_mask(nn.Linear(1, 1))
+    (True, False)
+    """
+    if model_type(model) in RECURRENT_MODEL_TYPES:
+        return False
+    try:
+        return "attention_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def vocabulary_size(model: nn.Module) -> int | None:

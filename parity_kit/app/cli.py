@@ -1,4 +1,4 @@
-"""The ``parity-kit`` command: ``env``, ``demo``, ``train``, ``convert``, ``report``.
+"""The ``parity-kit`` command: ``env``, ``demo``, ``train``, ``convert``, ``report``, ``triage``.
 
 Each subcommand imports what it needs when it runs, so a module that is missing or broken only
 affects its own subcommand (``parity-kit env`` keeps working).
@@ -104,7 +104,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     parameters = {name: parse_cli_value(value) for name, value in args.parameters or []}
     files = make_report(args.notebook, args.out, hide_code=args.hide_code, execute=not args.no_execute,
-                        parameters=parameters)
+                        parameters=parameters, name=args.name)
     rows = [("notebook", files.executed), ("html", files.html), *(("findings", f) for f in files.findings),
             ("recordings", files.archive)]
     for kind, path in rows:
@@ -117,6 +117,49 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print("parity-kit report: note: the notebook wrote no findings file (its last cell should call "
               "pk.write_findings)", file=sys.stderr)
     return 0
+
+
+def _cmd_triage(args: argparse.Namespace) -> int:
+    from .triage_command import TriageRequest, run_request, verdict_from_findings, write_report
+
+    request = TriageRequest(args.ref, args.cand, args.prompt, args.eval, args.eval_limit,
+                            args.ref_dtype or args.dtype, args.cand_dtype or args.dtype, args.device, args.ref_attn,
+                            args.cand_attn, args.ref_bos, args.cand_bos, args.quick, args.max_new_tokens)
+    if args.out is None:
+        print(run_request(request).verdict)
+        return 0
+    files, error = write_report(request, args.out)
+    if error is not None:
+        print(f"parity-kit triage: the triage notebook failed: {error}\nsee {files['html']}", file=sys.stderr)
+        return 1
+    print(verdict_from_findings(files["findings"]))
+    for kind, path in files.items():
+        print(f"{kind:<10}  {path}")
+    return 0
+
+
+def _add_triage(sub: Any) -> None:
+    triage = sub.add_parser("triage", help="investigate two runs (inputs, config, weights, precision or bug, where, "
+                                           "fix, consequences) and print the ranked causes")
+    triage.add_argument("ref", help="reference: model folder or built-in name")
+    triage.add_argument("cand", help="candidate: model folder or built-in name (the same one under other settings)")
+    triage.add_argument("--prompt", default=None, help="text both pipelines encode (default: a chat-style line)")
+    triage.add_argument("--eval", default=None, metavar="FILE", help="last-word JSONL for a paired evaluation")
+    triage.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate the first N documents")
+    triage.add_argument("--dtype", default="fp32", help="dtype of both runs (default fp32)")
+    triage.add_argument("--ref-dtype", default=None)
+    triage.add_argument("--cand-dtype", default=None)
+    triage.add_argument("--device", default="cpu")
+    triage.add_argument("--ref-attn", default=None, help="attention implementation of the reference (eager, sdpa)")
+    triage.add_argument("--cand-attn", default=None)
+    triage.add_argument("--ref-bos", choices=["auto", "on", "off"], default="auto",
+                        help="BOS policy of the reference's pipeline (auto: as its tokenizer does)")
+    triage.add_argument("--cand-bos", choices=["auto", "on", "off"], default="auto")
+    triage.add_argument("--quick", action="store_true", help="skip the costly steps (fix for precision, consequences)")
+    triage.add_argument("--max-new-tokens", type=int, default=24, help="greedy steps of the lockstep decoding")
+    triage.add_argument("--out", default=None, metavar="DIR",
+                        help="write triage.ipynb (executed), triage.html and triage.findings.json here")
+    triage.set_defaults(func=_cmd_triage)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,12 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="run a notebook headless and gather HTML, findings and recordings to attach")
     report.add_argument("notebook", type=Path, help="the notebook, e.g. a copy of notebooks/05_bug_report.ipynb")
     report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
-    report.add_argument("--hide-code", action="store_true", help="leave the input cells out of the HTML")
+    report.add_argument("--name", default=None, metavar="NAME",
+                        help="name the outputs NAME.html, NAME.findings.json, ... (default: the notebook's file name)")
+    report.add_argument("--hide-code", action="store_true",
+                        help="leave the input cells out of the HTML (the parameters the run used stay, at the top)")
     report.add_argument("--no-execute", action="store_true", help="the notebook is already executed: only export it")
     report.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                         help="set a parameter of the notebook's parameters cell (repeatable); VALUE is a Python "
                              "literal or plain text")
     report.set_defaults(func=_cmd_report)
+    _add_triage(sub)
     return parser
 
 

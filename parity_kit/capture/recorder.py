@@ -121,7 +121,10 @@ def record(
     no extra cost in the batched path). With ``stats_batch="auto"`` the statistics of CUDA tensors are
     reduced in batches: a hook only keeps a reference to the output, and once the referenced outputs
     reach 4 GiB (at most 1/32 of the GPU's memory; or the block ends) they are reduced together with a
-    few kernels and no host synchronisation inside the forward; CPU tensors are reduced in their hook.
+    few kernels and no host synchronisation inside the forward. A CPU output of at most 256 KiB
+    (``capturer.SNAPSHOT_CPU_BYTES``: the decode-step case) joins the batch as a private copy, reduced with the
+    others by NumPy at the block's end, so an in-place change by the model later does not reach it; a larger
+    CPU output is reduced in its hook.
     The block ends with every statistic on the host and no output held; the :class:`TensorStats` are
     built when ``rec.calls`` is first read. An int or size string
     ("256MiB") sets the batch size and batches CPU tensors too; ``0`` or None reduces each tensor in

@@ -15,6 +15,7 @@ import torch
 from .._util.sizes import parse_bytes
 from ..errors import ParityKitError
 from ..recording import Call, Recording
+from .execution import ExecutionFloor, apply_execution_floor
 from .mapping import ModuleMapping
 from .metrics import check_tolerance
 from .pairs import (COLUMNS, MappingLike, PairJob, compare_leaf, empty_row, leaf_filter, mark_incomplete, require_calls,
@@ -31,6 +32,7 @@ def compare(
     floor_tolerance: float = 2.0,
     device: str | torch.device | None = None,
     chunk_bytes: int | str | None = "1GiB",
+    execution_floor: ExecutionFloor | None = None,
 ) -> pd.DataFrame:
     """Compare two tensors-mode recordings, aligned by (module through ``mapping``, call index, leaf).
 
@@ -44,7 +46,9 @@ def compare(
     ``floor`` is the rel_rms of rounding the (transformed) reference to the candidate's dtype as the
     model produced it (before any cast on capture), which is also the ULP unit; ``floor_ratio`` is
     rel_rms / floor and ``verdict`` judges rel_rms against ``floor_tolerance × floor``.
-    ``nonfinite`` counts NaN/Inf values in the candidate tensor.
+    ``nonfinite`` counts NaN/Inf values in the candidate tensor. With an ``execution_floor`` (measured by
+    :func:`parity_kit.execution_floor`), ``verdict`` says which floor explains a row — rounding, run-to-run noise,
+    batch variance, kernel settings — or "above every floor ×N" (:func:`parity_kit.comparison.execution.apply_execution_floor`).
 
     Every pair is reduced once (all metrics from one set of fp64 reductions, see
     :func:`parity_kit.comparison.metrics.pair_reductions`) on ``device`` (default: where the reference tensor
@@ -113,4 +117,6 @@ def compare(
                 f"compare(strict=True): {len(bad)} of {len(table)} rows are not comparable ({sample}); "
                 "fix the mapping (see ModuleMapping.unmatched) or capture the same modules in both runs"
             )
+    if execution_floor is not None:
+        table = apply_execution_floor(table, execution_floor, tolerance=floor_tolerance)
     return table

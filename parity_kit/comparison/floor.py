@@ -257,7 +257,7 @@ class Floor:
         return pd.DataFrame(rows)
 
 
-def _without_label(cand_module: Any) -> Any:
+def without_label(cand_module: Any) -> Any:
     """``"name [q]"`` → ``"name"``: a table's candidate name without the mapping target's label."""
     return cand_module.split(" [", 1)[0] if isinstance(cand_module, str) else cand_module
 
@@ -272,7 +272,8 @@ def _aliases(key: tuple) -> list[tuple]:
     return [key] + ([(*head, _PRIMARY_ALIAS[leaf])] if leaf in _PRIMARY_ALIAS else [])
 
 
-def _first_known(lookup: Callable[[tuple], float], key: tuple) -> float:
+def first_known(lookup: Callable[[tuple], float], key: tuple) -> float:
+    """``lookup(key)``, or under the primary output's other name when that is NaN (see :func:`_aliases`)."""
     for candidate in _aliases(key):
         value = lookup(candidate)
         if not math.isnan(value):
@@ -330,16 +331,16 @@ def apply_floor(table: pd.DataFrame, floor: Floor | None = None, own: pd.DataFra
             continue
         free_floor, own_floor, kind = one, one, "one rounding"
         if floor is not None:
-            name = row["module"] if floor.keyed_by == "reference" else _without_label(row["cand_module"])
+            name = row["module"] if floor.keyed_by == "reference" else without_label(row["cand_module"])
             key = (name, int(row["call"]), row["tensor"])
-            calibrated_free = _first_known(floor.free, key)
+            calibrated_free = first_known(floor.free, key)
             if not math.isnan(calibrated_free):
                 free_floor, kind = max(one, calibrated_free), "calibrated"
-            calibrated_own = _first_known(floor.own, key)
+            calibrated_own = first_known(floor.own, key)
             if not math.isnan(calibrated_own):
                 own_floor = max(one, calibrated_own)
-        own_key = (row["module"], _without_label(row["cand_module"]), int(row["call"]), row["tensor"])
-        own_error = _first_known(lambda k: own_values.get(k, math.nan), own_key)
+        own_key = (row["module"], without_label(row["cand_module"]), int(row["call"]), row["tensor"])
+        own_error = first_known(lambda k: own_values.get(k, math.nan), own_key)
         rel = float(row["rel_rms"])
         out.at[index, "floor"] = free_floor
         out.at[index, "floor_ratio"] = floor_ratio(rel, free_floor)

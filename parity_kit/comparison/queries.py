@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ParityKitError
 from ..recording import Recording, TensorStats
+from .execution import EXECUTION_NOISE
 from .floor import DIAGNOSES
 from .mapping import ModuleMapping
 from .pairs import INCOMPLETE, METRICS, MappingLike, is_output, require_tensors
@@ -20,7 +21,7 @@ _LOWER_IS_WORSE = {"cosine", "sqnr_db"}
 
 
 def first_divergence(table: pd.DataFrame, metric: str = "rel_rms", threshold: float = 1e-2, *,
-                     diagnosis: str | None = None) -> pd.Series | None:
+                     diagnosis: str | None = None, skip_execution_noise: bool = False) -> pd.Series | None:
     """The first "ok" row, in table (execution) order, whose ``metric`` crosses ``threshold``.
 
     Crossing means above for distances (rel_rms, max_abs, mean_abs, max_ulp, floor_ratio, own_rel_rms,
@@ -31,6 +32,8 @@ def first_divergence(table: pd.DataFrame, metric: str = "rel_rms", threshold: fl
     (the first row with that diagnosis; ``metric`` and ``threshold`` are then not used). None if no row crosses;
     ParityKitError when nothing could be compared (an empty table, no "ok" row: a forgotten mapping or an
     interrupted run) or ``threshold`` is not a number, since "no divergence" would then be a wrong answer.
+    ``skip_execution_noise=True`` skips rows a table judged against an execution floor (``pk.compare(...,
+    execution_floor=...)``) finds within one of its floors (rounding, run-to-run noise, batch variance, kernel settings).
 
     >>> t = pd.DataFrame({"module": ["a", "b", "c"], "rel_rms": [1e-4, 5e-2, 1.0], "status": "ok",
     ...                   "diagnosis": ["consistent with rounding", "inherited", "own error above floor"]})
@@ -38,6 +41,11 @@ def first_divergence(table: pd.DataFrame, metric: str = "rel_rms", threshold: fl
     ('b', 'c')
     """
     ok = _comparable_rows(table)
+    if skip_execution_noise:
+        if "execution_floor" not in table.columns:
+            raise ParityKitError("skip_execution_noise=True needs a table judged against an execution floor: "
+                                 "pk.compare(ref, cand, execution_floor=pk.execution_floor(...))")
+        ok = ok[~ok["verdict"].isin(EXECUTION_NOISE)]
     if diagnosis is not None:
         if diagnosis not in DIAGNOSES:
             raise ParityKitError(f"diagnosis={diagnosis!r} is not one of {list(DIAGNOSES)}")
