@@ -29,7 +29,7 @@ from parity_kit import testing
 from parity_kit.errors import ParityKitError
 from parity_kit.recording import Call, Recording, TensorStats
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "models"
+DATA = Path(__file__).resolve().parents[1] / "parity_kit" / "data" / "models"
 
 
 class World:

@@ -14,7 +14,7 @@ import pytest
 
 from parity_kit.app import cli
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "models"
+DATA = Path(__file__).resolve().parents[1] / "parity_kit" / "data" / "models"
 ROOT = Path(__file__).resolve().parents[1]
 
 

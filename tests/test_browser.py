@@ -22,7 +22,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from parity_kit._util.paths import repo_root
+from parity_kit._util.paths import notebooks_dir
 
 CHROMIUM = os.environ.get("PARITY_KIT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 def _quickstart_copy(folder: Path) -> None:
     """The quickstart with ``smoke = True`` typed into its parameters cell, as a user would."""
-    nb = nbformat.read(repo_root() / "notebooks" / "00_quickstart.ipynb", as_version=4)
+    nb = nbformat.read(notebooks_dir() / "00_quickstart.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assert "smoke = False" in params.source
     params.source = params.source.replace("smoke = False", "smoke = True")

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from parity_kit import Recording
-from parity_kit._util.paths import data_dir, repo_root
+from parity_kit._util.paths import data_dir, notebooks_dir
 from parity_kit.analyses.runs import (
     FROM_CONFIG_LLAMA,
     RunSpec,
@@ -31,7 +31,7 @@ from parity_kit.present.report import read_findings
 from parity_kit.stories.bug_report import comparison_plots
 
 SCRIPT = Path(sys.executable).parent / "parity-kit"
-TEMPLATE = repo_root() / "notebooks" / "05_bug_report.ipynb"
+TEMPLATE = notebooks_dir() / "05_bug_report.ipynb"
 
 
 def _save_llama(folder: Path, *, add_bos: bool = True, poison: bool = False) -> Path:

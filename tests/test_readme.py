@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from parity_kit._util.paths import repo_root
+from parity_kit._util.paths import notebooks_dir, repo_root
 
 README = repo_root() / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
@@ -34,7 +34,7 @@ def test_the_quickstarts_default_model_loads_with_models_load():
     from parity_kit.analyses.runs import RunSpec, load_run
     from parity_kit.app.report_command import notebook_parameters
 
-    quickstart = nbformat.read(repo_root() / "notebooks" / "00_quickstart.ipynb", as_version=4)
+    quickstart = nbformat.read(notebooks_dir() / "00_quickstart.ipynb", as_version=4)
     name = notebook_parameters(quickstart)["model"]
     model, tok = pk.models.load(name, dtype="fp32")
     in_notebook, _ = load_run(RunSpec(name, "fp32"))  # what the quickstart runs (4 layers, seed 0)

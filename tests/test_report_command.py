@@ -15,11 +15,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from parity_kit.analyses.runs import encode_prompt
 from parity_kit.app.cli import main
 from parity_kit.app.report_command import INSTRUCTIONS_TAG, make_report, notebook_parameters
-from parity_kit._util.paths import repo_root
+from parity_kit._util.paths import notebooks_dir
 from parity_kit.errors import ParityKitError
 from parity_kit.models import load, tokenizer_files
 
-TEMPLATE = repo_root() / "notebooks" / "05_bug_report.ipynb"
+TEMPLATE = notebooks_dir() / "05_bug_report.ipynb"
 INSTRUCTIONS = "Fill in the parameters below, then run"
 
 

@@ -1,5 +1,5 @@
 """Two configured runs of a model, captured, compared and localised in one call — the flow behind the
-quickstart and the bug-report template (``notebooks/00_quickstart.ipynb``, ``notebooks/05_bug_report.ipynb``).
+quickstart and the bug-report template (``parity_kit/notebooks/00_quickstart.ipynb``, ``parity_kit/notebooks/05_bug_report.ipynb``).
 
 A run is a :class:`RunSpec` (model, dtype, device, attention implementation). :func:`compare_runs`
 loads both runs (cached in :data:`parity_kit.models.cache.MODELS`), feeds them the same prompt (or token ids),

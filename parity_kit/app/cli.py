@@ -1,4 +1,4 @@
-"""The ``parity-kit`` command: ``env``, ``demo``, ``train``, ``convert``, ``report``, ``triage``.
+"""The ``parity-kit`` command: ``env``, ``demo``, ``notebooks``, ``train``, ``convert``, ``report``, ``triage``.
 
 Each subcommand imports what it needs when it runs, so a module that is missing or broken only
 affects its own subcommand (``parity-kit env`` keeps working).
@@ -67,9 +67,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_notebooks(args: argparse.Namespace) -> int:
+    from .notebooks_command import copy_notebooks
+
+    copied = copy_notebooks(args.dest, overwrite=args.overwrite)
+    for path in copied:
+        print(path)
+    print(f"\nopen them with: jupyter lab {args.dest}", file=sys.stderr)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     train = _load("parity_kit.builtins.train", "train", "train")
-    path = train(args.name, seed=args.seed, out_dir=args.out)
+    path = train(args.name, seed=args.seed, out_dir=args.out, bos=args.bos)
     print(path)
     return 0
 
@@ -171,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parity-kit", description="Numerical parity of language models: run the story notebooks, inspect the environment."
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"parity-kit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     env = sub.add_parser("env", help="print the environment capsule (versions, device, TF32, SDPA, determinism)")
@@ -183,13 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run only this notebook (00_quickstart or quickstart); repeatable")
     demo.add_argument("--reports", default="reports", metavar="DIR", help="output folder (default: reports)")
     demo.add_argument("--notebooks", default=None, metavar="DIR",
-                      help="folder of notebooks to run (default: the repository's notebooks/)")
+                      help="folder of notebooks to run (default: the ones shipped with the package)")
     demo.set_defaults(func=_cmd_demo)
+
+    notebooks = sub.add_parser("notebooks", help="copy the story notebooks into DEST, to open and edit in JupyterLab")
+    notebooks.add_argument("dest", type=Path, metavar="DEST", help="folder to copy into (created when missing)")
+    notebooks.add_argument("--overwrite", action="store_true", help="replace notebooks already in DEST")
+    notebooks.set_defaults(func=_cmd_notebooks)
 
     train = sub.add_parser("train", help="train a built-in tiny model reproducibly")
     train.add_argument("name", help="built-in model, e.g. tiny-internlm2 or tiny-rwkv7")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: data/models/<name>)")
+    train.add_argument("--bos", choices=["document", "sequence"], default="document",
+                       help="BOS at the start of every packed document (default) or only at position 0 of every "
+                            "training sequence (documents inside it separated by EOS)")
+    train.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="output folder (default: parity_kit/data/models/<name>)")
     train.set_defaults(func=_cmd_train)
 
     convert = sub.add_parser("convert", help="convert a checkpoint folder between layouts")
@@ -202,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_cmd_convert)
 
     report = sub.add_parser("report", help="run a notebook headless and gather HTML, findings and recordings to attach")
-    report.add_argument("notebook", type=Path, help="the notebook, e.g. a copy of notebooks/05_bug_report.ipynb")
+    report.add_argument("notebook", type=Path, help="the notebook, e.g. 05_bug_report.ipynb from `parity-kit notebooks DEST`")
     report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
     report.add_argument("--name", default=None, metavar="NAME",
                         help="name the outputs NAME.html, NAME.findings.json, ... (default: the notebook's file name)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ParityKitError
-from .._util.paths import repo_root
+from .._util.paths import notebooks_dir as packaged_notebooks
 from ..present.progress_bars import settle_progress_bars
 from ..present.report import export_html, read_findings
 from .progress import CellProgress, clock, previous_durations, register_engine
@@ -42,12 +42,13 @@ def _short_name(stem: str) -> str:
 
 
 def discover_notebooks(notebooks_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The notebooks ``parity-kit demo`` runs: ``<notebooks_dir>/[0-9]*.ipynb`` in name order.
+    """The notebooks ``parity-kit demo`` runs: ``<notebooks_dir>/[0-9]*.ipynb`` in name order (default: the
+    notebooks shipped in the package, ``parity_kit/notebooks/``).
 
     >>> [p.name for p in discover_notebooks()][:1]
     ['00_quickstart.ipynb']
     """
-    folder = Path(notebooks_dir) if notebooks_dir is not None else repo_root() / "notebooks"
+    folder = Path(notebooks_dir) if notebooks_dir is not None else packaged_notebooks()
     if not folder.is_dir():
         raise ParityKitError(f"notebooks folder {folder} does not exist; pass --notebooks DIR")
     found = sorted(folder.glob("[0-9]*.ipynb"))

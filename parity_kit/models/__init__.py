@@ -47,7 +47,7 @@ def list_models() -> list[str]:
 
 
 def builtin_path(name: str) -> Path:
-    """Folder of a built-in model: ``data/models/<name>/`` (see :func:`parity_kit._util.paths.data_dir`).
+    """Folder of a built-in model: ``parity_kit/data/models/<name>/`` (see :func:`parity_kit._util.paths.data_dir`).
 
     >>> builtin_path("tiny-rwkv7").name
     'tiny-rwkv7'
