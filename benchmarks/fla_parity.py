@@ -1,6 +1,6 @@
 """Parity of our RWKV-7 against the real flash-linear-attention 0.6.0 on a CUDA GPU.
 
-1. Model: a tiny-rwkv7-shaped model (``data/models/tiny-rwkv7`` when it exists, else random weights)
+1. Model: a tiny-rwkv7-shaped model (``parity_kit/data/models/tiny-rwkv7`` when it exists, else random weights)
    is loaded strictly into ``fla.models.RWKV7ForCausalLM``; fp32 logits of FLA's fused recurrent path
    (< 64 tokens, no grad) and of its chunk path (>= 64 tokens) are compared with ours.
 2. Kernels: ``chunk_rwkv7`` and ``fused_recurrent_rwkv7`` (scale 1) against ``wkv_reference`` (fp64) on
@@ -62,7 +62,7 @@ def build_models(seq_lens: tuple[int, ...], device: str) -> dict:
 
     from parity_kit.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 
-    trained = ROOT / "data" / "models" / "tiny-rwkv7"
+    trained = ROOT / "parity_kit" / "data" / "models" / "tiny-rwkv7"
     if (trained / "config.json").exists():
         ours = RWKV7ForCausalLM.from_pretrained(trained, dtype=torch.float32)
         source = str(trained.relative_to(ROOT))

@@ -11,7 +11,8 @@ apart as ``first_call_seconds`` because it compiles and autotunes Triton kernels
 16/32/64 (new Triton compilations).
 
 Run (GPU box, FLA 0.6.0 wheels installed):
-    python benchmarks/wkv_kernels.py --out benchmarks/results/wkv_kernels_h200.json
+    python benchmarks/wkv_kernels.py --out parity_kit/data/stored/wkv_kernels_h200.json
+(the default: story 03 shows these figures without a GPU, so they ship inside the package)
 Without CUDA or fla it writes nothing and exits with the reason.
 """
 
@@ -78,7 +79,7 @@ def kernel_times(source: tuple, lengths: list[int], dtypes: list[torch.dtype]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wkv_kernels_h200.json"))
+    parser.add_argument("--out", default=str(ROOT / "parity_kit" / "data" / "stored" / "wkv_kernels_h200.json"))
     parser.add_argument("--lengths", default="256,512,1024,2048,4096")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     args = parser.parse_args()

@@ -22,7 +22,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from parity_kit._util.paths import repo_root
+from parity_kit._util.paths import notebooks_dir
 
 CHROMIUM = os.environ.get("PARITY_KIT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 def _quickstart_copy(folder: Path) -> None:
     """The quickstart with ``smoke = True`` typed into its parameters cell, as a user would."""
-    nb = nbformat.read(repo_root() / "notebooks" / "00_quickstart.ipynb", as_version=4)
+    nb = nbformat.read(notebooks_dir() / "00_quickstart.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assert "smoke = False" in params.source
     params.source = params.source.replace("smoke = False", "smoke = True")
@@ -123,8 +123,9 @@ def test_quickstart_panel_in_a_real_browser(jupyter_lab, tmp_path):
             page.goto(f"{base}/lab/tree/00_quickstart.ipynb?token={token}")
             notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook")
             notebook.wait_for()
-            # the kernel has started and answered: the status bar says "Python 3 (ipykernel) | Idle"
-            expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle").first).to_be_visible()
+            # the kernel has started and answered: the status bar says "Python 3 (ipykernel) | Idle" (a loaded
+            # machine takes more than the default 5 s to start a kernel)
+            expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle").first).to_be_visible(timeout=120_000)
             expect(page.locator(".jp-Dialog")).to_have_count(0)
 
             page.get_by_role("menuitem", name="Run", exact=True).click()

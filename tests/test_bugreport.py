@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from parity_kit import Recording
-from parity_kit._util.paths import data_dir, repo_root
+from parity_kit._util.paths import data_dir, notebooks_dir
 from parity_kit.analyses.runs import (
     FROM_CONFIG_LLAMA,
     RunSpec,
@@ -31,7 +31,7 @@ from parity_kit.present.report import read_findings
 from parity_kit.stories.bug_report import comparison_plots
 
 SCRIPT = Path(sys.executable).parent / "parity-kit"
-TEMPLATE = repo_root() / "notebooks" / "05_bug_report.ipynb"
+TEMPLATE = notebooks_dir() / "05_bug_report.ipynb"
 
 
 def _save_llama(folder: Path, *, add_bos: bool = True, poison: bool = False) -> Path:
@@ -230,6 +230,8 @@ def test_report_runs_the_template_and_gathers_html_findings_and_recordings(llama
     assert hidden.returncode == 0, hidden.stderr
     hidden_page = (tmp_path / "hidden" / "05_bug_report.html").read_text()
     assert 'class="highlight' not in hidden_page and "data:image/png;base64" in hidden_page
+    assert str(llama_dir) in hidden_page and "cand_dtype" in hidden_page, "the parameters stay with --hide-code"
+    assert "What to fill in" not in hidden_page and "What to fill in" not in page
     assert (tmp_path / "hidden" / "05_bug_report.findings.json").read_text() == \
         (out / "05_bug_report.findings.json").read_text()
     assert (tmp_path / "hidden" / "05_bug_report.recordings.zip").exists()

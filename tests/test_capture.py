@@ -385,6 +385,37 @@ def test_batched_stats_number_calls_across_output_kinds():
     _stats_equal(batched, direct)
 
 
+def test_auto_stats_copy_small_cpu_outputs_into_the_batch(tiny_llama, input_ids):
+    """stats_batch="auto" on CPU: an output of at most SNAPSHOT_CPU_BYTES joins the batch as a private copy (so a
+    later in-place change cannot reach it), a larger one is reduced in its hook; the statistics are those of the
+    in-hook path either way."""
+    from parity_kit.capture import capturer
+
+    with pk.record(tiny_llama, "*", mode="stats", stats_batch=0) as in_hooks:
+        tiny_llama(input_ids)
+    with pk.record(tiny_llama, "*", mode="stats") as rec:
+        tiny_llama(input_ids)
+    assert rec._unbuilt and any(type(entry) is list for entry in rec._calls)  # placeholders: batched
+    _stats_equal(rec, in_hooks)
+    model = TwiceLinear()  # modifies its sub-module's output in place after the call
+    x = torch.randn(2, 4)
+    with pk.record(model, "*", mode="stats", stats_batch=0) as direct:
+        model(x)
+    with pk.record(model, "*", mode="stats") as rec:
+        model(x)
+    _stats_equal(rec, direct)
+    assert rec["proj"][0].output.max == direct["proj"][0].output.max != 0.0
+    original = capturer.SNAPSHOT_CPU_BYTES
+    try:
+        capturer.SNAPSHOT_CPU_BYTES = 0  # every output is larger: all reduced in their hooks
+        with pk.record(tiny_llama, "*", mode="stats") as rec:
+            tiny_llama(input_ids)
+    finally:
+        capturer.SNAPSHOT_CPU_BYTES = original
+    assert not rec._unbuilt
+    _stats_equal(rec, in_hooks)
+
+
 def test_batched_stats_detect_outputs_modified_in_place():
     model = TwiceLinear()
     with pytest.raises(ParityKitError, match="modified in place.*stats_batch=0"):

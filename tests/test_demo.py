@@ -74,7 +74,7 @@ def test_demo_smoke_runs_every_repository_notebook(tmp_path):
     done = subprocess.run([str(SCRIPT), "demo", "--smoke", "--reports", str(reports)],
                           capture_output=True, text=True, timeout=1800, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    names = [p.stem for p in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))]
+    names = [p.stem for p in sorted((ROOT / "parity_kit" / "notebooks").glob("[0-9]*.ipynb"))]
     assert len(names) >= 6
     for name in names:
         findings = json.loads((reports / f"{name}.findings.json").read_text())
@@ -105,9 +105,9 @@ def test_summary_table_truncates_headlines():
 
 
 def test_repository_notebooks_are_numbered_and_committed_without_outputs():
-    nbs = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+    nbs = sorted((ROOT / "parity_kit" / "notebooks").glob("[0-9]*.ipynb"))
     assert any(p.stem == "00_quickstart" for p in nbs)
-    nb = nbformat.read(ROOT / "notebooks" / "00_quickstart.ipynb", as_version=4)
+    nb = nbformat.read(ROOT / "parity_kit" / "notebooks" / "00_quickstart.ipynb", as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", [])
     assert all(not c.outputs and c.execution_count is None for c in code)

@@ -200,3 +200,42 @@ def test_scaled_ulps_ignore_sign_flips_near_zero_and_read_rounding_as_a_few_unit
     assert M.scaled_max_ulp(ref, bad, "bf16") > 4 * M.scaled_max_ulp(ref, x, "bf16")
     assert M.scaled_max_ulp(torch.zeros(3), torch.zeros(3)) == 0.0
     assert M.scaled_max_ulp(torch.zeros(3), torch.ones(3)) == math.inf
+
+
+@pytest.mark.parametrize("piece", [2**18, 100])
+def test_finite_fast_path_gives_the_general_paths_reductions(piece, monkeypatch):
+    """On the CPU a finite fp32/fp16/bf16 pair takes the few-pass path: the same maxima and counts as the general
+    fp64 path, the same sums up to summation order, in one piece or many; pairs it does not take (NaN/Inf, a unit
+    that overflows, fp64) fall through to the general path."""
+    monkeypatch.setattr(M, "_FINITE_PIECE", piece)
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(4099, generator=g)
+    near_zero = base.clone()
+    near_zero[:64] = 1e-6 * torch.randn(64, generator=g)
+    flipped = near_zero + 1e-5 * torch.randn(4099, generator=g)  # signs flip near zero
+    cases = [
+        (base, base + 1e-3 * torch.randn(4099, generator=g), torch.float32),
+        (near_zero, flipped, torch.float32),
+        (near_zero, flipped.bfloat16(), torch.bfloat16),             # fp32 reference, bf16 candidate
+        (near_zero.half(), flipped.half(), torch.float16),
+        (base.bfloat16(), base.bfloat16(), torch.bfloat16),          # identical
+        (T([-0.0, 0.0, 2.0]), T([0.0, -0.0, -2.0]), torch.float32),  # signed zeros and a sign flip
+        (T([3e38, -3e38]), T([3e38, -3e38]), torch.float32),         # fp64 squares, no overflow
+    ]
+    for ref, x, unit in cases:
+        for from_candidate in (False, True):
+            fast = M._pair_reductions_finite(ref, x, unit, from_candidate)
+            assert fast is not None, (ref, x, unit)
+            general = M._pair_reductions_torch(ref, x, unit, from_candidate).tolist()
+            for name, a, b in zip(M.REDUCTIONS, fast.tolist(), general):
+                exact = name in ("max_abs", "kept", "bad", "nonfinite", "ulp", "ulp_bad", "ulp_ok", "floor_bad")
+                assert a == b if exact else _same(a, b), (name, a, b, unit, from_candidate)
+            assert M.pair_reductions(ref, x, unit, floor_from_candidate=from_candidate).tolist() == fast.tolist()
+    nan, inf = float("nan"), float("inf")
+    late_nan = base.clone()
+    late_nan[-1] = nan  # in the last piece
+    for ref, x, unit in [(T([1.0, nan]), T([1.0, nan]), torch.float32), (T([1.0, 2.0]), T([1.0, inf]), torch.float32),
+                         (T([1e5, -3.0]), T([1e5, -3.0001]), torch.float16), (base, late_nan, torch.float32),
+                         (base * 1e5, base * 1e5, torch.float16),
+                         (T([1.0, 2.0]).double(), T([1.0, 2.5]).double(), torch.float32), (T([]), T([]), torch.float32)]:
+        assert M._pair_reductions_finite(ref, x, unit, False) is None, (ref, x, unit)

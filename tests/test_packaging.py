@@ -174,3 +174,24 @@ def test_the_lowest_set_is_pyprojects_lower_bounds():
     for name, requirement in _pyproject_requirements().items():
         if name != "torch" and any(s.operator == ">=" for s in requirement.specifier):
             assert any(canonicalize_name(n) == name for n in bounds), name
+
+
+def test_extras_gpu_rwkv_test_and_environment_yml_names_them():
+    """The extras people install (``parity_kit[gpu]``, ``[rwkv]``, ``[test]``) exist with the packages they promise,
+    and environment.yml's commented editable line offers exactly pyproject's extras."""
+    extras = _pyproject()["project"]["optional-dependencies"]
+    names = {extra: {canonicalize_name(Requirement(r).name) for r in reqs} for extra, reqs in extras.items()}
+    assert set(names) == {"test", "gpu", "rwkv"}
+    assert names["gpu"] == {"flash-linear-attention", "fla-core", "triton"}
+    assert names["rwkv"] == {"rwkv"}
+    offered = re.findall(r"^\s*#\s*-\s*-e \.\[([a-z,]+)\]\s*$", (ROOT / "environment.yml").read_text(), re.M)
+    assert len(offered) == 1 and set(offered[0].split(",")) == set(extras)
+
+
+def test_the_version_has_one_source():
+    import parity_kit
+
+    project = _pyproject()
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "parity_kit.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", parity_kit.__version__)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK = ROOT / "notebooks" / "01_fp16_fp32_divergence.ipynb"
+NOTEBOOK = ROOT / "parity_kit" / "notebooks" / "01_fp16_fp32_divergence.ipynb"
 PARAMETERS = {"model": "tiny-internlm2", "converted": "tiny-internlm2-llama", "dtype": "fp16",
               "reference_dtype": "fp32", "device": "cpu", "interactive": True, "smoke": False,
-              "reports_dir": "../reports", "prompt": "who are you", "max_new_tokens": 128, "n_prompts": 30,
+              "reports_dir": "reports", "prompt": "who are you", "max_new_tokens": 128, "n_prompts": 30,
               "trust_remote_code": False}
 
 

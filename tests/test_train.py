@@ -37,6 +37,20 @@ def test_packed_batches_start_at_a_document_and_are_deterministic():
     assert docs[0] and all(d for d in docs[:-1])
 
 
+def test_bos_only_at_sequence_start_separates_documents_with_eos():
+    tok = train.build_tokenizer(0)
+    per_document = next(train.packed_batches(tok, 0, 4, 256))
+    per_sequence = next(train.packed_batches(tok, 0, 4, 256, bos="sequence"))
+    assert (per_sequence[:, 0] == BOS_ID).all() and int((per_sequence == BOS_ID).sum()) == len(per_sequence)
+    assert int((per_sequence == train.EOS_ID).sum()) > len(per_sequence)  # several documents per row
+    # the same documents in the same order: only the separators differ
+    first = per_document[0].clone()
+    first[1:][first[1:] == BOS_ID] = train.EOS_ID
+    assert torch.equal(first, per_sequence[0])
+    with pytest.raises(ParityKitError, match="bos="):
+        next(train.packed_batches(tok, 0, 4, 256, bos="none"))
+
+
 def test_model_init_is_deterministic_from_the_seed():
     def weights(seed):
         torch.manual_seed(seed)

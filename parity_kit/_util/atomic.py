@@ -8,6 +8,9 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from ..errors import ParityKitError
 
 
 @contextlib.contextmanager
@@ -22,8 +25,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
     'hello'
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    make_parent(target)
+    fd, tmp = os_guarded(target, tempfile.mkstemp, prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     _as_plain_file(fd)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
@@ -44,8 +47,8 @@ def atomic_path(path: str | os.PathLike[str]) -> contextlib.AbstractContextManag
 
 @contextlib.contextmanager
 def _atomic_path(target: Path) -> Iterator[Path]:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    make_parent(target)
+    fd, tmp = os_guarded(target, tempfile.mkstemp, prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     _as_plain_file(fd)
     os.close(fd)
     try:
@@ -55,6 +58,37 @@ def _atomic_path(target: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def make_parent(target: Path) -> None:
+    """Create the folder ``target`` goes in; ParityKitError when a file is in the way or it cannot be written.
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "a-file"
+    >>> _ = f.write_text("x")
+    >>> make_parent(f / "sub" / "out.json")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    parity_kit.errors.ParityKitError: cannot write .../a-file/sub/out.json: .../a-file is a file, not a folder; ...
+    """
+    for folder in target.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ParityKitError(
+                    f"cannot write {target}: {folder} is a file, not a folder; pick a path below a folder"
+                )
+            break
+    os_guarded(target, target.parent.mkdir, parents=True, exist_ok=True)
+
+
+def os_guarded(target: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, with a failure of the file system (permissions, a full disk) as ParityKitError."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as e:
+        detail = e.strerror or f"{type(e).__name__}: {e}"
+        raise ParityKitError(
+            f"cannot write {target} ({detail}); pick a folder you can write to, or free disk space"
+        ) from e
 
 
 def _as_plain_file(fd: int) -> None:

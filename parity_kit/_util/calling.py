@@ -11,6 +11,7 @@ torch.float32
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -73,3 +74,74 @@ def primary_tensor(output: Any, what: str) -> torch.Tensor:
         f"cannot find a tensor in the output of {what} ({type(output).__name__}); return a tensor, "
         "a tuple starting with one, or an object with .logits"
     )
+
+
+#: ``config.model_type`` of recurrent models: a padding token would enter their state, so they take no padding mask.
+RECURRENT_MODEL_TYPES = frozenset({"rwkv", "rwkv5", "rwkv6", "rwkv7", "mamba", "mamba2", "retnet", "gla"})
+
+
+def model_type(model: nn.Module) -> str:
+    """``model.config.model_type``, or "" for a model without one."""
+    return str(getattr(getattr(model, "config", None), "model_type", "") or "")
+
+
+def takes_padding_mask(model: nn.Module) -> bool:
+    """Whether ``model`` can run a padded batch: it takes an ``attention_mask`` and is not recurrent.
+
+    >>> from parity_kit.testing import tiny_llama
+    >>> takes_padding_mask(tiny_llama(layers=1)), takes_padding_mask(nn.Linear(1, 1))
+    (True, False)
+    """
+    if model_type(model) in RECURRENT_MODEL_TYPES:
+        return False
+    try:
+        return "attention_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (``get_input_embeddings``), else ``config.vocab_size``, else None."""
+    if isinstance(model, nn.Embedding):
+        return model.num_embeddings
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        rows = getattr(emb, "num_embeddings", None)
+        if isinstance(rows, int):
+            return rows
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def check_token_ids(models: list[nn.Module], inputs: Any, what: str = "inputs") -> None:
+    """ParityKitError when token ids in ``inputs`` (an integer tensor, a list of ints, or ``input_ids`` of a dict or
+    the first positional argument) fall outside a model's vocabulary; the embedding would raise IndexError.
+
+    >>> from torch import nn
+    >>> check_token_ids([nn.Embedding(8, 2)], torch.tensor([[1, 9]]))  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    parity_kit.errors.ParityKitError: inputs: token id 9 is outside the vocabulary of Embedding ...
+    """
+    ids = inputs
+    if isinstance(ids, Mapping):
+        ids = ids.get("input_ids")
+    elif isinstance(ids, tuple) and ids:
+        ids = ids[0]
+    if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        ids = torch.tensor(ids)
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool \
+            or not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    for model in models:
+        size = vocabulary_size(model)
+        if size is not None and (low < 0 or high >= size):
+            bad = low if low < 0 else high
+            raise ParityKitError(
+                f"{what}: token id {bad} is outside the vocabulary of {type(model).__name__} (ids 0..{size - 1}); "
+                "encode the prompt with this model's tokenizer"
+            )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..dtypes import dtype_name
+from ..errors import ParityKitError
 from .paths import repo_root
 
 
@@ -129,6 +130,10 @@ def diff_capsules(a: Mapping[str, Any], b: Mapping[str, Any]) -> Any:
     """
     import pandas as pd
 
+    for name, capsule in (("a", a), ("b", b)):
+        if not isinstance(capsule, Mapping):
+            raise ParityKitError(f"diff_capsules: {name} must be a capsule dict (pk.environment_capsule(), or the "
+                                 f"'environment' of a findings file), got {type(capsule).__name__}")
     fa, fb = _flatten(a), _flatten(b)
     keys = list(fa) + [k for k in fb if k not in fa]
     rows = [

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._util.calling import call_model, model_device, model_dtype, prepare_inputs
+from .._util.calling import call_model, check_token_ids, model_device, model_dtype, prepare_inputs
 from .._util.trees import map_tensors
 from ..capture import ModuleSpec, record
 from ..comparison import compare
@@ -149,6 +149,7 @@ def calibrate_floor(model: nn.Module, inputs: Any, dtypes: tuple[DtypeLike, Dtyp
     if not isinstance(model, nn.Module):
         raise ParityKitError(f"calibrate_floor needs the model (an nn.Module), not {type(model).__name__}")
     kinds = [parse_dtype(d) for d in dtypes]
+    check_token_ids([model], inputs)
     if len(kinds) != 2:
         raise ParityKitError(f"dtypes={dtypes!r}: give the two runs' dtypes, e.g. ('fp32', 'bf16')")
     inputs = without_cache(model, inputs)
@@ -246,6 +247,7 @@ def compare_models(
     """
     _check_models(ref_model, cand_model)
     tolerance = check_tolerance(tolerance)
+    check_token_ids([ref_model, cand_model], inputs)
     steps = ["record reference", "record candidate", "compare", "own errors", "calibrate floor", "judge", "done"]
     bar = tqdm(total=len(steps) - 1, desc="compare_models") if progress is None and show_progress else None
 

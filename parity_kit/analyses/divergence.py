@@ -22,14 +22,18 @@ from tqdm.auto import tqdm
 from ..dtypes import DtypeLike
 from ..errors import ParityKitError
 from ..models import load
+from .batch_decoding import greedy_decode_batch
 from .decoding import (GreedyTrace, PromptLike, check_context, check_max_new_tokens, check_vocabularies,
-                       decode_text, encode_prompt, eos_ids, greedy_decode, is_newline)
+                       decode_text, encode_prompt, eos_ids, is_newline)
 from .generation import LockstepResult, compare_traces
 
 
 @dataclass
 class ModelPair:
     """Two runs to compare: ``reference`` is the trusted one; ``varies`` names the one factor that differs.
+
+    ``reference_batch`` / ``candidate_batch`` override the batch size :func:`divergence_statistics` decodes that
+    side with: the same model alone (1) and in a batch (8) is the pair that measures batch variance.
 
     >>> import torch.nn as nn
     >>> ModelPair("a vs b", nn.Linear(1, 1), nn.Linear(1, 1), varies="dtype").varies
@@ -41,6 +45,8 @@ class ModelPair:
     candidate: nn.Module
     varies: str = ""
     setting: dict[str, str] = field(default_factory=dict)
+    reference_batch: int | None = None
+    candidate_batch: int | None = None
 
 
 def model_variant(
@@ -72,8 +78,13 @@ def divergence_statistics(
     max_new_tokens: int,
     progress: bool = True,
     stop_at_eos: bool = True,
+    batch_size: int = 1,
 ) -> pd.DataFrame:
     """Lockstep-decode every pair on every prompt; one row per (pair, prompt).
+
+    Every model decodes ``batch_size`` consecutive prompts together (:func:`greedy_decode_batch`; a pair's
+    ``reference_batch`` / ``candidate_batch`` override it for that side). Batching is much faster, and it changes
+    the numerics a little: compare batch sizes with a pair of the same model to see by how much.
 
     Columns: ``pair, varies`` (and the pair's ``setting``: ``model, attention, dtype``), ``prompt_index,
     prompt, prompt_tokens, steps, diverged, first_divergent_step``
@@ -109,23 +120,34 @@ def divergence_statistics(
         check_context(list(models.values()), len(ids), max_new_tokens, f"prompt {i}")
     eos = {key: eos_ids(m, tokenizer) if stop_at_eos else set() for key, m in models.items()}
 
+    sides = [(pair.reference, pair.reference_batch or batch_size) for pair in pairs]
+    sides += [(pair.candidate, pair.candidate_batch or batch_size) for pair in pairs]
+    runs = {(id(m), size): (m, size) for m, size in sides}  # a model's greedy run does not depend on its partner
+    if min(size for _, size in runs.values()) < 1:
+        raise ParityKitError(f"batch sizes must be at least 1, got {sorted({s for _, s in runs.values()})}")
+    chunk = max(size for _, size in runs.values())
+
     rows: list[tuple[int, int, dict[str, Any]]] = []
-    bar = tqdm(total=len(pairs) * len(encoded), desc="divergence statistics", disable=not progress)
+    bar = tqdm(total=len(runs) * len(encoded), desc="divergence statistics", unit="generation", disable=not progress)
     try:
-        for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
-            # A model's greedy run does not depend on its partner: decode each model once per prompt.
-            traces: dict[int, GreedyTrace] = {}
+        for start in range(0, len(encoded), chunk):
+            ids_chunk = encoded[start:start + chunk]
+            traces: dict[tuple[int, int], list[GreedyTrace]] = {}
+            for key, (model, size) in runs.items():
+                traces[key] = greedy_decode_batch(model, ids_chunk, max_new_tokens, 5, eos[id(model)], batch_size=size)
+                bar.update(len(ids_chunk))
             for k, pair in enumerate(pairs):
-                for m in (pair.reference, pair.candidate):
-                    if id(m) not in traces:
-                        traces[id(m)] = greedy_decode(m, ids, max_new_tokens, 5, eos[id(m)])
-                result = compare_traces(traces[id(pair.reference)], traces[id(pair.candidate)], ref_tokenizer=tokenizer,
-                                         cand_tokenizer=tokenizer, compare_by_text=False, comparable_logits=True,
-                                         labels=("reference", "candidate"), max_new_tokens=max_new_tokens)
-                rows.append((k, i, {"pair": pair.name, "varies": pair.varies, **pair.setting, "prompt_index": i,
-                                    "prompt": prompt if isinstance(prompt, str) else decode_text(tokenizer, ids),
-                                    "prompt_tokens": len(ids), **_divergence_row(result, tokenizer)}))
-                bar.update()
+                ref_key = (id(pair.reference), pair.reference_batch or batch_size)
+                cand_key = (id(pair.candidate), pair.candidate_batch or batch_size)
+                for j, ids in enumerate(ids_chunk):
+                    i = start + j
+                    result = compare_traces(traces[ref_key][j], traces[cand_key][j], ref_tokenizer=tokenizer,
+                                             cand_tokenizer=tokenizer, compare_by_text=False, comparable_logits=True,
+                                             labels=("reference", "candidate"), max_new_tokens=max_new_tokens)
+                    prompt = prompts[i]
+                    rows.append((k, i, {"pair": pair.name, "varies": pair.varies, **pair.setting, "prompt_index": i,
+                                        "prompt": prompt if isinstance(prompt, str) else decode_text(tokenizer, ids),
+                                        "prompt_tokens": len(ids), **_divergence_row(result, tokenizer)}))
     finally:
         bar.close()
     table = pd.DataFrame([row for _, _, row in sorted(rows, key=lambda r: (r[0], r[1]))])

@@ -9,7 +9,6 @@ standard errors of :mod:`parity_kit.analyses.statistics`. Two runs over the same
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .._util.calling import takes_padding_mask
 from ..dtypes import DtypeLike, check_dtype_on_device, dtype_name
 from ..errors import ParityKitError
 from .statistics import mean_stderr, perplexity_bootstrap_stderr
@@ -32,7 +32,6 @@ __all__ = ["LastWordItem", "LastWordResult", "load_lastword_items", "encode_last
 
 # Recurrent architectures: their forward takes no attention mask, so padding could not be hidden from
 # them; they are run one document per forward (no padding at all).
-_RECURRENT_MODEL_TYPES = frozenset({"rwkv", "rwkv5", "rwkv6", "rwkv7", "mamba", "mamba2", "retnet", "gla"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,19 +88,29 @@ def load_lastword_items(
         if not path.is_file():
             raise ParityKitError(f"eval set {str(path)!r} does not exist; pass a JSONL file or a list of items")
         items: list[LastWordItem] = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ParityKitError(
-                        f"{path}:{lineno}: not valid JSON ({e.msg}); one JSON object per line"
-                    ) from None
-                items.append(_item_from_mapping(obj, f"{path}:{lineno}"))
-                if limit is not None and len(items) >= limit:
-                    break
+        try:
+            raw_lines = path.read_bytes().splitlines()
+        except OSError as e:
+            raise ParityKitError(f"cannot read eval set {str(path)!r} ({e.strerror or e}); check its permissions") from None
+        for lineno, raw in enumerate(raw_lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ParityKitError(
+                    f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the "
+                    "eval set as UTF-8 JSONL"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ParityKitError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); one JSON object per line"
+                ) from None
+            items.append(_item_from_mapping(obj, f"{path}:{lineno}"))
+            if limit is not None and len(items) >= limit:
+                break
         source = str(path)
     else:
         if isinstance(items_or_path, Mapping):
@@ -307,17 +316,6 @@ def _summarise(per_doc: pd.DataFrame, n_bootstrap: int, config: dict[str, Any], 
 # evaluation
 
 
-def _model_type(model: torch.nn.Module) -> str:
-    return str(getattr(getattr(model, "config", None), "model_type", "") or "")
-
-
-def _takes_attention_mask(model: torch.nn.Module) -> bool:
-    if _model_type(model) in _RECURRENT_MODEL_TYPES:
-        return False
-    params = inspect.signature(model.forward).parameters
-    return "attention_mask" in params
-
-
 def _check_vocab(model: torch.nn.Module, tokenizer: Any, encoded: Sequence[_Encoded]) -> None:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     n_emb = int(emb.num_embeddings) if emb is not None and hasattr(emb, "num_embeddings") else None
@@ -385,7 +383,7 @@ def evaluate_lastword(
         target_device = device if device is not None else next(model.parameters()).device
         model.to(device=target_device, dtype=None if dtype is None else check_dtype_on_device(dtype, target_device))
     first_param = next(model.parameters())
-    masked = _takes_attention_mask(model)
+    masked = takes_padding_mask(model)
     step = batch_size if masked else 1
     # longest first, as lm-eval does: padding stays small and an out-of-memory shows up at once
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))

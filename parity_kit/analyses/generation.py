@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .._util.calling import model_device
+from .._util.calling import check_token_ids, model_device
 from ..errors import ParityKitError
 from .decoding import (GreedyTrace, PromptLike, check_context, check_max_new_tokens, check_vocabularies,
                        decode_text, encode_prompt, eos_ids, greedy_decode, logit_error, logits_comparable,
@@ -201,6 +201,8 @@ def lockstep_greedy(
     else:
         ref_prompt = encode_prompt(input_ids, ref_tokenizer, "the prompt")
         cand_prompt = ref_prompt
+    check_token_ids([ref_model], ref_prompt, "the prompt")
+    check_token_ids([cand_model], cand_prompt, "the prompt")
     check_context([ref_model], len(ref_prompt), max_new_tokens, "the prompt")
     check_context([cand_model], len(cand_prompt), max_new_tokens, "the prompt")
 
@@ -305,6 +307,7 @@ def teacher_forced(
     """
     check_vocabularies(ref_model, cand_model, tokenizer, tokenizer, compare_by_text=False)
     ids = encode_prompt(input_ids, tokenizer, "input_ids")
+    check_token_ids([ref_model, cand_model], ids, "input_ids")
     check_context([ref_model, cand_model], len(ids), 0, "input_ids")
     ref_logits, cand_logits = _full_logits(ref_model, ids), _full_logits(cand_model, ids)
     if ref_logits.shape != cand_logits.shape:

@@ -62,6 +62,10 @@ def paired_comparison(
     >>> paired_comparison(a, a, n_bootstrap=100).flagged
     False
     """
+    for name, result in (("a", a), ("b", b)):
+        if not isinstance(result, LastWordResult):
+            raise ParityKitError(f"{name} must be a LastWordResult (from pk.evaluate_lastword), got "
+                                 f"{type(result).__name__}")
     if a.n != b.n:
         raise ParityKitError(f"the runs scored different numbers of documents ({a.n} vs {b.n}); evaluate the same "
                              "items (same file, same limit) for a paired comparison")

@@ -184,7 +184,7 @@ def lastword_by_mode(
     difference in mean log-likelihood against the reference and its z score. A mode whose logits overflow
     gets ``status`` "non-finite logits" and NaN figures instead of stopping the whole table.
 
-    >>> table = lastword_by_mode(model, tok, "data/eval/lastword.jsonl", limit=20)  # doctest: +SKIP
+    >>> table = lastword_by_mode(model, tok, "parity_kit/data/eval/lastword.jsonl", limit=20)  # doctest: +SKIP
     >>> list(table.columns)[:4]  # doctest: +SKIP
     ['dtype', 'mode', 'ppl', 'ppl_stderr']
     """

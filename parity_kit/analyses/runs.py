@@ -1,5 +1,5 @@
 """Two configured runs of a model, captured, compared and localised in one call — the flow behind the
-quickstart and the bug-report template (``notebooks/00_quickstart.ipynb``, ``notebooks/05_bug_report.ipynb``).
+quickstart and the bug-report template (``parity_kit/notebooks/00_quickstart.ipynb``, ``parity_kit/notebooks/05_bug_report.ipynb``).
 
 A run is a :class:`RunSpec` (model, dtype, device, attention implementation). :func:`compare_runs`
 loads both runs (cached in :data:`parity_kit.models.cache.MODELS`), feeds them the same prompt (or token ids),
@@ -35,11 +35,9 @@ from ..comparison.mapping import internlm2_to_llama
 from ..dtypes import check_dtype_on_device, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from ..models.cache import MODELS
+from ..models.from_config import FROM_CONFIG_LLAMA, build_tiny_llama
 from .calibration import compare_models
 from .provenance import token_provenance
-
-FROM_CONFIG_LLAMA = "tiny-llama-from-config"
-"""Model name of a small ``LlamaForCausalLM`` built from a config with seeded random weights (no files)."""
 
 RECORDINGS_SUFFIX = ".recordings"
 """``<reports_dir>/<notebook>.recordings/{reference,candidate}``: where :meth:`RunComparison.save_recordings` writes."""
@@ -68,24 +66,6 @@ class RunSpec:
         parts = [Path(self.model).name if os.sep in self.model else self.model,
                  dtype_name(parse_dtype(self.dtype)), self.device]
         return " ".join([*parts, *([self.attn_implementation] if self.attn_implementation else [])])
-
-
-def build_tiny_llama(seed: int = 0, layers: int = 4, *, vocab_size: int = 512) -> torch.nn.Module:
-    """A ``LlamaForCausalLM`` with hidden size 64 built from a config, weights drawn from ``seed``.
-
-    The global RNG is left as it was, so building it does not change what the caller draws next.
-
-    >>> build_tiny_llama(layers=2).config.num_hidden_layers
-    2
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).eval()
 
 
 def _build_from_config(name: str, *, dtype: str, device: str, attn_implementation: str | None,
@@ -135,6 +115,11 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
         raise ParityKitError("prompt is empty; give the text that shows the problem")
     ids = [int(t) for t in tokenizer(prompt)["input_ids"]]
     if not ids:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        if size is not None and size <= len(getattr(tokenizer, "all_special_ids", [])) + 1:
+            raise ParityKitError(f"the tokenizer has no vocabulary ({size} entries), so prompt {prompt!r} became no "
+                                 "tokens; the checkpoint is missing its tokenizer files: copy them from the "
+                                 "checkpoint it came from")
         raise ParityKitError(f"the tokenizer turned prompt {prompt!r} into no tokens; use a longer prompt")
     return ids
 
@@ -300,7 +285,7 @@ def summarise(table: pd.DataFrame, threshold: float = 1e-2) -> Summary:
         n_not_comparable=len(table) - len(comparable),
         n_modules=len(within),
         n_within=int(within.sum()),
-        first=first_divergence(table, metric="rel_rms", threshold=threshold),
+        first=first_divergence(table, metric="rel_rms", threshold=threshold) if has_rows else None,
         worst=comparable.loc[comparable["rel_rms"].astype(float).idxmax()] if has_rows else None,
         last=comparable[comparable["module"] == last_module].iloc[0] if has_rows else None,
         first_nonfinite=first_nonfinite(table),

@@ -1,4 +1,4 @@
-"""The ``parity-kit`` command: ``env``, ``demo``, ``train``, ``convert``, ``report``, ``triage``.
+"""The ``parity-kit`` command: ``env``, ``demo``, ``notebooks``, ``train``, ``convert``, ``report``, ``triage``.
 
 Each subcommand imports what it needs when it runs, so a module that is missing or broken only
 affects its own subcommand (``parity-kit env`` keeps working).
@@ -67,9 +67,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_notebooks(args: argparse.Namespace) -> int:
+    from .notebooks_command import copy_notebooks
+
+    copied = copy_notebooks(args.dest, overwrite=args.overwrite)
+    for path in copied:
+        print(path)
+    print(f"\nopen them with: jupyter lab {args.dest}", file=sys.stderr)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     train = _load("parity_kit.builtins.train", "train", "train")
-    path = train(args.name, seed=args.seed, out_dir=args.out)
+    path = train(args.name, seed=args.seed, out_dir=args.out, bos=args.bos)
     print(path)
     return 0
 
@@ -104,7 +114,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     parameters = {name: parse_cli_value(value) for name, value in args.parameters or []}
     files = make_report(args.notebook, args.out, hide_code=args.hide_code, execute=not args.no_execute,
-                        parameters=parameters)
+                        parameters=parameters, name=args.name)
     rows = [("notebook", files.executed), ("html", files.html), *(("findings", f) for f in files.findings),
             ("recordings", files.archive)]
     for kind, path in rows:
@@ -171,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parity-kit", description="Numerical parity of language models: run the story notebooks, inspect the environment."
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"parity-kit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     env = sub.add_parser("env", help="print the environment capsule (versions, device, TF32, SDPA, determinism)")
@@ -183,13 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run only this notebook (00_quickstart or quickstart); repeatable")
     demo.add_argument("--reports", default="reports", metavar="DIR", help="output folder (default: reports)")
     demo.add_argument("--notebooks", default=None, metavar="DIR",
-                      help="folder of notebooks to run (default: the repository's notebooks/)")
+                      help="folder of notebooks to run (default: the ones shipped with the package)")
     demo.set_defaults(func=_cmd_demo)
+
+    notebooks = sub.add_parser("notebooks", help="copy the story notebooks into DEST, to open and edit in JupyterLab")
+    notebooks.add_argument("dest", type=Path, metavar="DEST", help="folder to copy into (created when missing)")
+    notebooks.add_argument("--overwrite", action="store_true", help="replace notebooks already in DEST")
+    notebooks.set_defaults(func=_cmd_notebooks)
 
     train = sub.add_parser("train", help="train a built-in tiny model reproducibly")
     train.add_argument("name", help="built-in model, e.g. tiny-internlm2 or tiny-rwkv7")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: data/models/<name>)")
+    train.add_argument("--bos", choices=["document", "sequence"], default="document",
+                       help="BOS at the start of every packed document (default) or only at position 0 of every "
+                            "training sequence (documents inside it separated by EOS)")
+    train.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="output folder (default: parity_kit/data/models/<name>)")
     train.set_defaults(func=_cmd_train)
 
     convert = sub.add_parser("convert", help="convert a checkpoint folder between layouts")
@@ -202,9 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_cmd_convert)
 
     report = sub.add_parser("report", help="run a notebook headless and gather HTML, findings and recordings to attach")
-    report.add_argument("notebook", type=Path, help="the notebook, e.g. a copy of notebooks/05_bug_report.ipynb")
+    report.add_argument("notebook", type=Path, help="the notebook, e.g. 05_bug_report.ipynb from `parity-kit notebooks DEST`")
     report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
-    report.add_argument("--hide-code", action="store_true", help="leave the input cells out of the HTML")
+    report.add_argument("--name", default=None, metavar="NAME",
+                        help="name the outputs NAME.html, NAME.findings.json, ... (default: the notebook's file name)")
+    report.add_argument("--hide-code", action="store_true",
+                        help="leave the input cells out of the HTML (the parameters the run used stay, at the top)")
     report.add_argument("--no-execute", action="store_true", help="the notebook is already executed: only export it")
     report.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                         help="set a parameter of the notebook's parameters cell (repeatable); VALUE is a Python "
@@ -217,15 +242,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``parity-kit`` console script; returns the exit status.
 
+    A failure prints one line, ``parity-kit COMMAND: error: ...``, and returns 2 for a ParityKitError (bad
+    input: the line says what to do), 1 for anything else (an unexpected failure, named by its type) and 130
+    for Ctrl-C; ``--debug`` anywhere on the command line prints the traceback as well.
+
     >>> main(["env", "--json"]) == 0  # doctest: +SKIP
     True
     """
-    args = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_list
+    args = build_parser().parse_args([a for a in args_list if a != "--debug"])
     try:
         return args.func(args)
     except ParityKitError as e:
-        print(f"parity-kit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(e), debug, 2)
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", debug, 130, prefix="")
+    except Exception as e:  # noqa: BLE001  # anything else still ends in one line, not a traceback
+        return _fail(args.command, f"{type(e).__name__}: {e} (an unexpected failure: run again with --debug for the "
+                     "traceback, and report it)", debug, 1)
+
+
+def _fail(command: str, message: str, debug: bool, status: int, prefix: str = "error: ") -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+    print(f"parity-kit {command}: {prefix}{' '.join(message.split())}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -14,8 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ParityKitError
-from .._util.paths import repo_root
+from .._util.paths import notebooks_dir as packaged_notebooks
+from ..present.progress_bars import settle_progress_bars
 from ..present.report import export_html, read_findings
+from .progress import CellProgress, clock, previous_durations, register_engine
+
+# The kernel runs on this machine; IPC sockets (POSIX only) keep its traffic off the network, and
+# ipykernel's warning about unencrypted TCP out of the terminal.
+_KERNEL_OVER_IPC = {"KernelManager": {"transport": "ipc"}} if os.name == "posix" else {}
 
 
 @dataclass
@@ -36,12 +42,13 @@ def _short_name(stem: str) -> str:
 
 
 def discover_notebooks(notebooks_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The notebooks ``parity-kit demo`` runs: ``<notebooks_dir>/[0-9]*.ipynb`` in name order.
+    """The notebooks ``parity-kit demo`` runs: ``<notebooks_dir>/[0-9]*.ipynb`` in name order (default: the
+    notebooks shipped in the package, ``parity_kit/notebooks/``).
 
     >>> [p.name for p in discover_notebooks()][:1]
     ['00_quickstart.ipynb']
     """
-    folder = Path(notebooks_dir) if notebooks_dir is not None else repo_root() / "notebooks"
+    folder = Path(notebooks_dir) if notebooks_dir is not None else packaged_notebooks()
     if not folder.is_dir():
         raise ParityKitError(f"notebooks folder {folder} does not exist; pass --notebooks DIR")
     found = sorted(folder.glob("[0-9]*.ipynb"))
@@ -110,17 +117,24 @@ def execute_notebook(
 
     The executed copy is written even when a cell fails (it shows the error) and appears only once
     the run has ended, so a reader never sees a half-run notebook. Runs in the notebook's folder with
-    this interpreter as the ``python3`` kernel.
+    this interpreter as the ``python3`` kernel, talking to it over local IPC sockets (not TCP on localhost).
+    ``progress`` prints each cell's start, elapsed time and an estimate to stderr
+    (:class:`parity_kit.app.progress.CellProgress`); progress bars in the copy show how they ended
+    (:func:`parity_kit.present.progress_bars.settle_progress_bars`).
     """
+    import nbformat
     import papermill
+    from traitlets.config import Config
 
     partial = executed.parent / f".{executed.stem}.running.ipynb"
     error: str | None = None
+    reporter = CellProgress(executed.stem, previous_durations(executed, parameters)) if progress else None
     try:
         with _this_interpreter_as_python3():
             papermill.execute_notebook(str(notebook), str(partial), parameters=parameters,
                                        cwd=str(notebook.parent.resolve()), kernel_name="python3",
-                                       progress_bar=progress)
+                                       engine_name=register_engine(reporter), progress_bar=False,
+                                       config=Config(_KERNEL_OVER_IPC))
     except Exception as e:  # a failing cell, a dead kernel, a bad parameter: report it, keep what ran
         error = _error_summary(e)
     except BaseException:
@@ -128,6 +142,9 @@ def execute_notebook(
         raise
     if not partial.exists():
         raise ParityKitError(f"{notebook} could not be executed: {error}")
+    ran = nbformat.read(partial, as_version=4)
+    if settle_progress_bars(ran):
+        nbformat.write(ran, partial)
     os.replace(partial, executed)
     return error
 
@@ -187,8 +204,10 @@ def run_demo(
     notebooks = select_notebooks(discover_notebooks(notebooks_dir), only)
     out = Path(reports_dir)
     results = []
+    started = time.perf_counter()
     for i, nb in enumerate(notebooks, 1):
-        print(f"[{i}/{len(notebooks)}] {nb.stem}", file=sys.stderr, flush=True)
+        print(f"[{i}/{len(notebooks)}] {nb.stem}  (demo elapsed {clock(time.perf_counter() - started)})",
+              file=sys.stderr, flush=True)
         results.append(run_notebook(nb, out, smoke=smoke, progress=progress))
     return results
 

@@ -516,7 +516,7 @@ def chat_prompts(n: int = 40, seed: int = 0) -> list[str]:
 
 
 def read_lastword_items(path: str | Path | None = None) -> list[dict[str, str]]:
-    """Read a last-word JSONL file (default: ``data/eval/lastword.jsonl``).
+    """Read a last-word JSONL file (default: ``parity_kit/data/eval/lastword.jsonl``).
 
     >>> len(read_lastword_items()) >= 500
     True

@@ -1,4 +1,4 @@
-"""Everything under ``data/`` that is not a model: the chat prompts, the last-word eval set and the tokenizer."""
+"""Everything under ``parity_kit/data/`` that is not a model: the chat prompts, the last-word eval set and the tokenizer."""
 
 from __future__ import annotations
 

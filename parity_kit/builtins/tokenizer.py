@@ -80,7 +80,7 @@ def save_tokenizer(tokenizer, folder: str | Path, *, add_bos: bool) -> Path:
 
 
 def load_base_tokenizer(folder: str | Path | None = None):
-    """The committed base tokenizer (``data/tokenizer/tokenizer.json``) as a ``tokenizers.Tokenizer``.
+    """The committed base tokenizer (``parity_kit/data/tokenizer/tokenizer.json``) as a ``tokenizers.Tokenizer``.
 
     >>> load_base_tokenizer().token_to_id("<s>")
     0

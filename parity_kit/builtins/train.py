@@ -6,7 +6,7 @@ deterministic from the seed on a given machine and thread count: the corpus and 
 stream. Every sequence starts with the BOS token of a document, and documents are packed one after
 another (each with its own BOS) up to the sequence length.
 
-After training, the model is evaluated on ``data/eval/lastword.jsonl`` with :func:`evaluate`, with
+After training, the model is evaluated on ``parity_kit/data/eval/lastword.jsonl`` with :func:`evaluate`, with
 and without BOS, and everything is written to the
 model folder: ``model.safetensors`` (fp32), ``config.json``, tokenizer files, ``training.json`` (settings,
 loss curve, evaluation, wall time) and ``loss.png``. Training ``tiny-internlm2`` also produces
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .corpus import BOS_ID, iter_training_documents, read_lastword_items, training_documents
+from .corpus import BOS_ID, EOS, SPECIAL_TOKENS, iter_training_documents, read_lastword_items, training_documents
 from .data import TOKENIZER_DOCS
 from .tokenizer import save_tokenizer, train_tokenizer
 from ..errors import ParityKitError
@@ -40,6 +40,7 @@ from .._util.atomic import atomic_write, replace_folder
 from .._util.paths import data_dir
 
 LLAMA_NAME = "tiny-internlm2-llama"
+EOS_ID = SPECIAL_TOKENS.index(EOS)
 EVAL_FILE = "eval/lastword.jsonl"
 
 
@@ -129,14 +130,27 @@ def build_model(name: str, vocab_size: int) -> torch.nn.Module:
     return RWKV7ForCausalLM(RWKV7Config(**kwargs))
 
 
-def packed_batches(tokenizer, seed: int, batch_size: int, seq_len: int) -> Iterator[torch.Tensor]:
+#: Where BOS goes in the packed training rows: "document" (every document starts with BOS, several per row) or
+#: "sequence" (BOS at position 0 of every row only, the documents inside a row separated by EOS: the model sees
+#: BOS only as the first token of a sequence, as models trained on fixed windows with a BOS prefix do).
+BOS_PLACEMENTS = ("document", "sequence")
+
+
+def packed_batches(tokenizer, seed: int, batch_size: int, seq_len: int,
+                   bos: str = "document") -> Iterator[torch.Tensor]:
     """Endless ``[batch_size, seq_len + 1]`` batches; each row starts at a document's BOS and packs
     whole BOS-started documents until it is full (the tail of the last one is cut off and dropped).
+    With ``bos="sequence"`` only position 0 holds BOS and documents after the first follow an EOS.
 
     >>> row = next(packed_batches(build_tokenizer(0), 0, 2, 16))
     >>> row.shape, int(row[0, 0])
     (torch.Size([2, 17]), 0)
+    >>> rows = next(packed_batches(build_tokenizer(0), 0, 4, 256, bos="sequence"))
+    >>> int((rows == BOS_ID).sum()), bool((rows[:, 0] == BOS_ID).all())
+    (4, True)
     """
+    if bos not in BOS_PLACEMENTS:
+        raise ParityKitError(f"bos={bos!r}: use one of {list(BOS_PLACEMENTS)}")
     docs = iter_training_documents(seed)
     width = seq_len + 1
 
@@ -145,7 +159,7 @@ def packed_batches(tokenizer, seed: int, batch_size: int, seq_len: int) -> Itera
         while True:
             texts = [next(docs) for _ in range(256)]
             for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
-                current += [BOS_ID, *enc.ids]
+                current += [BOS_ID if bos == "document" or not current else EOS_ID, *enc.ids]
                 if len(current) >= width:
                     yield current[:width]
                     current = []
@@ -228,7 +242,7 @@ def _param_count(model: torch.nn.Module) -> int:
 
 def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | None = None, *,
              n_bootstrap: int = 10_000, batch_size: int = 32) -> dict[str, Any]:
-    """Held-out last-word accuracy and perplexity with and without BOS (``data/eval/lastword.jsonl`` by default).
+    """Held-out last-word accuracy and perplexity with and without BOS (``parity_kit/data/eval/lastword.jsonl`` by default).
 
     Returns ``{"with_bos": {...}, "without_bos": {...}}``; each holds ``n, acc, acc_stderr, ppl,
     ppl_stderr`` and ``correct`` (one "0"/"1" character per item, so a subset can be re-checked).
@@ -278,13 +292,15 @@ def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | No
 
 
 def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int | None = None,
-          eval_limit: int | None = None, progress: bool = True) -> Path:
-    """Train built-in model ``name`` from ``seed`` and save it to ``out_dir`` (default ``data/models/<name>``).
+          eval_limit: int | None = None, progress: bool = True, bos: str = "document") -> Path:
+    """Train built-in model ``name`` from ``seed`` and save it to ``out_dir`` (default
+    ``parity_kit/data/models/<name>``).
 
     ``steps`` overrides the recipe's step count (for quick tests; the cosine schedule is stretched to it),
-    ``eval_limit`` evaluates on the first items of the eval file only.
+    ``eval_limit`` evaluates on the first items of the eval file only; ``bos`` places BOS in the training
+    rows (:data:`BOS_PLACEMENTS`).
     Training ``tiny-internlm2`` also writes ``tiny-internlm2-llama`` next to it (folder ``<out_dir>-llama``
-    when ``out_dir`` is given). At the default location, ``data/models/README.md`` is rewritten.
+    when ``out_dir`` is given). At the default location, ``parity_kit/data/models/README.md`` is rewritten.
     Returns the model folder.
 
     >>> import tempfile, pathlib
@@ -311,7 +327,7 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
         model = build_model(name, tokenizer.get_vocab_size())
         model.train()
         optimizer = _optimizer(model, settings)
-        batches = packed_batches(tokenizer, seed, settings.batch_size, settings.seq_len)
+        batches = packed_batches(tokenizer, seed, settings.batch_size, settings.seq_len, bos)
         losses: list[float] = []
         started = time.perf_counter()
         bar = tqdm(range(settings.steps), desc=f"train {name}", disable=not progress)
@@ -342,10 +358,11 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
                 "n_params": _param_count(model),
                 "settings": asdict(settings),
                 "tokens_seen": settings.steps * settings.batch_size * settings.seq_len,
+                "bos_placement": bos,
                 "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                 "loss_curve": curve,
                 "wall_time_s": wall,
-                "command": f"parity-kit train {name} --seed {seed}",
+                "command": f"parity-kit train {name} --seed {seed}" + (f" --bos {bos}" if bos != "document" else ""),
                 "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                 "machine": platform.machine(), "threads": settings.threads},
             }
@@ -392,7 +409,7 @@ def evaluate_checkpoint(folder: str | os.PathLike[str], *, eval_limit: int | Non
     record["eval"] = evaluation
     record["eval_file"] = EVAL_FILE
     record["eval_command"] = (f"python -c \"from parity_kit.builtins.train import evaluate_checkpoint; "
-                              f"evaluate_checkpoint('data/models/{record['name']}')\" (the training command runs it too)")
+                              f"evaluate_checkpoint('parity_kit/data/models/{record['name']}')\" (the training command runs it too)")
     _write_record(folder, record)
     return evaluation
 
@@ -432,11 +449,11 @@ def convert_to_llama(src: Path, dst: Path, *, eval_limit: int | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# data/models/README.md
+# parity_kit/data/models/README.md
 
 
 def write_models_readme(models_dir: Path | None = None) -> Path:
-    """Write ``README.md`` in ``models_dir`` (default ``data/models``) from the ``training.json`` files there.
+    """Write ``README.md`` in ``models_dir`` (default ``parity_kit/data/models``) from the ``training.json`` files there.
 
     >>> write_models_readme().name  # doctest: +SKIP
     'README.md'
@@ -463,7 +480,7 @@ def write_models_readme(models_dir: Path | None = None) -> Path:
         "Written by `parity_kit.builtins.train.write_models_readme()` from each model's `training.json`; every number",
         "below was computed by `parity-kit train` (training on the CPU, then the held-out evaluation).",
         "",
-        f"Held-out evaluation: `data/{EVAL_FILE}` (last-word accuracy: every target token is the greedy",
+        f"Held-out evaluation: `parity_kit/data/{EVAL_FILE}` (last-word accuracy: every target token is the greedy",
         "choice; perplexity: exp(−mean log-likelihood of the target), bootstrap standard error),",
         "computed with `parity_kit.builtins.train.evaluate` (the statistics of `parity_kit.analyses.evaluation.evaluate_lastword`,",
         "lm-eval conventions, 10,000 bootstrap replicates) with BOS (token 0) prepended, as in training,",

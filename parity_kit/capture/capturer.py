@@ -26,6 +26,12 @@ from .stats_batch import StatsBatch
 #: copies wait.
 PINNED_WRITE_BYTES = 2**30
 
+#: With ``stats_batch="auto"``, a CPU output of at most this many bytes is copied into the batch (a private
+#: copy, so an in-place change by the model later cannot reach it) and reduced with the others when the batch
+#: runs; a larger one is reduced in its hook. A copy is one small op where the in-hook statistics are about ten,
+#: two thread-count changes and a host read; past a few hundred KiB the copy itself costs more than they do.
+SNAPSHOT_CPU_BYTES = 256 * 2**10
+
 
 class _Slot:
     """Where a deferred result goes: leaf ``leaf`` of one call's tensor dict, filled when its batch resolves."""
@@ -82,6 +88,8 @@ class Capturer:
         self.new_slots: list[_Slot] = []  # slots made since the last pre-hook began (inputs')
         self.track_slots = inputs
         self.stats_batch, self.copy_batch, self.defer_cpu = stats_batch, copy_batch, defer_cpu
+        # stats_batch="auto": CPU outputs are not deferred by reference, but small ones are copied into the batch
+        self.snapshot_cpu = self.stats_mode and stats_batch is not None and not defer_cpu
         self.writer = writer
         # Stats of outputs that are one deferrable tensor take the cheapest path: a wrapped forward appends
         # a placeholder list [module, index, tensor, version] to the recording's calls, and the Call is
@@ -111,6 +119,10 @@ class Capturer:
                 # an inference-mode tensor has no version counter, so in-place changes cannot be detected
                 version = None if t.is_inference() else t._version
                 self.deferred.append((self.slot(tensors, leaf), t.detach() if t.requires_grad else t, version,
+                                      (name, leaf)))
+            elif self.snapshot_cpu and t.numel() and t.nbytes <= SNAPSHOT_CPU_BYTES and t.device.type == "cpu":
+                # a private copy: nothing the model does to ``t`` later reaches it, so no version to check
+                self.deferred.append((self.slot(tensors, leaf), (t.detach() if t.requires_grad else t).clone(), None,
                                       (name, leaf)))
                 self.deferred_bytes += t.numel() * t.element_size()
                 if self.deferred_bytes >= self.stats_batch:
@@ -373,7 +385,10 @@ class ForwardWrap:
         index = self.count
         self.count = index + 1
         placeholders = self.placeholders
-        if placeholders is not None and type(output) is torch.Tensor and (output.is_cuda or capturer.defer_cpu):
+        if placeholders is None or type(output) is not torch.Tensor:
+            capturer.output(self.name, output, index)
+            return output
+        if output.is_cuda or capturer.defer_cpu:
             if capturer.versions_unchecked:
                 try:
                     version = output._version
@@ -383,11 +398,15 @@ class ForwardWrap:
             else:
                 version = None if output.is_inference() else output._version
             placeholders.append([self.name, index, output, version])
-            capturer.deferred_bytes += output.nbytes
-            if capturer.deferred_bytes >= capturer.stats_batch:  # type: ignore[operator]
-                capturer.flush_stats()
+        elif capturer.snapshot_cpu and output.nbytes <= SNAPSHOT_CPU_BYTES and output.device.type == "cpu":
+            # a small CPU output: a private copy joins the batch (see SNAPSHOT_CPU_BYTES), no version to check
+            placeholders.append([self.name, index, (output.detach() if output.requires_grad else output).clone(), None])
         else:
             capturer.output(self.name, output, index)
+            return output
+        capturer.deferred_bytes += output.nbytes
+        if capturer.deferred_bytes >= capturer.stats_batch:  # type: ignore[operator]
+            capturer.flush_stats()
         return output
 
     @property

@@ -121,7 +121,10 @@ def record(
     no extra cost in the batched path). With ``stats_batch="auto"`` the statistics of CUDA tensors are
     reduced in batches: a hook only keeps a reference to the output, and once the referenced outputs
     reach 4 GiB (at most 1/32 of the GPU's memory; or the block ends) they are reduced together with a
-    few kernels and no host synchronisation inside the forward; CPU tensors are reduced in their hook.
+    few kernels and no host synchronisation inside the forward. A CPU output of at most 256 KiB
+    (``capturer.SNAPSHOT_CPU_BYTES``: the decode-step case) joins the batch as a private copy, reduced with the
+    others by NumPy at the block's end, so an in-place change by the model later does not reach it; a larger
+    CPU output is reduced in its hook.
     The block ends with every statistic on the host and no output held; the :class:`TensorStats` are
     built when ``rec.calls`` is first read. An int or size string
     ("256MiB") sets the batch size and batches CPU tensors too; ``0`` or None reduces each tensor in
@@ -178,16 +181,27 @@ def record(
             }
 
     handles = []
-    failed = False
+    failure: BaseException | None = None
     try:
         handles.append(model.register_forward_pre_hook(root_shapes, with_kwargs=True))
         handles.extend(install_hooks(capturer, selected, named, inputs))
+        rec.in_block = True
         yield rec
-    except BaseException:
-        failed = True
+    except BaseException as e:
+        failure = e
         raise
     finally:
-        _end_block(capturer, rec, named, handles, failed, destination, writer, folder)
+        rec.in_block = False
+        _mark_completion(rec.metadata, failure)
+        _end_block(capturer, rec, named, handles, failure is not None, destination, writer, folder)
+
+
+def _mark_completion(metadata: dict[str, Any], failure: BaseException | None) -> None:
+    """``complete`` in the metadata: False when the block raised (the forward stopped part-way, so later modules
+    are missing and parents of the failing one never finished), with the exception in ``interrupted``."""
+    metadata["complete"] = failure is None
+    if failure is not None:
+        metadata["interrupted"] = f"{type(failure).__name__}: {failure}"[:500]
 
 
 def _end_block(capturer: Capturer, rec: Recording, named: list[tuple[str, nn.Module]], handles: list[Any],

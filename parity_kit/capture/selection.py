@@ -40,6 +40,10 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``list(model.named_modules())``: the same pairs in the same order, without a generator per
     module (nested generators pass each name up through every level). A model where some module
     overrides ``named_modules`` gets its own answer."""
+    if not isinstance(model, nn.Module):
+        hint = (f"; load it first, e.g. model, tok = pk.models.load({model!r})" if isinstance(model, str)
+                else "")
+        raise ParityKitError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}{hint}")
     standard = nn.Module.named_modules
     if type(model).named_modules is not standard:
         return list(model.named_modules())

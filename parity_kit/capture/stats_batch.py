@@ -25,6 +25,22 @@ _TotalsKernel = Callable[..., tuple[torch.Tensor, torch.Tensor, list[int], list[
 
 _ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}  # the kernel dtypes
 
+_HOST_DTYPES = (torch.float32, torch.float64, torch.float16)  # CPU tensors that NumPy reduces (it has no bf16)
+_HOST_CHUNK = 2**24  # elements reduced on the host at once: their fp64 copy and squares are 256 MiB
+
+
+def _chunks(members: list[int], numels: list[int], limit: int) -> list[list[int]]:
+    """``members`` in order, cut into runs of at most ``limit`` elements (a larger tensor alone in its run)."""
+    out: list[list[int]] = [[]]
+    size = 0
+    for i in members:
+        if out[-1] and size + numels[i] > limit:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += numels[i]
+    return out
+
 
 class StatsBatch:
     """Statistics of many tensors, reduced together: a few kernels per group of rows, one transfer.
@@ -83,13 +99,22 @@ class StatsBatch:
             totals, row_rms, counts, lasts = self._fused(kernel, dense, self.per_token,  # type: ignore[arg-type]
                                                          (ptrs, rows, row_widths))
             self._add(dense[0].device, dtype, totals, row_rms, members, counts, lasts)
+        on_host: dict[torch.dtype, list[int]] = {}  # CPU tensors NumPy reads: one pass per dtype, any row length
         for (device, dtype, last), members in others.items():
+            if device.type == "cpu" and dtype in _HOST_DTYPES:
+                on_host.setdefault(dtype, []).extend(members)
+                continue
             group = [self.tensors[i] for i in members]
             counts, lasts = [t.numel() // last for t in group], [last] * len(group)
             row_views = [t.reshape(-1, last) for t in group]  # [rows_i, last]
             packed = self._reduce_rows(torch.cat(row_views) if len(row_views) > 1 else row_views[0])  # [4, R]
             totals, row_rms = self._segment_totals(packed, counts, lasts, self.per_token)
             self._add(device, dtype, totals, row_rms, members, counts, lasts)
+        for dtype, members in on_host.items():
+            for part in _chunks(members, numels, _HOST_CHUNK):
+                counts, lasts = [numels[i] // widths[i] for i in part], [widths[i] for i in part]
+                totals, row_rms = self._reduce_on_host([self.tensors[i] for i in part], counts, lasts, self.per_token)
+                self._add(torch.device("cpu"), dtype, totals, row_rms, part, counts, lasts)
         self._copy_to_host()
 
     #: a kernel group, keyed (device index, dtype): members, tensors (private dense copies where needed),
@@ -186,6 +211,28 @@ class StatsBatch:
             return totals, packed.new_empty(0, dtype=torch.float32)
         row_width = torch.repeat_interleave(widths, lengths, output_size=rows)  # [R]
         return totals, (norm / row_width.double().sqrt()).float()
+
+    @staticmethod
+    def _reduce_on_host(group: list[torch.Tensor], counts: list[int], lasts: list[int],
+                        per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU tensors of one NumPy dtype -> each one's totals, fp64 ``[4, n]``, and the per-row rms, fp32 ``[R]``
+        (empty without ``per_token``), as :meth:`_segment_totals` gives them, from NumPy: one flat fp64 copy of
+        every tensor and ``reduceat`` over its rows, then over each tensor's rows. A few calls whatever the number
+        of tensors and their row lengths, where torch takes a dozen launches per row length (the decode-step
+        case: a few dozen small outputs, each of a few rows)."""
+        flat = np.concatenate([t.numpy() for t in group], axis=None, dtype=np.float64)  # [E]
+        rows, widths = np.asarray(counts, dtype=np.int64), np.asarray(lasts, dtype=np.int64)  # [n]
+        row_widths = np.repeat(widths, rows)  # [R]
+        row_starts = np.cumsum(row_widths) - row_widths  # [R]
+        squares = np.add.reduceat(flat * flat, row_starts)  # [R], fp64 from the first square on
+        packed = (squares, np.add.reduceat(flat, row_starts), np.minimum.reduceat(flat, row_starts),
+                  np.maximum.reduceat(flat, row_starts))  # 4 × [R]
+        firsts = np.cumsum(rows) - rows  # [n]
+        totals = np.stack([np.add.reduceat(packed[0], firsts), np.add.reduceat(packed[1], firsts),
+                           np.minimum.reduceat(packed[2], firsts), np.maximum.reduceat(packed[3], firsts)])  # [4, n]
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite tensors are recomputed when settled
+            row_rms = np.sqrt(squares / row_widths).astype(np.float32) if per_token else np.empty(0, np.float32)
+        return torch.from_numpy(totals), torch.from_numpy(row_rms)
 
     @classmethod
     def _kernel(cls) -> _TotalsKernel | None:

@@ -15,8 +15,11 @@ import torch
 from .._util.sizes import parse_bytes
 from ..errors import ParityKitError
 from ..recording import Call, Recording
+from .execution import ExecutionFloor, apply_execution_floor
 from .mapping import ModuleMapping
-from .pairs import COLUMNS, MappingLike, PairJob, compare_leaf, empty_row, leaf_filter, require_tensors, run_jobs
+from .metrics import check_tolerance
+from .pairs import (COLUMNS, MappingLike, PairJob, compare_leaf, empty_row, leaf_filter, mark_incomplete, require_calls,
+                    require_tensors, run_jobs)
 
 
 def compare(
@@ -29,17 +32,23 @@ def compare(
     floor_tolerance: float = 2.0,
     device: str | torch.device | None = None,
     chunk_bytes: int | str | None = "1GiB",
+    execution_floor: ExecutionFloor | None = None,
 ) -> pd.DataFrame:
     """Compare two tensors-mode recordings, aligned by (module through ``mapping``, call index, leaf).
 
     One row per reference (call, leaf, mapping target) in the reference's execution order, then one
     row per candidate leaf nothing mapped to (``status="missing in reference"``; ``module`` holds the
     candidate name there). ``status`` is "ok", "missing in candidate", "missing in reference" or
-    "shape mismatch"; with ``strict=True`` any status but "ok" raises. Metrics are computed in fp64;
+    "shape mismatch", and "incomplete reference" / "incomplete candidate" / "incomplete runs" instead of "ok"
+    where a recording's block raised (metadata ``complete`` False: its forward stopped part-way; the metrics are
+    still computed); with ``strict=True`` any status but "ok" raises. Two recordings of which one holds
+    no call (the model never ran inside its block) raise ParityKitError. Metrics are computed in fp64;
     ``floor`` is the rel_rms of rounding the (transformed) reference to the candidate's dtype as the
     model produced it (before any cast on capture), which is also the ULP unit; ``floor_ratio`` is
     rel_rms / floor and ``verdict`` judges rel_rms against ``floor_tolerance × floor``.
-    ``nonfinite`` counts NaN/Inf values in the candidate tensor.
+    ``nonfinite`` counts NaN/Inf values in the candidate tensor. With an ``execution_floor`` (measured by
+    :func:`parity_kit.execution_floor`), ``verdict`` says which floor explains a row — rounding, run-to-run noise,
+    batch variance, kernel settings — or "above every floor ×N" (:func:`parity_kit.comparison.execution.apply_execution_floor`).
 
     Every pair is reduced once (all metrics from one set of fp64 reductions, see
     :func:`parity_kit.comparison.metrics.pair_reductions`) on ``device`` (default: where the reference tensor
@@ -59,6 +68,9 @@ def compare(
     """
     require_tensors(ref, "reference")
     require_tensors(cand, "candidate")
+    require_calls(ref, "reference")
+    require_calls(cand, "candidate")
+    floor_tolerance = check_tolerance(floor_tolerance, "floor_tolerance")
     mm = ModuleMapping.coerce(mapping)
     keep = leaf_filter(tensors)
     target_device = torch.device(device) if device is not None else None
@@ -96,6 +108,7 @@ def compare(
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["order"] = table["order"].astype("Int64")
     table["nonfinite"] = table["nonfinite"].astype("int64")
+    mark_incomplete(table, ref, cand)
     if strict:
         bad = table[table["status"] != "ok"]
         if len(bad):
@@ -104,4 +117,6 @@ def compare(
                 f"compare(strict=True): {len(bad)} of {len(table)} rows are not comparable ({sample}); "
                 "fix the mapping (see ModuleMapping.unmatched) or capture the same modules in both runs"
             )
+    if execution_floor is not None:
+        table = apply_execution_floor(table, execution_floor, tolerance=floor_tolerance)
     return table

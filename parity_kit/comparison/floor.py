@@ -62,7 +62,7 @@ import torch
 from ..dtypes import DtypeLike, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from . import metrics
-from .metrics import nominal_floor, verdict
+from .metrics import check_tolerance, nominal_floor, verdict
 
 CONSISTENT = "consistent with rounding"
 OWN = "own error above floor"
@@ -154,10 +154,15 @@ def floor_ratio(value: float, floor: float) -> float:
     return 0.0 if value == 0 else math.inf
 
 
-def check_tolerance(tolerance: float) -> float:
-    if not isinstance(tolerance, (int, float)) or tolerance <= 0 or math.isnan(tolerance):
-        raise ParityKitError(f"floor_tolerance={tolerance!r} must be a positive number (2.0 by default)")
-    return float(tolerance)
+def require_table(table: Any, what: str) -> None:
+    """ParityKitError unless ``table`` looks like a comparison table (a DataFrame with a module column)."""
+    if not isinstance(table, pd.DataFrame):
+        raise ParityKitError(f"{what} takes a comparison table (pk.compare / pk.compare_models), got "
+                             f"{type(table).__name__}")
+    missing = [c for c in ("module",) if c not in table.columns]
+    if missing:
+        raise ParityKitError(f"{what}: the table lacks the column(s) {missing}; pass a table returned by pk.compare "
+                             "or pk.compare_models")
 
 
 def judge(value: float, floor: float, tolerance: float = 2.0) -> dict[str, Any]:
@@ -248,7 +253,7 @@ class Floor:
         return pd.DataFrame(rows)
 
 
-def _without_label(cand_module: Any) -> Any:
+def without_label(cand_module: Any) -> Any:
     """``"name [q]"`` → ``"name"``: a table's candidate name without the mapping target's label."""
     return cand_module.split(" [", 1)[0] if isinstance(cand_module, str) else cand_module
 
@@ -263,7 +268,8 @@ def _aliases(key: tuple) -> list[tuple]:
     return [key] + ([(*head, _PRIMARY_ALIAS[leaf])] if leaf in _PRIMARY_ALIAS else [])
 
 
-def _first_known(lookup: Callable[[tuple], float], key: tuple) -> float:
+def first_known(lookup: Callable[[tuple], float], key: tuple) -> float:
+    """``lookup(key)``, or under the primary output's other name when that is NaN (see :func:`_aliases`)."""
     for candidate in _aliases(key):
         value = lookup(candidate)
         if not math.isnan(value):
@@ -301,6 +307,10 @@ def apply_floor(table: pd.DataFrame, floor: Floor | None = None, own: pd.DataFra
     [[0.005, 'within floor', 'calibrated', 'consistent with rounding']]
     """
     tolerance = check_tolerance(tolerance)
+    require_table(table, "apply_floor")
+    if floor is not None and not isinstance(floor, Floor):
+        raise ParityKitError(f"floor must be a Floor (from pk.calibrate_floor) or None, got {type(floor).__name__} "
+                             f"{floor!r:.40}")
     out = table.copy()
     for column in ("rounding_floor", "floor_ratio", "own_rel_rms", "own_floor", "own_floor_ratio"):
         if column not in out.columns:
@@ -317,16 +327,16 @@ def apply_floor(table: pd.DataFrame, floor: Floor | None = None, own: pd.DataFra
             continue
         free_floor, own_floor, kind = one, one, "one rounding"
         if floor is not None:
-            name = row["module"] if floor.keyed_by == "reference" else _without_label(row["cand_module"])
+            name = row["module"] if floor.keyed_by == "reference" else without_label(row["cand_module"])
             key = (name, int(row["call"]), row["tensor"])
-            calibrated_free = _first_known(floor.free, key)
+            calibrated_free = first_known(floor.free, key)
             if not math.isnan(calibrated_free):
                 free_floor, kind = max(one, calibrated_free), "calibrated"
-            calibrated_own = _first_known(floor.own, key)
+            calibrated_own = first_known(floor.own, key)
             if not math.isnan(calibrated_own):
                 own_floor = max(one, calibrated_own)
-        own_key = (row["module"], _without_label(row["cand_module"]), int(row["call"]), row["tensor"])
-        own_error = _first_known(lambda k: own_values.get(k, math.nan), own_key)
+        own_key = (row["module"], without_label(row["cand_module"]), int(row["call"]), row["tensor"])
+        own_error = first_known(lambda k: own_values.get(k, math.nan), own_key)
         rel = float(row["rel_rms"])
         out.at[index, "floor"] = free_floor
         out.at[index, "floor_ratio"] = floor_ratio(rel, free_floor)
@@ -379,6 +389,7 @@ def culprits(table: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
     ['a.x']
     """
     columns = ["module", "cand_module", "call", "tensor", "own_rel_rms", "own_floor", "own_floor_ratio", "own_cause"]
+    require_table(table, "culprits")
     if "diagnosis" not in table.columns:
         return pd.DataFrame(columns=columns)
     own_rows = table[table["diagnosis"] == OWN]
@@ -409,6 +420,7 @@ def run_verdict(table: pd.DataFrame) -> dict[str, Any]:
     >>> v = run_verdict(t); v["verdict"], v["n_modules_consistent"], v["n_modules"]
     ('above floor', 1, 2)
     """
+    require_table(table, "run_verdict")
     ok = table[table["status"] == "ok"] if "status" in table.columns else table
     if "diagnosis" not in ok.columns:
         ok = ok.assign(diagnosis=None)

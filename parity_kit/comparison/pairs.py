@@ -51,6 +51,32 @@ def require_tensors(rec: Recording, role: str) -> None:
         )
 
 
+def require_calls(rec: Recording, role: str) -> None:
+    """ParityKitError for a recording without calls: comparing it would give an empty table and no word."""
+    if not len(rec):
+        raise ParityKitError(
+            f"the {role} recording is empty (no call was captured): the model did not run inside its "
+            "`with record(...)` block, or modules= selected modules the forward never called"
+        )
+
+
+def incomplete(rec: Recording) -> bool:
+    """Whether ``rec`` comes from a ``record()`` block that raised (its metadata says ``complete: False``)."""
+    return rec.metadata.get("complete") is False
+
+
+def mark_incomplete(table: Any, ref: Recording, cand: Recording) -> None:
+    """Replace "ok" by "incomplete reference/candidate/runs" where a recording's block raised, so a table
+    of an interrupted run cannot pass for a complete comparison."""
+    which = [role for role, rec in (("reference", ref), ("candidate", cand)) if incomplete(rec)]
+    if which:
+        status = f"incomplete {which[0]}" if len(which) == 1 else "incomplete runs"
+        table.loc[table["status"] == "ok", "status"] = status
+
+
+INCOMPLETE = ("incomplete reference", "incomplete candidate", "incomplete runs")
+
+
 def leaf_filter(tensors: str | Sequence[str]) -> Callable[[str], bool]:
     if tensors == "outputs":
         return lambda leaf: leaf == "output" or leaf.startswith("output.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import pandas as pd
@@ -9,16 +11,17 @@ import torch
 
 from ..errors import ParityKitError
 from ..recording import Recording, TensorStats
+from .execution import EXECUTION_NOISE
 from .floor import DIAGNOSES
 from .mapping import ModuleMapping
-from .pairs import METRICS, MappingLike, is_output, require_tensors
+from .pairs import INCOMPLETE, METRICS, MappingLike, is_output, require_tensors
 
 
 _LOWER_IS_WORSE = {"cosine", "sqnr_db"}
 
 
 def first_divergence(table: pd.DataFrame, metric: str = "rel_rms", threshold: float = 1e-2, *,
-                     diagnosis: str | None = None) -> pd.Series | None:
+                     diagnosis: str | None = None, skip_execution_noise: bool = False) -> pd.Series | None:
     """The first "ok" row, in table (execution) order, whose ``metric`` crosses ``threshold``.
 
     Crossing means above for distances (rel_rms, max_abs, mean_abs, max_ulp, floor_ratio, own_rel_rms,
@@ -26,14 +29,23 @@ def first_divergence(table: pd.DataFrame, metric: str = "rel_rms", threshold: fl
     own error, which is NaN where it was not measured. Search by own error on a calibrated table
     (:func:`parity_kit.compare_models`, :func:`parity_kit.comparison.floor.apply_floor`) with
     ``metric="own_floor_ratio", threshold=2``, or by judgement with ``diagnosis="own error above floor"``
-    (the first row with that diagnosis; ``metric`` and ``threshold`` are then not used). None if no row crosses.
+    (the first row with that diagnosis; ``metric`` and ``threshold`` are then not used). None if no row crosses;
+    ParityKitError when nothing could be compared (an empty table, no "ok" row: a forgotten mapping or an
+    interrupted run) or ``threshold`` is not a number, since "no divergence" would then be a wrong answer.
+    ``skip_execution_noise=True`` skips rows a table judged against an execution floor (``pk.compare(...,
+    execution_floor=...)``) finds within one of its floors (rounding, run-to-run noise, batch variance, kernel settings).
 
     >>> t = pd.DataFrame({"module": ["a", "b", "c"], "rel_rms": [1e-4, 5e-2, 1.0], "status": "ok",
     ...                   "diagnosis": ["consistent with rounding", "inherited", "own error above floor"]})
     >>> first_divergence(t)["module"], first_divergence(t, diagnosis="own error above floor")["module"]
     ('b', 'c')
     """
-    ok = table[table["status"] == "ok"] if "status" in table.columns else table
+    ok = _comparable_rows(table)
+    if skip_execution_noise:
+        if "execution_floor" not in table.columns:
+            raise ParityKitError("skip_execution_noise=True needs a table judged against an execution floor: "
+                                 "pk.compare(ref, cand, execution_floor=pk.execution_floor(...))")
+        ok = ok[~ok["verdict"].isin(EXECUTION_NOISE)]
     if diagnosis is not None:
         if diagnosis not in DIAGNOSES:
             raise ParityKitError(f"diagnosis={diagnosis!r} is not one of {list(DIAGNOSES)}")
@@ -44,12 +56,35 @@ def first_divergence(table: pd.DataFrame, metric: str = "rel_rms", threshold: fl
         return None if hits.empty else hits.iloc[0]
     if metric not in table.columns:
         raise ParityKitError(f"metric {metric!r} is not a column of the table; use one of {list(METRICS)}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+        raise ParityKitError(f"threshold={threshold!r} is not a number, so no row could cross it; pass a float, "
+                             "e.g. threshold=1e-2 for rel_rms or threshold=2 for floor_ratio")
     values = ok[metric].astype(float)
     crossed = (values < threshold) if metric in _LOWER_IS_WORSE else (values > threshold)
     if not metric.startswith("own_"):
         crossed |= values.isna()
     hits = ok[crossed]
     return None if hits.empty else hits.iloc[0]
+
+
+def _comparable_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The "ok" rows of a comparison table; ParityKitError when there are none to search."""
+    if not isinstance(table, pd.DataFrame):
+        raise ParityKitError(f"first_divergence takes the table compare() returns, got {type(table).__name__}")
+    if table.empty:
+        raise ParityKitError("the table is empty: nothing was compared, so there is no first divergence to find; "
+                             "check that both recordings hold calls and that modules= selected modules that ran")
+    if "status" not in table.columns:
+        return table
+    ok = table[table["status"] == "ok"]
+    if ok.empty:
+        counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
+        hint = ("a recording's block raised part-way: re-record a forward that finishes"
+                if table["status"].isin(INCOMPLETE).any() else
+                "no row was comparable: pass mapping= (reference -> candidate names, see ModuleMapping.unmatched) "
+                "or capture the same modules in both runs")
+        raise ParityKitError(f"no row of the table has status 'ok' ({counts}); {hint}")
+    return ok
 
 
 def first_nonfinite(recording_or_table: Recording | pd.DataFrame) -> pd.Series | dict[str, Any] | None:
@@ -65,6 +100,8 @@ def first_nonfinite(recording_or_table: Recording | pd.DataFrame) -> pd.Series |
     'b'
     """
     if isinstance(recording_or_table, pd.DataFrame):
+        if "nonfinite" not in recording_or_table.columns:
+            raise ParityKitError("the table has no 'nonfinite' column; pass a table returned by compare()")
         hits = recording_or_table[recording_or_table["nonfinite"] > 0]
         return None if hits.empty else hits.iloc[0]
     if not isinstance(recording_or_table, Recording):

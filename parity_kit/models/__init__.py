@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..dtypes import DtypeLike, check_dtype_on_device
 from ..errors import ParityKitError
 from .._util.paths import data_dir
+from .from_config import FROM_CONFIG_LLAMA, load_from_config
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,7 @@ def list_models() -> list[str]:
 
 
 def builtin_path(name: str) -> Path:
-    """Folder of a built-in model: ``data/models/<name>/`` (see :func:`parity_kit._util.paths.data_dir`).
+    """Folder of a built-in model: ``parity_kit/data/models/<name>/`` (see :func:`parity_kit._util.paths.data_dir`).
 
     >>> builtin_path("tiny-rwkv7").name
     'tiny-rwkv7'
@@ -118,6 +119,27 @@ def _hub_unavailable(name: str, reason: str) -> ParityKitError:
     )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken", "*vocab*.txt",
+                    "spiece.model", "sentencepiece*.model")
+
+
+def tokenizer_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The files in a checkpoint folder a tokenizer can be built from (``tokenizer.json``, ``tokenizer.model``,
+    ``vocab.json``, ...); ``tokenizer_config.json`` alone is not enough.
+
+    >>> tokenizer_files(builtin_path("tiny-internlm2-llama"))
+    ['tokenizer.json']
+    """
+    path = Path(folder)
+    return sorted({f.name for pattern in _TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()})
+
+
+def _no_tokenizer_message(location: str) -> str:
+    return (f"{location!r} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}), so the prompt cannot be "
+            "encoded; copy the tokenizer files of the checkpoint it came from into the folder "
+            "(tokenizer.save_pretrained(folder) writes them)")
+
+
 def load(
     name_or_path: str | os.PathLike[str],
     dtype: DtypeLike = "fp32",
@@ -130,7 +152,9 @@ def load(
 
     ``name_or_path`` is a built-in name (:data:`BUILTINS`), a local folder (plain transformers models,
     our InternLM2 / RWKV-7 architectures, FLA RWKV-7 folders, InternLM2 remote-code folders with
-    ``trust_remote_code=True``) or a hub id ``org/name`` (needs network; the local cache is used offline).
+    ``trust_remote_code=True``), a hub id ``org/name`` (needs network; the local cache is used offline) or
+    ``"tiny-llama-from-config"`` (the quickstart's default: a small Llama with seeded random weights and the
+    project's tokenizer, no files; ``seed=`` and ``layers=`` choose it).
     ``attn_implementation`` ("eager", "sdpa", ...) is passed to ``from_pretrained``; ``config_overrides``
     set config fields, e.g. ``wkv_mode="recurrent"`` for RWKV-7.
 
@@ -138,6 +162,8 @@ def load(
     >>> model.training, next(model.parameters()).dtype
     (False, torch.float32)
     """
+    if str(name_or_path) == FROM_CONFIG_LLAMA:
+        return load_from_config(dtype, device, attn_implementation, **config_overrides)
     torch_dtype = check_dtype_on_device(dtype, device)
     kind, location = _resolve(name_or_path)
     register_architectures()
@@ -147,6 +173,8 @@ def load(
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **config_overrides}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if kind == "folder" and not tokenizer_files(location):
+        raise ParityKitError(_no_tokenizer_message(location))
     offline = kind == "hub" and _offline()
     if offline:
         kwargs["local_files_only"] = True  # the cache may still hold it
@@ -175,8 +203,24 @@ def load(
                 "use 'eager' or 'sdpa', or leave it None for the model's default"
             ) from None
         raise ParityKitError(f"could not load {location!r}: {message}") from None
+    except Exception as e:  # a bad field type, weights of other shapes, a damaged safetensors file, ...
+        raise _load_failure(location, e) from None
     model = model.to(device).eval()
     return model, tokenizer
+
+
+def _load_failure(location: str, e: Exception) -> ParityKitError:
+    """What went wrong loading ``location``, from the exception transformers, safetensors or the config raised."""
+    message = " ".join(str(e).split())[:400]
+    kind = type(e).__name__
+    if "safetensor" in kind.lower() or "safetensor" in type(e).__module__.lower():
+        return ParityKitError(f"could not load {location!r}: a weights file (model.safetensors) is damaged or truncated "
+                              f"({kind}: {message}); restore or re-download the weights")
+    if "mismatch" in message.lower():
+        return ParityKitError(f"could not load {location!r}: the weights' shapes do not match config.json ({message}); "
+                              "fix config.json (hidden_size, heads, vocab_size, ...) or use the weights it describes")
+    return ParityKitError(f"could not load {location!r} ({kind}: {message}); check config.json (field names, types "
+                          "and values) and the weights files")
 
 
 def shipped_attention(name_or_path: str, *, trust_remote_code: bool = False) -> str:

@@ -148,6 +148,14 @@ class _Layout:
                                "intermediate_size") if k not in config]
         if missing:
             raise ParityKitError(f"the InternLM2 config.json lacks {missing}; it needs the full model configuration")
+        fields = ["hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"]
+        if config.get("num_key_value_heads") is not None:
+            fields.append("num_key_value_heads")
+        for key in fields:
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ParityKitError(f"config.json: {key} is {value!r}, but it must be a positive integer; restore the "
+                                     "checkpoint's config")
         if config.get("bias", True) is not False:
             raise ParityKitError(
                 "this checkpoint has bias=True (or no 'bias' field, which defaults to True): InternLM2's fused wqkv "

@@ -29,10 +29,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import ParityKitError
 from .cache_compat import CACHE_FIELD, refuse_unknown_kwargs, resolve_cache
+from .rwkv7_norm import GN_IMPLS, RWKV7GroupNorm
 from .rwkv7_state import RWKV7State
 from .wkv import wkv_chunk, wkv_recurrent, wkv_reference
 
-__all__ = ["RWKV7Config", "RWKV7ForCausalLM", "RWKV7Model", "RWKV7State", "WKV7", "set_wkv_mode"]
+__all__ = ["RWKV7Config", "RWKV7ForCausalLM", "RWKV7GroupNorm", "RWKV7Model", "RWKV7State", "WKV7", "set_wkv_mode"]
 
 # e^{-0.5}: the log decay is -e^{-0.5}·σ(·), i.e. BlinkDL's exp(-exp(-softplus(-z) - 0.5)).
 _DECAY_SCALE = 0.6065306597126334
@@ -54,7 +55,9 @@ class RWKV7Config(PretrainedConfig):
     Ours: ``wkv_mode`` ("recurrent" | "chunk" | "fp64"), ``chunk_size`` (64), ``wkv_state_dtype``
     ("fp32": recurrent state kept in fp32 like FLA's fused kernel | "model": in the model dtype),
     ``chunk_intermediate_dtype`` ("fp32" | "input": emulate FLA's Triton chunk rounding),
-    ``gn_fp32`` (False: GroupNorm in the model dtype; True: input and weights upcast to fp32).
+    ``gn_fp32`` (False: GroupNorm in the model dtype; True: input and weights upcast to fp32, the original),
+    ``gn_impl`` ("native": the fused kernel | "elementwise": written out in the model dtype, the converted
+    port; see :mod:`parity_kit.models.rwkv7_norm`).
     FLA-only switches (``fuse_norm``, ``fuse_cross_entropy``, ``use_l2warp``, ``attn_mode``, ...)
     are kept so the config round-trips into FLA, and are ignored here.
 
@@ -103,6 +106,7 @@ class RWKV7Config(PretrainedConfig):
         wkv_state_dtype: str = "fp32",
         chunk_intermediate_dtype: str = "fp32",
         gn_fp32: bool = False,
+        gn_impl: str = "native",
         **kwargs: Any,
     ) -> None:
         if head_dim is None and num_heads is None:
@@ -126,6 +130,7 @@ class RWKV7Config(PretrainedConfig):
         _check_choice("wkv_mode", wkv_mode, WKV_MODES)
         _check_choice("wkv_state_dtype", wkv_state_dtype, _STATE_DTYPES)
         _check_choice("chunk_intermediate_dtype", chunk_intermediate_dtype, _INTERMEDIATE_DTYPES)
+        _check_choice("gn_impl", gn_impl, GN_IMPLS)
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ParityKitError(f"RWKV7Config.chunk_size must be a positive integer; got {chunk_size!r}")
         if intermediate_size is None:
@@ -161,6 +166,7 @@ class RWKV7Config(PretrainedConfig):
         self.wkv_state_dtype = wkv_state_dtype
         self.chunk_intermediate_dtype = chunk_intermediate_dtype
         self.gn_fp32 = gn_fp32
+        self.gn_impl = gn_impl
         super().__init__(
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
             tie_word_embeddings=tie_word_embeddings, **kwargs,
@@ -213,32 +219,6 @@ class WKV7(nn.Module):
         raise ParityKitError(f"WKV7.mode must be one of {list(WKV_MODES)}; got {self.mode!r}")
 
 
-class RWKV7GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` over heads. With ``fp32=True`` (config ``gn_fp32``) its affine weights stay fp32
-    when the model is cast to a lower dtype (as the reference RWKV code keeps ``ln_x``), the input is
-    upcast, and the result is rounded back once: the precision "fix" of story 02. With ``fp32=False``
-    the weights follow the model dtype. (PyTorch's CPU kernel already accumulates bf16 statistics in
-    fp32, so on CPU the two settings differ only through the rounded weights.)"""
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float, fp32: bool = False) -> None:
-        super().__init__(num_groups, num_channels, eps=eps, affine=True)
-        self.fp32 = fp32
-
-    def _apply(self, fn: Any, recurse: bool = True) -> RWKV7GroupNorm:
-        kept = {name: p.data for name, p in self.named_parameters(recurse=False)} if self.fp32 else {}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            p = getattr(self, name)
-            if old.dtype in (torch.float32, torch.float64) and p.dtype not in (torch.float32, torch.float64):
-                p.data = old.to(device=p.device, dtype=torch.float32)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fp32 or x.dtype == torch.float64:
-            return super().forward(x)
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
 def _token_shift(x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
     """Δ = x[t-1] - x[t] with x[-1] = ``previous`` (zeros when there is none). x: [B, T, C]."""
     first = torch.zeros_like(x[:, :1]) if previous is None else previous.to(x.dtype).unsqueeze(1)
@@ -269,7 +249,8 @@ class RWKV7Attention(nn.Module):
             self.v_lora = LoRA(c, c, config.v_low_rank_dim, None)
         self.a_lora = LoRA(c, c, config.a_low_rank_dim, None)
         self.g_lora = LoRA(c, c, config.gate_low_rank_dim, "sigmoid", bias=False)
-        self.g_norm = RWKV7GroupNorm(h, c, eps=n * config.norm_eps, fp32=config.gn_fp32)
+        self.g_norm = RWKV7GroupNorm(h, c, eps=n * config.norm_eps, fp32=config.gn_fp32,
+                                     impl=config.gn_impl)
         self.wkv = WKV7(config.wkv_mode, config.chunk_size, config.wkv_state_dtype, config.chunk_intermediate_dtype)
 
     def forward(
@@ -351,6 +332,12 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _no_split_modules = ["RWKV7Block"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
+
+    def __init__(self, config: RWKV7Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        if getattr(config, "gn_fp32", False):
+            # from_pretrained(dtype=bf16) then loads the GroupNorm weights in fp32, as the original keeps ln_x.
+            self._keep_in_fp32_modules_strict = ["g_norm"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -29,9 +29,11 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import DtypeLike, parse_dtype
 from ..errors import ParityKitError
 from .._util.atomic import atomic_path
 from .rwkv7 import RWKV7Config, RWKV7ForCausalLM
+from .rwkv7_norm import groupnorm_variant
 
 __all__ = ["convert_rwkv7_to_fla", "write_blinkdl_checkpoint", "blinkdl_to_fla_state_dict", "fla_to_blinkdl_state_dict"]
 
@@ -203,13 +205,18 @@ def _load_weights(src: Path) -> dict[str, torch.Tensor]:
 
 def convert_rwkv7_to_fla(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
+    dtype: DtypeLike | None = None, groupnorm: str | None = None,
 ) -> Path:
     """Convert BlinkDL's RWKV-7 ``.pth`` at ``src`` into a folder ``dst`` (config.json,
     generation_config.json, model.safetensors) that loads with :class:`RWKV7ForCausalLM.from_pretrained`
     and with FLA's ``RWKV7ForCausalLM``.
 
-    The weights keep the checkpoint's dtype. ``dst`` must not exist (or be empty) unless ``overwrite``;
-    the folder appears complete or not at all.
+    The weights keep the checkpoint's dtype unless ``dtype`` is given. ``groupnorm`` names how the converted
+    model treats ``ln_x`` (:data:`parity_kit.models.rwkv7_norm.GROUPNORM_VARIANTS`): ``"as converted"`` casts
+    its weights with the rest and computes it in the model dtype without an upcast (the bug report's
+    conversion), ``"fixed"`` keeps its weights in fp32 on disk and upcasts as the original does; None keeps
+    the default (the fused kernel in the model dtype). ``dst`` must not exist (or be empty) unless
+    ``overwrite``; the folder appears complete or not at all.
 
     >>> import tempfile, pathlib
     >>> cfg = RWKV7Config(hidden_size=32, num_hidden_layers=1, head_dim=16, vocab_size=20)
@@ -225,7 +232,11 @@ def convert_rwkv7_to_fla(
         )
     weights = _load_weights(src_path)
     state, config = blinkdl_to_fla_state_dict(weights)
-    dtype = Counter(t.dtype for t in weights.values()).most_common(1)[0][0]
+    target_dtype = (parse_dtype(dtype) if dtype is not None
+                    else Counter(t.dtype for t in weights.values()).most_common(1)[0][0])
+    if groupnorm is not None:
+        for field_name, value in groupnorm_variant(groupnorm).items():
+            setattr(config, field_name, value)
     model = RWKV7ForCausalLM(config)
     expected = model.state_dict()
     for name, tensor in state.items():
@@ -235,7 +246,7 @@ def convert_rwkv7_to_fla(
                 f"{tuple(expected[name].shape)}; the checkpoint is inconsistent or not RWKV-7"
             )
     model.load_state_dict(state, strict=True)
-    model.to(dtype)
+    model.to(target_dtype)  # "fixed": RWKV7GroupNorm keeps its fp32 weights through the cast
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst_path.name}.", dir=dst_path.parent))
     try:

@@ -30,6 +30,22 @@ class RWKV7State:
         """Tokens consumed so far."""
         return self.seen_tokens
 
+    @classmethod
+    def stack(cls, states: list[RWKV7State]) -> RWKV7State:
+        """One state whose batch rows are those of ``states``, in order (prompts prefilled apart, decoded together).
+
+        >>> a, b = RWKV7State(1), RWKV7State(1)
+        >>> a.wkv[0], b.wkv[0] = torch.zeros(1, 2, 4, 4), torch.ones(2, 2, 4, 4)
+        >>> RWKV7State.stack([a, b]).wkv[0].shape
+        torch.Size([3, 2, 4, 4])
+        """
+        merged = cls(len(states[0]))
+        for name in ("attn_x", "wkv", "ffn_x"):
+            layers = zip(*(getattr(state, name) for state in states))
+            setattr(merged, name, [None if any(t is None for t in ts) else torch.cat(ts, dim=0) for ts in layers])
+        merged.seen_tokens = max(state.seen_tokens for state in states)
+        return merged
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search)."""
         for store in (self.attn_x, self.wkv, self.ffn_x):

@@ -32,11 +32,23 @@ class Recording:
         # Work that turns numbers already on the host into TensorStats and Calls, run on first access
         # to ``calls``: a stats capture ends without building a Python object per tensor.
         self._unbuilt: list[Callable[[], None]] = []
+        # True while a ``record()`` block fills this recording: its calls are placeholders until the block ends
+        self.in_block = False
         self.metadata: dict[str, Any] = dict(metadata or {})
 
     @property
     def calls(self) -> list[Call]:
-        """The calls, in completion order (statistics left to build by ``record()`` are built first)."""
+        """The calls, in completion order (statistics left to build by ``record()`` are built first).
+
+        Read after the ``with record(...)`` block: inside it, statistics and deferred copies are still
+        placeholders, so reading raises ParityKitError.
+        """
+        if self.in_block:
+            raise ParityKitError(
+                "rec.calls (and len(rec), rec[name], rec.names) was read inside its `with record(...)` block; the "
+                "recording is complete only when the block ends (statistics and copies are batched until then): "
+                "read it after the block"
+            )
         while self._unbuilt:
             self._unbuilt.pop(0)()
         return self._calls
@@ -52,6 +64,7 @@ class Recording:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._unbuilt = []
+        self.in_block = False
 
     @property
     def names(self) -> list[str]:

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from .._util.atomic import replace_folder
+import hashlib
+
+from .._util.atomic import make_parent, os_guarded, replace_folder
 from ..dtypes import dtype_name
 from ..errors import ParityKitError
 from .filesink import FileSink
@@ -37,7 +39,7 @@ TENSOR_FILE = "tensors.safetensors"
 def save_recording(recording: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``recording`` (a :class:`~parity_kit.Recording`) to folder ``path``, atomically; see its ``save``."""
     target = writable_target(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(os_guarded(target, tempfile.mkdtemp, prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         tensors: dict[str, torch.Tensor] = {}
         for call in recording.calls:
@@ -49,7 +51,7 @@ def save_recording(recording: Any, path: str | os.PathLike[str]) -> Path:
             stored = {key: writer.write(t) for key, t in tensors.items()}
             writer.finish(stored)
         write_index(tmp, recording, writer)
-        replace_folder(tmp, target)
+        os_guarded(target, replace_folder, tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -74,12 +76,20 @@ def load_recording(path: str | os.PathLike[str]) -> tuple[Mode, list[Call], dict
         raise ParityKitError(
             f"{index_path} is corrupted or truncated ({e}); re-create the recording"
         ) from None
+    except OSError as e:
+        raise ParityKitError(f"cannot read {index_path} ({e.strerror or e}); check the folder's permissions") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise ParityKitError(f"{index_path} is not a parity_kit recording index; pass a folder written by Recording.save()")
     if index.get("version") != FORMAT_VERSION:
         raise ParityKitError(
             f"{folder} has recording format version {index.get('version')}, this parity_kit reads "
             f"version {FORMAT_VERSION}; re-create it with this version"
+        )
+    stored_sum = index.get(INDEX_CHECKSUM)
+    if stored_sum is not None and stored_sum != index_checksum(index):
+        raise ParityKitError(
+            f"{index_path} is corrupted: its content does not match its checksum (an edited or damaged "
+            "index would load as different statistics or shapes); re-create the recording"
         )
     expected = index.get("tensor_file", {})
     if not tensor_path.is_file():
@@ -133,7 +143,7 @@ def writable_target(path: str | os.PathLike[str]) -> Path:
         raise ParityKitError(
             f"{target} exists and is not a parity_kit recording; pick a new path or delete it first"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(target)
     return target
 
 
@@ -159,7 +169,26 @@ def write_index(folder: Path, recording: Any, writer: TensorFileWriter) -> None:
         "tensor_file": {"name": TENSOR_FILE, "bytes": writer.size, "checksum": CHECKSUM_NAME,
                         "checksums": writer.checksums},
     }
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=1, default=str, allow_nan=True), "utf-8")
+    text = json.dumps(index, indent=1, default=str, allow_nan=True)
+    index[INDEX_CHECKSUM] = index_checksum(json.loads(text))
+    os_guarded(folder / INDEX_FILE, (folder / INDEX_FILE).write_text,
+               json.dumps(index, indent=1, default=str, allow_nan=True), "utf-8")
+
+
+INDEX_CHECKSUM = "index_sha256"
+
+
+def index_checksum(index: dict[str, Any]) -> str:
+    """SHA-256 of an index's content (everything but this checksum), as JSON with sorted keys.
+
+    Statistics of ``mode="stats"`` live only in the index, so the index is checksummed like the tensors: a
+    flipped digit would otherwise load as a different rms.
+
+    >>> index_checksum({"a": 1.5}) == index_checksum({"a": 1.5, INDEX_CHECKSUM: "x"}) != index_checksum({"a": 1.6})
+    True
+    """
+    body = {k: v for k, v in index.items() if k != INDEX_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 
 # safetensors' names of the dtypes a recording can hold
@@ -241,7 +270,7 @@ class TensorFileWriter:
                 f"a {t.dtype} tensor cannot be stored in a recording (safetensors has no such dtype); "
                 "capture it with mode='stats' or leave its module out of modules="
             )
-        data = t.cpu().contiguous().reshape(-1).view(torch.uint8)
+        data = _bytes_of(t)
         start = self._data
         if data.numel():
             self._checksum_of[start] = tensor_checksum(data)
@@ -257,7 +286,9 @@ class TensorFileWriter:
         header = {key: {"dtype": _SAFETENSORS_DTYPES[s.dtype], "shape": list(s.shape),
                         "data_offsets": [s.start, s.end]} for key, s in stored.items()}
         blob = json.dumps(header, separators=(",", ":")).encode()
-        self.checksums = {key: self._checksum_of.get(s.start, 0) for key, s in stored.items()}
+        # an empty tensor shares its start offset with the tensor after it: its checksum is the empty sum
+        self.checksums = {key: self._checksum_of.get(s.start, 0) if s.end > s.start else 0
+                          for key, s in stored.items()}
         self._guarded(self._sink.finish)
         if len(blob) <= self.reserve:
             self._guarded(self._write_header, struct.pack("<Q", self.reserve) + blob + b" " * (self.reserve - len(blob)))
@@ -324,7 +355,7 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     >>> tensor_checksum(torch.zeros(3)), tensor_checksum(torch.tensor([1], dtype=torch.int64))
     (0, 1)
     """
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    data = _bytes_of(tensor)
     whole = data.numel() - data.numel() % _WORD_BYTES
     total = 0
     if whole:
@@ -337,6 +368,24 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     return total % 2**64
 
 
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as a flat uint8 CPU tensor (an empty tensor of any strides has none).
+
+    torch calls a tensor of size-1 dimensions contiguous whatever their strides (a slice ``x[::2]`` of two
+    values), but viewing it as bytes needs a unit stride.
+
+    >>> _bytes_of(torch.zeros(2, dtype=torch.float64)[::2]).shape
+    torch.Size([8])
+    """
+    t = tensor.detach().cpu()
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    flat = t.contiguous().reshape(-1)
+    if flat.stride(0) != 1:  # one element, with a stride other than 1
+        flat = flat.as_strided((1,), (1,))
+    return flat.view(torch.uint8)
+
+
 def _checksum_mismatches(stored: dict[str, torch.Tensor], expected: dict[str, Any]) -> list[str]:
     """Keys whose checksum differs from the index (``sum64``, or the CRC-32 of earlier recordings)."""
     if expected.get("checksum") == CHECKSUM_NAME:
@@ -344,6 +393,6 @@ def _checksum_mismatches(stored: dict[str, torch.Tensor], expected: dict[str, An
         return [key for key, t in stored.items() if tensor_checksum(t) != sums.get(key)]
     crcs = expected.get("crc32", {})
     return [key for key, t in stored.items()
-            if zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy()) != crcs.get(key)]
+            if zlib.crc32(_bytes_of(t).numpy()) != crcs.get(key)]
 
 

@@ -1,4 +1,4 @@
-"""Story 04 (``notebooks/04_bos_token.ipynb``): a model trained with a beginning-of-sequence token is evaluated
+"""Story 04 (``parity_kit/notebooks/04_bos_token.ipynb``): a model trained with a beginning-of-sequence token is evaluated
 without it, and lambada-style perplexity gets worse by about 1.5 standard errors.
 
 The plan: token provenance of the pipelines; last-word evaluation with and without BOS (lm-evaluation-harness

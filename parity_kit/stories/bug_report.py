@@ -1,4 +1,4 @@
-"""Story 05 (``notebooks/05_bug_report.ipynb``): the template a user copies, points at the two runs that disagree,
+"""Story 05 (``parity_kit/notebooks/05_bug_report.ipynb``): the template a user copies, points at the two runs that disagree,
 runs and attaches to an issue. The comparison itself is :func:`parity_kit.analyses.runs.compare_runs`; this
 module adds what the notebook shows: the figures of a comparison and the interactive panel."""
 

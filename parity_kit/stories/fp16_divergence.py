@@ -1,4 +1,4 @@
-"""Story 01 (``notebooks/01_fp16_fp32_divergence.ipynb``): a checkpoint converted from InternLM2 to the Llama
+"""Story 01 (``parity_kit/notebooks/01_fp16_fp32_divergence.ipynb``): a checkpoint converted from InternLM2 to the Llama
 layout; greedy outputs agree for a while, then differ; the original is said to be fp16-sensitive, the
 converted one much less.
 
@@ -143,7 +143,7 @@ def standard_pairs(
 
 
 def load_prompts(n: int | None = None) -> list[str]:
-    """The first ``n`` chat prompts of ``data/prompts.json`` (all when ``n`` is None); the first asks "who are you".
+    """The first ``n`` chat prompts of ``parity_kit/data/prompts.json`` (all when ``n`` is None); the first asks "who are you".
 
     >>> load_prompts(2)[0]
     'User: who are you\\nAssistant:'

@@ -1,4 +1,4 @@
-"""Story 02 (``notebooks/02_groupnorm_precision.ipynb``): a low-precision RWKV-7 drifts from its reference; is the
+"""Story 02 (``parity_kit/notebooks/02_groupnorm_precision.ipynb``): a low-precision RWKV-7 drifts from its reference; is the
 GroupNorm of the attention output (``ln_x`` / ``attn.g_norm``) to blame?
 
 The plan: logits error of the candidate against the reference and fp64; the layer-by-layer comparison with its

@@ -1,4 +1,4 @@
-"""Story 03 (``notebooks/03_prefill_modes.ipynb``): the same WKV recurrence in chunked-parallel and in token-by-token
+"""Story 03 (``parity_kit/notebooks/03_prefill_modes.ipynb``): the same WKV recurrence in chunked-parallel and in token-by-token
 recurrent form gives different outputs and states in low precision; by how much, where, and how does it grow?
 
 The plan: the error of each mode against fp64 (on raw and on rounded inputs) by position, sequence length, chunk
@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .. import models
-from .._util.paths import data_dir, repo_root
+from .._util.paths import data_dir, package_folder
 from ..analyses.evaluation import load_lastword_items
 from ..analyses.prefill import (FLA_MODES, OUR_MODES, check_inputs, compare_prefill, fla_unavailable_reason,
                                 prefill_then_decode, sweep)
@@ -236,7 +236,7 @@ def lastword_prompt_ids(tokenizer: Any, path: Any, tokens: int, *, documents: in
     """A ``[1, tokens]`` prompt: BOS (id 0, as RWKV-7 was trained) then the first ``documents`` last-word
     passages joined by spaces, cut to length.
 
-    >>> ids = lastword_prompt_ids(tok, "data/eval/lastword.jsonl", 128)  # doctest: +SKIP
+    >>> ids = lastword_prompt_ids(tok, "parity_kit/data/eval/lastword.jsonl", 128)  # doctest: +SKIP
     >>> ids.shape  # doctest: +SKIP
     torch.Size([1, 128])
     """
@@ -265,17 +265,17 @@ class StoredKernelFigures:
 
 
 def stored_kernel_figures(path: Any = None) -> StoredKernelFigures:
-    """Read the stored H200 kernel figures (default ``benchmarks/results/wkv_kernels_h200.json``).
+    """Read the stored H200 kernel figures (default ``parity_kit/data/stored/wkv_kernels_h200.json``, shipped with the
+    package; ``benchmarks/wkv_kernels.py`` writes it).
 
-    >>> stored = stored_kernel_figures()
-    >>> stored.found in (True, False)
+    >>> stored_kernel_figures().found
     True
     """
     import json
     from pathlib import Path
 
 
-    path = Path(path) if path is not None else repo_root() / "benchmarks" / "results" / "wkv_kernels_h200.json"
+    path = Path(path) if path is not None else package_folder("data") / "stored" / "wkv_kernels_h200.json"
     if not path.exists():
         return StoredKernelFigures(path, pd.DataFrame())
     try:

@@ -1,4 +1,4 @@
-"""Story 00 (``notebooks/00_quickstart.ipynb``): capture and compare one model in two dtypes in a few cells; the
+"""Story 00 (``parity_kit/notebooks/00_quickstart.ipynb``): capture and compare one model in two dtypes in a few cells; the
 panel re-runs the same comparison for another model, dtype or input length."""
 
 from __future__ import annotations
