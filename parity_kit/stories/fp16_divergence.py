@@ -216,6 +216,26 @@ def _case_sentence(what: str, result: LockstepResult) -> str:
             f"logit error of {_fmt(info['logit_max_abs_at_divergence'])}")
 
 
+def _factor_fraction(factors: pd.DataFrame, factor: str, dtype_setting: str) -> float:
+    row = factors[(factors["factor"] == factor) & (factors["dtype"] == dtype_setting)]
+    return float(row["diverged_fraction"].iloc[0]) if len(row) else math.nan
+
+
+def _factor_candidates(factors: pd.DataFrame, low: str, high: str) -> dict[str, float]:
+    """The share of diverging generations of each factor a conclusion may name (NaN: not measured)."""
+    candidates = {
+        f"{low} vs {high} (dtype)": _factor_fraction(factors, "dtype", f"{low} vs {high}"),
+        f"attention implementation in {low}": _factor_fraction(factors, "attention", low),
+        f"attention implementation in {high}": _factor_fraction(factors, "attention", high),
+        f"conversion in {low}": _factor_fraction(factors, "conversion", low),
+        f"conversion in {high}": _factor_fraction(factors, "conversion", high),
+    }
+    batched = _factor_fraction(factors, "batch composition", low)
+    if not math.isnan(batched):  # measured only when the notebook decodes in batches
+        candidates[f"batch composition in {low}"] = batched
+    return candidates
+
+
 def conclude_divergence(
     *,
     prompt: str,
@@ -245,22 +265,13 @@ def conclude_divergence(
     per_pair = divergence_summary(stats)
 
     def fraction(factor: str, dtype_setting: str) -> float:
-        row = factors[(factors["factor"] == factor) & (factors["dtype"] == dtype_setting)]
-        return float(row["diverged_fraction"].iloc[0]) if len(row) else math.nan
+        return _factor_fraction(factors, factor, dtype_setting)
 
     def pair_value(name: str, column: str) -> float:
         row = per_pair[per_pair["pair"] == name]
         return float(row[column].iloc[0]) if len(row) else math.nan
 
-    candidates = {
-        f"{low} vs {high} (dtype)": fraction("dtype", f"{low} vs {high}"),
-        f"attention implementation in {low}": fraction("attention", low),
-        f"attention implementation in {high}": fraction("attention", high),
-        f"conversion in {low}": fraction("conversion", low),
-        f"conversion in {high}": fraction("conversion", high),
-    }
-    if not math.isnan(fraction("batch composition", low)):  # measured only when the notebook batches
-        candidates[f"batch composition in {low}"] = fraction("batch composition", low)
+    candidates = _factor_candidates(factors, low, high)
     measured = {k: v for k, v in candidates.items() if not math.isnan(v)}
     ranked = sorted(measured.items(), key=lambda kv: kv[1], reverse=True)
     main, main_fraction = ranked[0] if ranked else ("none", math.nan)
