@@ -58,6 +58,12 @@ def rows() -> list[str]:
         out.append(_row(f"2×H200, {multi['model']['parameters'] / 1e9:.1f}B-parameter Llama split by accelerate: "
                         f"{config} / plain forward", multi["capture"][config]["ratio_to_plain"], None, "×",
                         "multigpu_h200x2.json"))
+    if (RESULTS / "triage_time_cpu.json").exists():
+        triage = _load("triage_time_cpu.json")
+        for row in triage["rows"]:
+            out.append(_row(f"CPU ({triage['cpu_count']} cores): full `parity-kit triage`, {row['pair']}, "
+                            f"{row['eval_limit']}-document paired eval", row["triage_s"], 180, " s",
+                            "triage_time_cpu.json"))
     return out
 
 

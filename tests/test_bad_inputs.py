@@ -744,6 +744,92 @@ def diff_capsules_not_mappings(w):
     pk.diff_capsules("a", "b")
 
 
+# --- written after the first round of fixes (the report counts them apart)
+@case("vocab")
+def compare_live_ids_outside_vocabulary(w):
+    pk.compare_live(w.llama, w.other, torch.tensor([[1, 999]]))
+
+
+@case("window")
+def compare_live_zero_window(w):
+    pk.compare_live(w.llama, w.other, w.ids, window=0)
+
+
+@case("metric")
+def sweep_by_class_bad_metric(w):
+    pk.sweep_by_class(w.llama, w.other, w.ids, metric="accuracy", progress=False)
+
+
+@case("prompts")
+def divergence_statistics_no_prompts(w):
+    pk.divergence_statistics({"a": (w.llama, w.other)}, [], None, max_new_tokens=2, progress=False)
+
+
+@case("pairs")
+def divergence_statistics_bad_pairs(w):
+    pk.divergence_statistics(42, [[1, 2]], None, max_new_tokens=2, progress=False)
+
+
+@case("batch_size")
+def evaluate_lastword_zero_batch(w):
+    pk.evaluate_lastword(w.llama, None, [{"context": "a", "target": " b"}], batch_size=0, progress=False)
+
+
+@case("pipelines")
+def token_provenance_no_pipelines(w):
+    pk.token_provenance("hello", {})
+
+
+@case("fp9|dtype")
+def floor_bad_dtype(w):
+    pk.Floor(("fp32", "fp9"))
+
+
+@case("keyed_by")
+def floor_bad_keyed_by(w):
+    pk.Floor(("fp32", "bf16"), keyed_by="nobody")
+
+
+@case("Tensor")
+def tensor_stats_of_a_string(w):
+    pk.TensorStats.of("x")
+
+
+@case("vocab")
+def local_vs_propagated_ids_outside_vocabulary(w):
+    pk.local_vs_propagated(w.llama, w.other, torch.tensor([[1, 999]]))
+
+
+@case("Module|str")
+def rounding_only_of_a_string(w):
+    _enter(pk.rounding_only("gpt2", "bf16"))
+
+
+@case("no token")
+def calibrate_floor_empty_ids(w):
+    pk.calibrate_floor(w.llama, torch.tensor([[]], dtype=torch.long), ("fp32", "bf16"))
+
+
+@case("notebook name")
+def write_findings_bad_notebook_name(w):
+    pk.write_findings("../x", {}, "it works", {"a": 1}, reports_dir=w.path())
+
+
+@case("master_weights")
+def run_in_dtype_bad_master(w):
+    _enter(pk.run_in_dtype(w.llama, "*", "bf16", master_weights="x"))
+
+
+@case("nn.Module|reference model")
+def compare_models_of_a_string(w):
+    pk.compare_models("gpt2", w.other, w.ids, show_progress=False)
+
+
+@case("call 5|call=")
+def per_token_error_absent_call(w):
+    pk.per_token_error(w.rec, w.rec_other, call=5)
+
+
 @pytest.mark.parametrize("fn,match", [pytest.param(fn, match, id=name) for name, fn, match in CASES])
 def test_case(world: World, fn: Callable[[World], Any], match: str) -> None:
     before = leak_state(world)
@@ -756,5 +842,70 @@ def test_case(world: World, fn: Callable[[World], Any], match: str) -> None:
 
 
 def test_the_suite_is_large_enough() -> None:
-    assert len(CASES) >= 70, len(CASES)
+    assert len(CASES) >= 80, len(CASES)
     assert len({name for name, _, _ in CASES}) == len(CASES)
+
+
+# ------------------------------------------------------------------ interrupted recordings
+class _Planted(RuntimeError):
+    pass
+
+
+def _interrupted(w: World, mode: str = "tensors", **kwargs: Any) -> Recording:
+    """A recording of ``w.llama`` whose forward raises inside its MLP (a planted fault)."""
+    def fail(*_: Any) -> None:
+        raise _Planted("planted fault in the MLP")
+
+    before = leak_state(w)
+    handle = w.llama.model.layers[0].mlp.register_forward_hook(fail)
+    try:
+        with pytest.raises(_Planted):  # the block's own exception reaches the caller, unchanged
+            with pk.record(w.llama, "*", mode=mode, **kwargs) as rec:
+                w.llama(w.ids)
+    finally:
+        handle.remove()
+    assert leak_state(w) == before
+    return rec
+
+
+def test_a_complete_recording_says_so(world: World) -> None:
+    assert world.rec.metadata["complete"] is True and "interrupted" not in world.rec.metadata
+
+
+def test_an_interrupted_recording_is_marked_incomplete(world: World) -> None:
+    rec = _interrupted(world)
+    assert rec.metadata["complete"] is False
+    assert "_Planted: planted fault in the MLP" in rec.metadata["interrupted"]
+    assert "model.layers.0.mlp" not in rec and "model.layers.0.mlp.down_proj" in rec  # stopped part-way
+    back = Recording.load(rec.save(world.path()))
+    assert back.metadata["complete"] is False
+
+
+def test_compare_marks_the_rows_of_an_interrupted_run(world: World) -> None:
+    rec = _interrupted(world)
+    table = pk.compare(world.rec, rec)
+    assert "ok" not in set(table["status"])
+    assert (table["status"] == "incomplete candidate").sum() == sum(len(c.outputs) for c in rec.calls)
+    assert set(pk.compare(rec, world.rec)["status"]) >= {"incomplete reference"}
+    assert set(pk.compare(rec, rec)["status"]) == {"incomplete runs"}
+    both = table[table["status"] == "incomplete candidate"]
+    assert both["rel_rms"].notna().all()  # the metrics are still there to look at
+    with pytest.raises(ParityKitError, match="not comparable"):
+        pk.compare(world.rec, rec, strict=True)
+    with pytest.raises(ParityKitError, match="incomplete candidate.*block raised"):
+        pk.first_divergence(table)
+
+
+def test_a_recording_of_an_earlier_version_counts_as_complete(world: World) -> None:
+    older = Recording("tensors", world.rec.calls, {k: v for k, v in world.rec.metadata.items() if k != "complete"})
+    assert set(pk.compare(older, world.rec)["status"]) == {"ok"}
+
+
+@pytest.mark.parametrize("batch", ["auto", "1GiB", 0])
+def test_an_interrupted_stats_recording_is_readable_and_saves(world: World, batch: Any) -> None:
+    rec = _interrupted(world, "stats", stats_batch=batch)
+    assert rec.metadata["complete"] is False
+    names = [c.module for c in rec.calls]
+    assert "model.layers.0.mlp.down_proj" in names
+    back = Recording.load(rec.save(world.path()))
+    assert [c.module for c in back.calls] == names and back.metadata["complete"] is False

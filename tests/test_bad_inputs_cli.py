@@ -55,6 +55,13 @@ CLI_CASES = [
     ("demo_missing_notebooks", lambda t: ["demo", "--notebooks", str(t / "nowhere")], "does not exist"),
     ("demo_empty_notebooks", lambda t: ["demo", "--notebooks", str(t)], "no notebooks"),
     ("report_missing_notebook", lambda t: ["report", str(t / "none.ipynb"), "--out", str(t / "r")], "none.ipynb"),
+    ("triage_bad_dtype", lambda t: ["triage", "tiny-internlm2-llama", "tiny-internlm2-llama", "--dtype", "fp12",
+                                    "--out", str(t / "o")], "fp12"),
+    ("triage_eval_not_utf8", lambda t: ["triage", "tiny-internlm2-llama", "tiny-internlm2-llama", "--quick",
+                                        "--eval", str(_file(t, "e.jsonl", b'{"context": "\xff", "target": " a"}\n')),
+                                        "--out", str(t / "o")], "UTF-8"),
+    ("triage_eval_missing", lambda t: ["triage", "tiny-internlm2-llama", "tiny-internlm2-llama", "--quick",
+                                       "--eval", str(t / "none.jsonl"), "--out", str(t / "o")], "none.jsonl"),
     ("report_not_a_notebook", lambda t: ["report", str(_file(t, "nb.ipynb", b"\xff\xfe")), "--out", str(t / "r"),
                                          "--no-execute"], "nb.ipynb"),
 ]

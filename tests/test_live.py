@@ -92,6 +92,8 @@ def test_errors_are_reported_and_hooks_removed(input_ids):
         compare_live(ref, ref, input_ids)
     with pytest.raises(ParityKitError, match="window"):
         compare_live(ref, build_tiny_llama(), input_ids, window=0)
-    with pytest.raises(ParityKitError, match="a model raised"):
+    with pytest.raises(ParityKitError, match="outside the vocabulary"):
         compare_live(ref, build_tiny_llama(), torch.tensor([[999]]))  # token id out of range
+    with pytest.raises(ParityKitError, match="a model raised"):
+        compare_live(ref, build_tiny_llama(), torch.tensor([[0.5]]))  # float ids: the embedding raises
     assert all(n == (0, 0, 0, 0) for n in hook_counts(ref).values())

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "parity_kit" / "notebooks" / "01_fp16_fp32_divergence.ipynb"
 PARAMETERS = {"model": "tiny-internlm2", "converted": "tiny-internlm2-llama", "dtype": "fp16",
               "reference_dtype": "fp32", "device": "cpu", "interactive": True, "smoke": False,
-              "reports_dir": "reports", "prompt": "who are you", "max_new_tokens": 128, "n_prompts": 30,
+              "reports_dir": "reports", "prompt": "who are you", "max_new_tokens": 128, "n_prompts": 30, "batch_size": 8,
               "trust_remote_code": False}
 
 
@@ -74,12 +74,14 @@ def test_notebook_runs_headless_in_smoke_mode_and_writes_its_findings(standin_da
     findings = json.loads((reports / "01_fp16_fp32_divergence.findings.json").read_text())
     figures = findings["figures"]
     assert findings["parameters"]["smoke"] is True
-    # 12 pairs that vary one factor, plus original vs converted as shipped (eager vs sdpa) in both dtypes
-    assert figures["prompts"] == 5 and figures["max_new_tokens"] == 32 and figures["pairs"] == 14
-    assert "Over 5 prompts and 14 pairs of runs (12 of them differing in one factor only)" in findings["conclusion"]
+    # 14 pairs that vary one factor (12, plus each model alone vs in batches), plus original vs converted as
+    # shipped (eager vs sdpa) in both dtypes
+    assert figures["prompts"] == 5 and figures["max_new_tokens"] == 32 and figures["pairs"] == 16
+    assert "Over 5 prompts and 16 pairs of runs (14 of them differing in one factor only)" in findings["conclusion"]
     fractions = figures["diverged_fraction_by_factor"]
     assert set(fractions) == {"fp16 vs fp32 (dtype)", "attention implementation in fp16",
-                              "attention implementation in fp32", "conversion in fp16", "conversion in fp32"}
+                              "attention implementation in fp32", "conversion in fp16", "conversion in fp32",
+                              "batch composition in fp16"}
     executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     images = sum("image/png" in o.get("data", {}) for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert images >= 5  # three margin plots, the histogram, the layer profile

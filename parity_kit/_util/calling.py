@@ -133,9 +133,10 @@ def check_token_ids(models: list[nn.Module], inputs: Any, what: str = "inputs") 
         ids = ids[0]
     if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         ids = torch.tensor(ids)
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool \
-            or not ids.numel():
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         return
+    if not ids.numel():
+        raise ParityKitError(f"{what} hold no token (token ids of shape {tuple(ids.shape)}); pass at least one token")
     low, high = int(ids.min()), int(ids.max())
     for model in models:
         size = vocabulary_size(model)

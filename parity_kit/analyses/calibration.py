@@ -81,6 +81,8 @@ def rounding_only(model: nn.Module, dtype: DtypeLike) -> Iterator[nn.Module]:
     >>> bool((y == y.bfloat16().float()).all()), sim.weight.dtype
     (True, torch.float32)
     """
+    if not isinstance(model, nn.Module):
+        raise ParityKitError(f"rounding_only needs a torch.nn.Module, got {type(model).__name__} {model!r:.40}")
     target = parse_dtype(dtype)
     rounded = _rounder(target)
     sim = copy.deepcopy(model).to(accumulation_dtype(target))

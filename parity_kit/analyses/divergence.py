@@ -107,6 +107,9 @@ def divergence_statistics(
     check_max_new_tokens(max_new_tokens)
     if isinstance(pairs, Mapping):
         pairs = [ModelPair(name, ref, cand) for name, (ref, cand) in pairs.items()]
+    if not isinstance(pairs, Sequence) or not all(isinstance(p, ModelPair) for p in pairs):
+        raise ParityKitError(f"pairs must be a list of ModelPair or a dict name -> (reference, candidate), got "
+                             f"{type(pairs).__name__} {pairs!r:.60}")
     pairs = list(pairs)
     if not pairs:
         raise ParityKitError("no pairs given; build them with standard_pairs(...) or pass {name: (ref, cand)}")

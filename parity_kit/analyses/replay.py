@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .._util.calling import call_model, prepare_inputs
+from .._util.calling import call_model, check_token_ids, prepare_inputs
 from .._util.trees import leaves, map_tensors
 from ..capture import ModuleSpec, record, select_modules
 from ..comparison.floor import rounding_floor
@@ -85,6 +85,9 @@ def local_vs_propagated(
     [0.0, 0.0]
     """
     metric_name, metric_fn = error_metric(metric)
+    if not isinstance(candidate_model, nn.Module):
+        raise ParityKitError(f"candidate_model must be a torch.nn.Module, got {type(candidate_model).__name__}")
+    check_token_ids([m for m in (reference, candidate_model) if isinstance(m, nn.Module)], inputs)
     rec = _reference_recording(reference, inputs, modules, memory_budget)
     plan = _replay_plan(rec, _selected_reference_names(rec, reference, modules), mapping, candidate_model)
     replayer = _Replayer(rec, plan, metric_name, metric_fn, floor_tolerance)

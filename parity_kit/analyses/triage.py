@@ -168,7 +168,7 @@ def _step_inputs(ref: TriageSide, cand: TriageSide, prompt: str | None, input_id
             raise ParityKitError(f"input_ids has shape {tuple(ids.shape)}; pass one sequence, shape [1, T]")
         seq = [int(t) for t in ids[0]]
         return {"status": "done", "source": "input_ids given (the same for both models)", "ids_differ": False,
-                "n_tokens": len(seq)}, {"reference": seq, "candidate": seq}, ids
+                "n_tokens": len(seq), "reference_ids": seq}, {"reference": seq, "candidate": seq}, ids
     pipelines = {name: side.pipeline if side.pipeline is not None else (side.tokenizer, {})
                  for name, side in (("reference", ref), ("candidate", cand))}
     if any(p == (None, {}) for p in pipelines.values()):
@@ -185,6 +185,7 @@ def _step_inputs(ref: TriageSide, cand: TriageSide, prompt: str | None, input_id
         "n_tokens_candidate": len(ids["candidate"]), "bos_token_id": bos,
         "reference_starts_with_bos": bos is not None and ids["reference"][:1] == [bos],
         "candidate_starts_with_bos": bos is not None and ids["candidate"][:1] == [bos],
+        "reference_ids": ids["reference"], "candidate_ids": ids["candidate"],
     }
     eos = getattr(ref.tokenizer, "eos_token_id", None)
     if eos is not None:
@@ -306,8 +307,7 @@ def _step_where(ref: TriageSide, cand: TriageSide, inputs: Any, mapping: Any, br
     first = first_divergence(judged.table, diagnosis="own error above floor")
     return {"status": "done", "dtypes": [dtype_name(model_dtype(m)) for m in pair], "verdict": verdict["verdict"],
             "n_modules": verdict["n_modules"], "n_modules_consistent": verdict["n_modules_consistent"],
-            "culprits": _culprit_rows(judged, dict(pair[1].named_modules()) if mapping is None
-                                      else dict(pair[0].named_modules())),
+            "culprits": _culprit_rows(judged, dict(pair[0].named_modules())),  # culprits carry reference names
             "precision_sensitive": verdict["precision_sensitive"],
             "first_own_divergence": None if first is None else {"module": first["module"],
                                                                 "own_floor_ratio": float(first["own_floor_ratio"])},

@@ -45,6 +45,26 @@ class TriageRequest:
         return dict(vars(self))
 
 
+def check_request(request: TriageRequest) -> None:
+    """ParityKitError for settings that would only fail inside the triage (or be skipped by it): dtypes, BOS
+    settings and the eval file, checked before any model loads or the notebook starts.
+
+    >>> check_request(TriageRequest("a", "b", ref_dtype="fp12"))  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    parity_kit.errors.ParityKitError: unknown dtype 'fp12'; ...
+    """
+    from ..analyses.evaluation import load_lastword_items
+    from ..dtypes import parse_dtype
+
+    parse_dtype(request.ref_dtype)
+    parse_dtype(request.cand_dtype)
+    for bos in (request.ref_bos, request.cand_bos):
+        if bos not in ("auto", "on", "off"):
+            raise ParityKitError(f"BOS setting {bos!r}: use auto (as the tokenizer does), on or off")
+    if request.eval_file is not None:
+        load_lastword_items(request.eval_file, limit=request.eval_limit)
+
+
 def _pipeline(tokenizer: Any, bos: str) -> Any:
     if bos == "auto" or tokenizer is None:
         return None
@@ -64,6 +84,7 @@ def run_request(request: TriageRequest, *, show_progress: bool = True) -> Any:
     from ..analyses.runs import RunSpec, load_run
     from ..analyses.triage import triage
 
+    check_request(request)
     sides = []
     for name, dtype, attn, bos in ((request.ref, request.ref_dtype, request.ref_attn, request.ref_bos),
                                    (request.cand, request.cand_dtype, request.cand_attn, request.cand_bos)):
@@ -115,6 +136,7 @@ def write_report(request: TriageRequest, out: str | Path) -> tuple[dict[str, Pat
     from ..present.report import export_html
     from .demo import execute_notebook
 
+    check_request(request)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     files = {"notebook": folder / "triage.ipynb", "html": folder / "triage.html", "findings": folder / FINDINGS_NAME}

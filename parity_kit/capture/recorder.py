@@ -133,7 +133,10 @@ def record(
     concatenation per group of like tensors instead of one copy each), ``0`` copies in the hook.
     Deferred work needs the output unchanged until its batch runs: a module output that the model
     modifies in place later is detected (version counter) and refused with an error that names the
-    knob to set to 0. Results are complete when the block ends. Calls are stored in completion order,
+    knob to set to 0. Results are complete when the block ends; reading ``rec.calls`` inside the block raises
+    ParityKitError. A block that raises (the forward failed part-way) re-raises its exception and leaves
+    ``rec.metadata["complete"]`` False (True otherwise), with the exception in ``metadata["interrupted"]``;
+    :func:`parity_kit.compare` marks such a recording's rows "incomplete ...". Calls are stored in completion order,
     so a parent module follows its children.
 
     The recording sees each output as the module's forward hooks that exist when the block starts

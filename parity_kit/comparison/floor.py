@@ -223,6 +223,10 @@ class Floor:
     def __post_init__(self) -> None:
         if self.keyed_by not in ("reference", "candidate"):
             raise ParityKitError(f"Floor.keyed_by={self.keyed_by!r}: use 'reference' or 'candidate'")
+        if not isinstance(self.dtypes, tuple | list) or len(self.dtypes) != 2:
+            raise ParityKitError(f"Floor.dtypes={self.dtypes!r}: pass the two runs' dtypes, e.g. ('fp32', 'bf16')")
+        for d in self.dtypes:
+            parse_dtype(d)
 
     def with_component(self, component: FloorComponent) -> Floor:
         """A copy with ``component`` added (or replaced, by name)."""

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .._util.calling import Inputs, call_model
+from .._util.calling import Inputs, call_model, check_token_ids
 from .._util.trees import leaves
 from ..capture import ModuleSpec, select_modules
 from .pairs import COLUMNS, MappingLike, PairJob, PairReducer, compare_leaf, empty_row, leaf_filter
@@ -225,6 +225,8 @@ def compare_live(
                              "record each run with pk.record and use pk.compare")
     if not isinstance(window, int) or window < 1:
         raise ParityKitError(f"window={window!r}: pass a positive number of reference outputs to hold")
+    check_token_ids([ref_model], inputs)
+    check_token_ids([cand_model], inputs if cand_inputs is None else cand_inputs, "cand_inputs")
     keep = leaf_filter(tensors)
     if tensors == "all" or (not isinstance(tensors, str) and any(not (t == "output" or t.startswith("output."))
                                                                   for t in tensors)):

@@ -54,6 +54,8 @@ class TensorStats:
     @classmethod
     def of(cls, tensor: torch.Tensor, per_token: bool = True) -> TensorStats:
         """Statistics of ``tensor`` with one host synchronisation (two when it holds NaN/Inf)."""
+        if not isinstance(tensor, torch.Tensor):
+            raise ParityKitError(f"TensorStats.of takes a torch.Tensor, got {type(tensor).__name__}")
         if tensor.device.type != "cpu":
             return cls._of(tensor, per_token)
         # A handful of small reductions per module: on a busy CPU every multi-threaded op waits at a

@@ -70,6 +70,7 @@ def standard_pairs(
     trust_remote_code: bool = False,
     shipped: Mapping[str, str] | None = None,
     loader: Callable[..., tuple[nn.Module, Any]] | None = None,
+    batch_size: int | None = None,
 ) -> tuple[list[ModelPair], Any]:
     """The pairs that isolate one factor each, and the (original's) tokenizer.
 
@@ -85,6 +86,9 @@ def standard_pairs(
     is loaded once (2 models × 2 dtypes × attention implementations: for a large checkpoint pass one
     attention implementation). A variant that cannot be loaded (e.g. remote code without SDPA) is
     skipped with a warning, and so are the pairs that need it. ``loader`` defaults to :func:`model_variant`.
+    With ``batch_size`` > 1, also each model in ``dtype`` decoded one prompt at a time vs in batches of that size
+    (``"batch composition"``, ``"original fp16 alone vs in batches of 8 (eager)"``): batching changes the numerics
+    too; pass the same ``batch_size`` to :func:`parity_kit.divergence_statistics`.
 
     >>> pairs, tok = standard_pairs("tiny-internlm2", "tiny-internlm2-llama", attn_implementations=("eager",))
     >>> [p.name for p in pairs][:3]
@@ -111,10 +115,11 @@ def standard_pairs(
                 cache[key] = None
         return cache[key]
 
-    def add(name: str, ref: tuple[str, str, str], cand: tuple[str, str, str], varies: str, setting: dict) -> None:
+    def add(name: str, ref: tuple[str, str, str], cand: tuple[str, str, str], varies: str, setting: dict,
+            **batches: int) -> None:
         ref_model, cand_model = get(*ref), get(*cand)
         if ref_model is not None and cand_model is not None:
-            pairs.append(ModelPair(name, ref_model, cand_model, varies=varies, setting=setting))
+            pairs.append(ModelPair(name, ref_model, cand_model, varies=varies, setting=setting, **batches))
 
     models = {"original": original, "converted": converted}
     pairs: list[ModelPair] = []
@@ -137,6 +142,11 @@ def standard_pairs(
             for label, source in models.items():
                 add(f"{label} {dt} {first_attn} vs {attn}", (source, dt, first_attn), (source, dt, attn), "attention",
                     {"model": label, "attention": f"{first_attn} vs {attn}", "dtype": dt})
+    if batch_size is not None and batch_size > 1:
+        for label, source in models.items():
+            add(f"{label} {low} alone vs in batches of {batch_size} ({first_attn})", (source, low, first_attn),
+                (source, low, first_attn), "batch composition",
+                {"model": label, "attention": first_attn, "dtype": low}, reference_batch=1, candidate_batch=batch_size)
     if not pairs:
         raise ParityKitError(f"no pair could be loaded for {original!r} and {converted!r}; see the warnings above")
     return pairs, tokenizers[original]
@@ -249,6 +259,8 @@ def conclude_divergence(
         f"conversion in {low}": fraction("conversion", low),
         f"conversion in {high}": fraction("conversion", high),
     }
+    if not math.isnan(fraction("batch composition", low)):  # measured only when the notebook batches
+        candidates[f"batch composition in {low}"] = fraction("batch composition", low)
     measured = {k: v for k, v in candidates.items() if not math.isnan(v)}
     ranked = sorted(measured.items(), key=lambda kv: kv[1], reverse=True)
     main, main_fraction = ranked[0] if ranked else ("none", math.nan)
@@ -269,7 +281,7 @@ def conclude_divergence(
     low_ratio = float(low_profile["floor_ratio"].max()) if low_profile is not None else math.nan
 
     n_prompts, n_pairs = int(stats["prompt_index"].nunique()), int(stats["pair"].nunique())
-    n_single = int(stats.loc[stats["varies"].isin(["dtype", "attention", "conversion"]), "pair"].nunique())
+    n_single = int(stats.loc[stats["varies"].isin(["dtype", "attention", "conversion", "batch composition"]), "pair"].nunique())
 
     shipped_fraction = {dt: fraction("as shipped", dt) for dt in (low, high)}
     sentences = [
