@@ -29,8 +29,11 @@ def test_data_and_notebooks_are_found_inside_the_package(monkeypatch):
     for relative in ("models/tiny-rwkv7/model.safetensors", "tokenizer/tokenizer.json", "eval/lastword.jsonl",
                      "prompts.json", "stored/wkv_kernels_h200.json"):
         assert (paths.data_dir() / relative).is_file(), relative
-    # nothing of the kit is read from the clone's top level any more
-    assert not (ROOT / "data").exists() and not (ROOT / "notebooks").exists()
+    # a clone's top-level data/ and notebooks/, where present, are links to the package's folders, never copies
+    for name in ("data", "notebooks"):
+        top = ROOT / name
+        if top.exists() or top.is_symlink():
+            assert top.is_symlink() and top.resolve() == (PACKAGE / name).resolve(), f"{top} is not a link to {PACKAGE / name}"
 
 
 def test_parity_kit_data_overrides_the_data_folder(monkeypatch, tmp_path):
