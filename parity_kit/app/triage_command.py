@@ -46,8 +46,8 @@ class TriageRequest:
 
 
 def check_request(request: TriageRequest) -> None:
-    """ParityKitError for settings that would only fail inside the triage (or be skipped by it): dtypes, BOS
-    settings and the eval file, checked before any model loads or the notebook starts.
+    """ParityKitError for settings that would only fail inside the triage (or be skipped by it): both models'
+    names or folders, dtypes, BOS settings and the eval file, checked before any model loads or the notebook starts.
 
     >>> check_request(TriageRequest("a", "b", ref_dtype="fp12"))  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
@@ -55,7 +55,10 @@ def check_request(request: TriageRequest) -> None:
     """
     from ..analyses.evaluation import load_lastword_items
     from ..dtypes import parse_dtype
+    from ..models import locate
 
+    locate(request.ref)
+    locate(request.cand)
     parse_dtype(request.ref_dtype)
     parse_dtype(request.cand_dtype)
     for bos in (request.ref_bos, request.cand_bos):

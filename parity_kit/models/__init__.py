@@ -111,6 +111,16 @@ def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[str, str]:
     raise ParityKitError(_unknown_name_message(text))
 
 
+def locate(name_or_path: str | os.PathLike[str]) -> tuple[str, str]:
+    """Where a model would be loaded from, ``(kind, location)`` with kind "builtin", "folder" or "hub", without
+    loading it; ParityKitError (naming the built-ins) for a name that is none of these.
+
+    >>> locate("tiny-rwkv7")[0]
+    'builtin'
+    """
+    return _resolve(name_or_path)
+
+
 def _hub_unavailable(name: str, reason: str) -> ParityKitError:
     return ParityKitError(
         f"cannot get {name!r} from the model hub ({reason}). Download it elsewhere "
