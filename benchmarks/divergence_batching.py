@@ -43,7 +43,8 @@ def _models(name: str, low: str, device: str) -> tuple[torch.nn.Module, torch.nn
         with torch.device(device):
             torch.manual_seed(0)
             reference = LlamaForCausalLM(config).eval()
-        candidate = LlamaForCausalLM(config).to(device=device, dtype=parse_dtype(low)).eval()
+        with torch.device(device):  # built where it runs: a 7B init on the host takes minutes
+            candidate = LlamaForCausalLM(config).to(dtype=parse_dtype(low)).eval()
         candidate.load_state_dict(reference.state_dict())
         return reference, candidate, None
     reference, tokenizer = pk.models.load(name, dtype="fp32", device=device)

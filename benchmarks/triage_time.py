@@ -43,7 +43,8 @@ def seven_b_pair(device: str) -> tuple:
     torch.manual_seed(0)
     with torch.device(device):
         ref = LlamaForCausalLM(config).eval()
-    cand = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+    with torch.device(device):  # built where it runs: a 7B init on the host takes minutes
+        cand = LlamaForCausalLM(config).to(dtype=torch.bfloat16).eval()
     cand.load_state_dict(ref.state_dict())
     return ref, cand
 
