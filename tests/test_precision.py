@@ -543,8 +543,10 @@ def test_conclusion_names_the_groupnorm_role_from_the_sweep():
     assert contributor.role == "contributor" and "30.0%" in contributor_text and "60.0%" in contributor_text
     _, figures, minor = conclude(gn_removed=0.05, gn_rank=3)
     assert minor.role == "minor"
-    # ranking first with less than half of the error is not enough to be the main culprit
+    # ranking first with less than half of the error is not enough to be the main culprit, nor is half of the
+    # error while another class removes more
     assert conclude(gn_removed=0.3, gn_rank=1)[2].role == "contributor"
+    assert conclude(gn_removed=0.55, gn_rank=2)[2].role == "contributor"
     assert (figures["groupnorm_error_removed"], figures["groupnorm_class_rank"], figures["n_classes"]) == (0.05, 3, 3)
     assert figures["top_class_error_removed"] == 0.6
     assert figures["class_error_removed"] == {"Linear": 0.6, "LayerNorm": 0.3, "RWKV7GroupNorm": 0.05}
