@@ -72,7 +72,7 @@ def test_same_run_twice_is_exactly_equal(llama_dir):
     assert len(ok) > 10 and (ok["rel_rms"] == 0).all()
     assert result.summary.first is None and result.summary.n_within == result.summary.n_modules
     assert result.provenance is None and result.input_ids["reference"][0] == 0, "the tokenizer adds BOS"
-    assert "never exceeds" in result.conclusion
+    assert result.figures()["first_divergence_order"] is None and result.figures()["max_rel_rms"] == 0
 
 
 def test_bf16_candidate_is_measured_against_the_floor_and_recordings_round_trip(llama_dir, tmp_path):
@@ -107,7 +107,9 @@ def test_different_tokenizers_show_token_provenance(llama_dir, tmp_path):
     assert "leading token" in result.provenance.summary
     assert (result.table["status"] == "shape mismatch").any()
     assert result.per_token is None
-    assert result.conclusion.startswith("The two runs do not see the same token ids")
+    # the token difference is stated before the numerics, which it makes unreliable
+    assert result.provenance.summary in result.conclusion
+    assert result.conclusion.endswith(result.summary.describe(result.cand.label))
     assert result.summary.verdict == "not comparable" and result.floor is None  # nothing can be replayed
     assert result.figures()["first_token_difference"] == 0
 
@@ -117,7 +119,7 @@ def test_first_nonfinite_is_localised(llama_dir, tmp_path):
     result = compare_runs(RunSpec(str(llama_dir)), RunSpec(str(poisoned)), prompt=PROMPT, show_progress=False)
     hit = result.summary.first_nonfinite
     assert hit["module"] == "model.layers.1.mlp.down_proj"
-    assert "NaN/Inf at model.layers.1.mlp.down_proj" in result.conclusion
+    assert hit["module"] in result.conclusion
     assert result.figures()["first_nonfinite_order"] == int(hit["order"])
     assert result.ref_nonfinite is None
     assert result.summary.verdict == "not finite"
@@ -148,7 +150,7 @@ def test_summary_of_a_table_with_nothing_comparable():
                           "verdict": [None], "status": ["shape mismatch"], "nonfinite": [0]})
     summary = summarise(table, 0.01)
     assert summary.n_rows == 0 and summary.n_not_comparable == 1
-    assert summary.describe("x").startswith("no module of the two runs could be compared")
+    assert summary.verdict == "not comparable" and f"({summary.n_not_comparable} rows" in summary.describe("x")
     assert summary.figures()["max_rel_rms"] is None
 
 
@@ -167,7 +169,7 @@ def test_summary_names_a_module_that_computes_differently():
     assert figures["n_culprits"] == 1 and figures["culprit_own_floor_ratios"] == [25.0]
     assert figures["n_modules_consistent"] == 1 and figures["n_rows_by_diagnosis"]["inherited"] == 1
     text = summary.describe("cand")
-    assert "b (own error ×25 its floor)" in text and "1 of 3 modules are consistent with rounding" in text
+    assert "b (own error ×25" in text and "1 of 3 modules" in text  # the culprit, its ratio, the consistent count
 
 
 def test_cli_values():

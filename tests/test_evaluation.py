@@ -588,8 +588,9 @@ def test_bos_activation_summary_reads_the_last_layer():
 
 def _story(bos: PairedComparison, precision: PairedComparison, *, first_z: float = 1.0,
            sweep_z: tuple[float, ...] = (1.0, 2.0), sweep_flagged: tuple[bool, ...] = (False, False),
-           sweep_diff: tuple[float, ...] = (0.5, 0.25)) -> tuple[str, dict]:
-    from parity_kit.stories.bos_token import conclude_bos_story
+           sweep_diff: tuple[float, ...] = (0.5, 0.25)) -> tuple:
+    """Story 04's conclusion of one model "m-1" from constructed tests, with the judgements it is rendered from."""
+    from parity_kit.stories.bos_token import conclude_bos_story, judge_bos_effect
 
     with_bos = LastWordResult.from_loglikelihoods([-3.0, -3.5, -2.5, -3.2], n_bootstrap=50, label="with")
     without = LastWordResult.from_loglikelihoods([-3.1, -3.6, -2.6, -3.3], n_bootstrap=50, label="without")
@@ -597,57 +598,63 @@ def _story(bos: PairedComparison, precision: PairedComparison, *, first_z: float
     results = {("m-1", "fp32", True): with_bos, ("m-1", "fp32", False): without, ("m-1", "bf16", True): low}
     effect = {"first_position": 1, "first_position_nats": 0.25 * first_z, "first_position_z": first_z,
               "target_nats_per_token": 0.002}
+    # a second model's rows, all flagged, must not leak into m-1's judgement
     sweep = pd.DataFrame({"model": ["m-1", "m-1", "other"], "context_words": [2, 8, 2],
                           "ppl_diff": [*sweep_diff, 99.0], "ci_low": [d - 1 for d in sweep_diff] + [98.0],
                           "ci_high": [d + 1 for d in sweep_diff] + [100.0], "z": [*sweep_z, 99.0],
                           "flagged": [*sweep_flagged, True]})
     acts = pd.DataFrame({"first position": [0.3], "last position": [0.01], "median": [0.05]}, index=["m-1"])
-    return conclude_bos_story(results, {"m-1": bos}, {"m-1": precision}, {"m-1": effect}, sweep, acts,
-                              ref_dtype="fp32", cand_dtype="bf16", leading_figures={"n_documents": 4})
+    text, figures = conclude_bos_story(results, {"m-1": bos}, {"m-1": precision}, {"m-1": effect}, sweep, acts,
+                                       ref_dtype="fp32", cand_dtype="bf16", leading_figures={"n_documents": 4})
+    return text, figures, judge_bos_effect(bos, precision, effect, sweep[sweep["model"] == "m-1"])
 
 
 def test_conclusion_says_bos_matters_when_only_bos_is_flagged():
-    text, figures = _story(_comparison(2.0, 5.0, True), _comparison(0.5, 1.0, False), first_z=4.0)
-    assert text.startswith("m-1: without BOS the last-word perplexity goes from")
-    assert "a real effect, higher without BOS." in text and "not distinguishable from zero." in text
-    assert "The missing BOS matters more than precision (4× its perplexity change)." in text
-    assert "Where it acts: at text position 1 a missing BOS changes the loss by +1 nats (z = 4.0)" in text
-    assert "Even with contexts cut to 2 words the missing BOS does not change" in text
+    text, figures, verdict = _story(_comparison(2.0, 5.0, True), _comparison(0.5, 1.0, False), first_z=4.0)
+    assert (verdict.bos_effect, verdict.precision_flagged, verdict.leading_factor) == ("higher", False, "bos")
+    assert verdict.bos_over_precision == 4.0 and f"{verdict.bos_over_precision:.3g}×" in text
+    assert verdict.bos_noticed == "acts"  # |z| 4 at the first text position, last-word score flagged
+    assert verdict.clearest_cut_words is None and (verdict.cuts_flagged, verdict.cuts) == (0, 2)
     assert figures["m_1_bos_flagged"] == 1 and figures["m_1_precision_flagged"] == 0
     assert figures["m_1_bos_ppl_diff"] == 2.0 and figures["m_1_precision_z"] == 1.0
+    assert text.startswith("m-1:")  # one paragraph per model, named first
 
 
 def test_conclusion_flips_to_precision_when_precision_moves_the_score_more():
-    text, figures = _story(_comparison(-0.5, -3.5, True), _comparison(2.0, 8.0, True))
-    assert "a real effect, lower without BOS." in text
-    assert "Precision moves the score more than the missing BOS (4× its perplexity change)." in text
-    assert "The missing BOS matters more" not in text
+    text, figures, verdict = _story(_comparison(-0.5, -3.5, True), _comparison(2.0, 8.0, True))
+    assert (verdict.bos_effect, verdict.precision_flagged, verdict.leading_factor) == ("lower", True, "precision")
+    assert verdict.bos_over_precision == 0.25 and f"{1 / verdict.bos_over_precision:.3g}×" in text
     assert figures["m_1_bos_flagged"] == 1 and figures["m_1_precision_flagged"] == 1
     assert figures["m_1_precision_ppl_diff"] == 2.0
+    # the same two flagged effects, the BOS one larger: the BOS leads again
+    assert _story(_comparison(-3.0, -6.0, True), _comparison(1.0, 3.0, True))[2].leading_factor == "bos"
 
 
 def test_conclusion_with_neither_factor_and_an_early_only_bos_effect():
-    text, figures = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False), first_z=5.0)
-    assert "no detectable effect." in text and "Neither factor moves the last-word score" in text
-    assert "The model does notice the missing BOS, but only early" in text and "recovers before the last word" in text
-    quiet, _ = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False), first_z=1.0)
-    assert "The model hardly uses the BOS at all" in quiet and "only early" not in quiet
+    _, _, early = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False), first_z=5.0)
+    assert (early.bos_effect, early.leading_factor, early.bos_noticed) == ("none", "neither", "early only")
+    assert early.bos_over_precision == math.inf  # precision changes nothing
+    _, _, quiet = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False), first_z=1.0)
+    assert quiet.bos_noticed == "hardly"
+    # a BOS change of exactly zero against a flagged precision change still renders (no division by zero)
+    text, _, zero = _story(_comparison(0.0, 0.0, False), _comparison(1.0, 4.0, True))
+    assert (zero.leading_factor, zero.bos_over_precision) == ("precision", 0.0) and "inf×" in text
 
 
 def test_conclusion_names_the_clearest_flagged_context_cut():
-    text, figures = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False),
-                           sweep_z=(-4.0, -7.0), sweep_flagged=(True, True), sweep_diff=(-3.0, -12.5))
-    assert ("The clearest cut is the last 8 words: the last-word perplexity is lower without BOS "
-            "(-12.5, paired z = -7.0") in text
-    assert "misleads the model more than a missing one; 2 of 2 cuts are flagged." in text
-    text, _ = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False),
-                     sweep_z=(6.0, 1.0), sweep_flagged=(True, False), sweep_diff=(4.0, 0.1))
-    assert "The clearest cut is the last 2 words" in text and "relies on the BOS; 1 of 2 cuts are flagged." in text
+    text, figures, verdict = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False),
+                                    sweep_z=(-4.0, -7.0), sweep_flagged=(True, True), sweep_diff=(-3.0, -12.5))
+    assert (verdict.clearest_cut_words, verdict.clearest_cut_effect) == (8, "lower")  # the larger |z| of the two
+    assert (verdict.cuts_flagged, verdict.cuts) == (2, 2)
+    assert f"{figures['m_1_ctx8_ppl_diff']:+.4g}" in text and f"{figures['m_1_ctx8_z']:.1f}" in text
     assert figures["m_1_ctx8_z"] == -7.0 and figures["m_1_ctx8_flagged"] == 1 and figures["m_1_ctx2_ci_low"] == -4.0
+    _, _, short = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False),
+                         sweep_z=(6.0, 1.0), sweep_flagged=(True, False), sweep_diff=(4.0, 0.1))
+    assert (short.clearest_cut_words, short.clearest_cut_effect, short.cuts_flagged) == (2, "higher", 1)
 
 
 def test_conclusion_figures_hold_every_number_the_text_quotes():
-    text, figures = _story(_comparison(2.0, 5.0, True), _comparison(0.5, 1.0, False))
+    text, figures, _ = _story(_comparison(2.0, 5.0, True), _comparison(0.5, 1.0, False))
     assert list(figures)[0] == "n_documents" and figures["n_documents"] == 4
     assert {"m_1_fp32_bos_ppl", "m_1_fp32_nobos_ppl_stderr", "m_1_bf16_bos_acc", "m_1_first_position_z",
             "m_1_target_nats_per_token", "m_1_act_last_layer_first_position",

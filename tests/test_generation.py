@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pandas as pd
 import pytest
@@ -425,36 +426,69 @@ def _fake_stats(fractions: dict[tuple[str, str, str, str], float], prompts: int 
     return stats
 
 
-def test_conclusion_names_the_factor_the_numbers_point_to():
+def _conclusion_inputs() -> dict:
     model = tiny_llama(seed=12)
     same = gen.lockstep_greedy(model, model, [3, 4], max_new_tokens=4, progress=False, stop_at_eos=False)
+    # fp32 layers within 6 roundings (exact up to rounding), fp16 layers 1000x further
     profile = pd.DataFrame({"rel_rms": [1e-7, 2e-7], "floor_ratio": [3.0, 6.0]})
-    common = dict(prompt="who are you", case={"original": same, "converted": same}, teacher={},
-                  profiles={"fp32": profile, "fp16": profile * 1000}, dtype="fp16", reference_dtype="fp32",
-                  shipped={"original": "eager", "converted": "sdpa"}, max_new_tokens=4)
+    return dict(prompt="who are you", case={"original": same, "converted": same}, teacher={},
+                profiles={"fp32": profile, "fp16": profile * 1000}, dtype="fp16", reference_dtype="fp32",
+                shipped={"original": "eager", "converted": "sdpa"}, max_new_tokens=4)
+
+
+def _conclude_and_judge(stats: pd.DataFrame, **overrides) -> tuple[str, dict, story01.DivergenceVerdict]:
+    """The conclusion, its figures and the judgements it is rendered from, for the same measurements."""
+    inputs = {**_conclusion_inputs(), **overrides}
+    text, figures = story01.conclude_divergence(stats=stats, **inputs)
+    verdict = story01.judge_divergence(stats, inputs["profiles"], dtype=inputs["dtype"],
+                                       reference_dtype=inputs["reference_dtype"], shipped=inputs["shipped"])
+    return text, figures, verdict
+
+
+def test_conclusion_names_the_factor_the_numbers_point_to():
     dtype_heavy = _fake_stats({("original fp16 vs fp32 (eager)", "dtype", "eager", "fp16 vs fp32"): 0.75,
                                ("converted fp16 vs fp32 (sdpa)", "dtype", "sdpa", "fp16 vs fp32"): 0.25,
                                ("original vs converted fp32 (eager)", "conversion", "eager", "fp32"): 0.0,
                                ("original fp16 eager vs sdpa", "attention", "eager vs sdpa", "fp16"): 0.25})
-    text, figures = story01.conclude_divergence(stats=dtype_heavy, **common)
-    assert "The factor that explains the divergence: fp16 vs fp32 (dtype) (50%" in text
-    assert "the original is the more sensitive one" in text
+    text, figures, verdict = _conclude_and_judge(dtype_heavy)
+    # the dtype pairs pool 3 + 1 of 8 generations; attention 1 of 4; conversion none
+    assert (verdict.main_factor, verdict.main_fraction) == ("fp16 vs fp32 (dtype)", 0.5)
+    assert figures["main_factor_diverged_fraction"] == 0.5 and verdict.main_factor in text and "50%" in text
+    assert verdict.more_sensitive == "original"  # 75% of the original's shipped generations diverge, 25% of the converted's
     assert figures["diverged_fraction_original_shipped"] == 0.75
+    assert figures["diverged_fraction_converted_shipped"] == 0.25
     assert figures["diverged_fraction_by_factor"]["conversion in fp32"] == 0.0
-    assert "within 6× one fp32 rounding" in text
-    assert "median 0.01 logits, 200× smaller than the median 2 over all shared steps" in text
+    assert verdict.conversion == "within rounding" and figures["layer_max_floor_ratio_fp32"] == 6.0
+    # margins: 0.01 at the divergent step against a median of 2 over all steps
+    assert verdict.margin_ratio == pytest.approx(200)
+    assert (figures["median_margin_at_divergence"], figures["median_margin_overall"]) == (0.01, 2.0)
+    assert f"{verdict.margin_ratio:.0f}×" in text
 
     attention_heavy = _fake_stats({("original fp16 vs fp32 (eager)", "dtype", "eager", "fp16 vs fp32"): 0.0,
                                    ("converted fp16 vs fp32 (sdpa)", "dtype", "sdpa", "fp16 vs fp32"): 0.25,
                                    ("original vs converted fp32 (eager)", "conversion", "eager", "fp32"): 0.0,
                                    ("original fp16 eager vs sdpa", "attention", "eager vs sdpa", "fp16"): 1.0})
-    text, _ = story01.conclude_divergence(stats=attention_heavy, **common)
-    assert "The factor that explains the divergence: attention implementation in fp16 (100%" in text
-    assert "not more sensitive" in text
+    text, _, verdict = _conclude_and_judge(attention_heavy)
+    assert (verdict.main_factor, verdict.main_fraction) == ("attention implementation in fp16", 1.0)
+    assert verdict.main_factor in text and "100%" in text
+    assert verdict.more_sensitive == "converted"
 
     nothing = _fake_stats({("original fp16 vs fp32 (eager)", "dtype", "eager", "fp16 vs fp32"): 0.0})
-    text, _ = story01.conclude_divergence(stats=nothing, **common)
-    assert "does not show the effect" in text
+    _, figures, verdict = _conclude_and_judge(nothing)
+    assert verdict.main_factor is None and figures["main_factor_diverged_fraction"] == 0.0
+    assert verdict.more_sensitive == "not measured"  # the converted model's shipped pair was not run
+    assert math.isnan(verdict.margin_ratio)
+
+
+def test_conclusion_judges_the_conversion_from_the_reference_dtype_layer_profile():
+    stats = _fake_stats({("original fp16 vs fp32 (eager)", "dtype", "eager", "fp16 vs fp32"): 0.5})
+    exact = pd.DataFrame({"rel_rms": [0.0, 0.0], "floor_ratio": [0.0, 0.0]})
+    off = pd.DataFrame({"rel_rms": [1e-3, 2e-3], "floor_ratio": [1e3, 2e3]})  # far beyond SAME_DTYPE_TOLERANCE
+    assert _conclude_and_judge(stats, profiles={"fp32": exact, "fp16": exact})[2].conversion == "bit-exact"
+    text, figures, verdict = _conclude_and_judge(stats, profiles={"fp32": off, "fp16": off})
+    assert verdict.conversion == "beyond rounding" and figures["layer_max_floor_ratio_fp32"] == 2e3
+    assert "2e+03×" in text
+    assert _conclude_and_judge(stats, profiles={"fp16": off})[2].conversion == "not measured"
 
 
 def test_story_panel_runs_the_case_study_and_shows_errors():

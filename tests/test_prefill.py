@@ -34,6 +34,7 @@ from parity_kit.models.wkv import random_wkv_inputs, wkv_recurrent
 from parity_kit.stories.prefill_modes import (
     REPORTED_FIGURES,
     chunk_size_table,
+    choose_prefill_modes,
     conclude_prefill,
     decode_comparison,
     error_pivot,
@@ -293,33 +294,38 @@ def model_summary(dtypes=("bf16",)) -> pd.DataFrame:
 
 
 def conclude(lengths: list[dict], *, dtypes=("bf16",), lastword=None, stored=None, output_rms: float = 2.0):
-    return conclude_prefill(pd.DataFrame(lengths), lastword if lastword is not None else lastword_table(dtypes),
-                            model_summary(dtypes), stored if stored is not None else pd.DataFrame(),
-                            dtypes=list(dtypes), seq_len=T_STORY, output_rms=output_rms)
+    """Story 03's conclusion and figures from harness-shaped rows, with the per-dtype choices it states."""
+    text, figures = conclude_prefill(pd.DataFrame(lengths), lastword if lastword is not None else lastword_table(dtypes),
+                                     model_summary(dtypes), stored if stored is not None else pd.DataFrame(),
+                                     dtypes=list(dtypes), seq_len=T_STORY, output_rms=output_rms)
+    return text, figures, choose_prefill_modes(pd.DataFrame(lengths), dtypes=list(dtypes), seq_len=T_STORY)
 
 
 def test_conclusion_recommends_low_precision_chunk_when_it_is_close_to_recurrent():
-    text, figures = conclude(harness_rows("bf16", story_rel(chunk_low=1.2e-3, chunk_fp32=1.05e-3)))
-    assert "For bf16 prefill use chunk mode even with bf16 intermediates (FLA-like; 1.20x the recurrent error)" in text
-    assert "keep the decode state in fp32 (a bf16 state is 4.0x worse on the state)" in text
+    text, figures, choice = conclude(harness_rows("bf16", story_rel(chunk_low=1.2e-3, chunk_fp32=1.05e-3)))
+    bf16 = choice["bf16"]
+    assert bf16.mode == "chunk_low" and bf16.chunk_low_ratio == pytest.approx(1.2)  # within 1.5x the recurrent error
+    assert bf16.low_state_ratio == pytest.approx(4.0)  # a bf16 state: 8e-3 against 2e-3
+    assert f"{bf16.chunk_low_ratio:.2f}x" in text and f"{bf16.low_state_ratio:.1f}x" in text
     k = f"bf16_T{T_STORY}_"
     assert figures[k + "chunk_low_output_rel_rms"] == 1.2e-3 and figures[k + "floor_output_rel_rms"] == 5e-4
     assert figures[k + "chunk_low_vs_recurrent_output_max_abs"] == 0.5
     assert figures[k + "direct_output_max_over_output_rms"] == 0.25  # 0.5 / output rms 2.0
     assert figures["reported_198_output_max"] == REPORTED_FIGURES[0][3]
-    assert "against 1.0 and 0.043 reported in FLA #198" in text
+    assert f"{figures['reported_198_output_max']}" in text and f"{figures['reported_198_state_max']}" in text
     assert figures["lastword_n"] == 24 and figures["lastword_modes_nonfinite"] == 0
     assert figures["logits_bf16_chunk_low_rel_rms"] == 1e-3
-    assert "largest last-word |z| of any finite mode is 1.00" in text
+    # the largest last-word |z| of any finite mode: chunk_low's 1.0 (recurrent's is 0.5)
+    assert figures["lastword_bf16_chunk_low_z"] == 1.0 and "1.00" in text
     assert not any(key.startswith("stored_h200") for key in figures)
 
 
 def test_conclusion_flips_to_fp32_intermediates_then_to_recurrent():
-    text, _ = conclude(harness_rows("bf16", story_rel(chunk_low=3e-3, chunk_fp32=1.1e-3)))
-    assert "For bf16 prefill use chunk mode with fp32 intermediates (1.10x the recurrent error), not bf16 " \
-           "intermediates (3.00x)" in text
-    text, figures = conclude(harness_rows("bf16", story_rel(chunk_low=3e-3, chunk_fp32=2e-3)))
-    assert "For bf16 prefill use the recurrent form with an fp32 state (chunk is 2.00x worse" in text
+    text, _, choice = conclude(harness_rows("bf16", story_rel(chunk_low=3e-3, chunk_fp32=1.1e-3)))
+    assert choice["bf16"].mode == "chunk_fp32"  # bf16 intermediates 3x the recurrent error, fp32 ones 1.1x
+    assert f"{choice['bf16'].chunk_fp32_ratio:.2f}x" in text and f"{choice['bf16'].chunk_low_ratio:.2f}x" in text
+    text, figures, choice = conclude(harness_rows("bf16", story_rel(chunk_low=3e-3, chunk_fp32=2e-3)))
+    assert choice["bf16"].mode == "recurrent_fp32_state" and choice["bf16"].chunk_fp32_ratio == pytest.approx(2.0)
     assert figures[f"bf16_T{T_STORY}_chunk_fp32_output_rel_rms"] == 2e-3
 
 
@@ -327,13 +333,13 @@ def test_conclusion_names_an_overflowing_chunk_mode_per_dtype():
     rows = (harness_rows("fp16", story_rel(chunk_low=1e-3, chunk_fp32=1.1e-3), nonfinite=("chunk_low",))
             + harness_rows("bf16", story_rel(chunk_low=1.1e-3, chunk_fp32=1e-3)))
     lastword = lastword_table(("fp16", "bf16"), failed=("fp16 chunk_low",))
-    text, figures = conclude(rows, dtypes=("fp16", "bf16"), lastword=lastword)
-    assert "chunk with fp16 intermediates did not produce finite values (overflow): do not use it in fp16" in text
-    assert "not fp16 intermediates (they overflow)" in text
-    assert "For bf16 prefill use chunk mode even with bf16 intermediates" in text
+    text, figures, choice = conclude(rows, dtypes=("fp16", "bf16"), lastword=lastword)
+    # fp16 chunk_low overflows, so fp16 falls back to fp32 intermediates though its finite figure would have passed
+    assert choice["fp16"].mode == "chunk_fp32" and math.isnan(choice["fp16"].chunk_low_ratio)
+    assert choice["bf16"].mode == "chunk_low"
     assert math.isnan(figures[f"fp16_T{T_STORY}_chunk_low_output_rel_rms"])
-    assert "non-finite logits in: fp16 chunk_low" in text and figures["lastword_modes_nonfinite"] == 1
-    assert text.index("For fp16") < text.index("For bf16")  # the chosen dtype leads
+    assert figures["lastword_modes_nonfinite"] == 1 and "fp16 chunk_low" in text  # the failed run is named
+    assert list(choice) == ["fp16", "bf16"] and text.index("For fp16") < text.index("For bf16")  # the chosen dtype leads
 
 
 def test_conclusion_adds_stored_gpu_figures_when_present():
@@ -347,12 +353,13 @@ def test_conclusion_adds_stored_gpu_figures_when_present():
     stored += [{"mode": "fla_chunk", "dtype": "bf16", "reference": "recurrent", "T": 4096, "tensor": t,
                 "max_abs": v, "mean_abs": v / 10, "rel_rms": v / 100, "status": "ok"}
                for t, v in (("output", 0.5), ("state", 0.02))]
-    text, figures = conclude(harness_rows("bf16", story_rel(1.2e-3, 1e-3)), stored=pd.DataFrame(stored))
-    assert figures["stored_h200_bf16_T4096_fla_chunk_output_rel_rms"] == 6e-3
+    text, figures, _ = conclude(harness_rows("bf16", story_rel(1.2e-3, 1e-3)), stored=pd.DataFrame(stored))
+    chunk, fused = (figures[f"stored_h200_bf16_T4096_{m}_output_rel_rms"] for m in ("fla_chunk", "fla_fused_recurrent"))
+    assert (chunk, fused) == (6e-3, 3e-3)
+    assert f"{chunk:.2e}" in text and f"{fused:.2e}" in text and f"{chunk / fused:.2f}x" in text
     assert figures["stored_h200_fp32_T4096_fla_fused_recurrent_state_max_abs"] == 0.4 * 0.001
+    assert figures["stored_h200_bf16_T4096_fla_chunk_vs_fused_output_max"] == 0.5
     assert figures["stored_h200_bf16_T4096_fla_chunk_vs_fused_state_max"] == 0.02
-    assert "output rel_rms 6.00e-03 vs 3.00e-03 for fused_recurrent_rwkv7 (2.00x)" in text
-    assert "FLA's own kernels on the H200 (stored, T=4096): 0.5 and 0.02." in text
 
 
 def test_story_plan_smoke_shrinks_and_orders_dtypes():

@@ -77,7 +77,9 @@ def test_notebook_runs_headless_in_smoke_mode_and_writes_its_findings(standin_da
     # 14 pairs that vary one factor (12, plus each model alone vs in batches), plus original vs converted as
     # shipped (eager vs sdpa) in both dtypes
     assert figures["prompts"] == 5 and figures["max_new_tokens"] == 32 and figures["pairs"] == 16
-    assert "Over 5 prompts and 16 pairs of runs (14 of them differing in one factor only)" in findings["conclusion"]
+    by_pair = figures["diverged_fraction_by_pair"]
+    assert len(by_pair) == 16 and sum("(as shipped:" in name for name in by_pair) == 2
+    assert f"{figures['prompts']} prompts and {figures['pairs']} pairs" in findings["conclusion"]
     fractions = figures["diverged_fraction_by_factor"]
     assert set(fractions) == {"fp16 vs fp32 (dtype)", "attention implementation in fp16",
                               "attention implementation in fp32", "conversion in fp16", "conversion in fp32",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -185,6 +186,67 @@ def bos_activation_summary(views: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
                          for name, row in last.items()}).T
 
 
+@dataclass(frozen=True)
+class BosVerdict:
+    """The judgements story 04's conclusion states for one model, as keywords; the prose is rendered from them.
+
+    ``bos_effect``: "higher" or "lower" (the perplexity without BOS, when the paired test flags it) or "none";
+    ``leading_factor``: "bos", "precision" or "neither" (which factor moves the last-word score more);
+    ``bos_over_precision``: |BOS perplexity change| / |precision perplexity change| (inf when precision changes
+    nothing); ``clearest_cut_words`` / ``clearest_cut_effect``: the flagged context cut with the largest |z| and
+    whether its perplexity is "lower" or "higher" without BOS (None when no cut is flagged); ``bos_noticed``:
+    "acts" (|z| > 3 at the first text position and the last-word score flagged), "early only" (|z| > 3 there,
+    score not flagged) or "hardly".
+    """
+
+    bos_effect: str
+    precision_flagged: bool
+    leading_factor: str
+    bos_over_precision: float
+    clearest_cut_words: int | None
+    clearest_cut_effect: str | None
+    cuts_flagged: int
+    cuts: int
+    bos_noticed: str
+
+
+#: |z| of the loss change at the first text position above which the model is said to notice the BOS.
+NOTICED_Z = 3
+
+
+def judge_bos_effect(b: PairedComparison, p: PairedComparison, effect: Mapping[str, float],
+                     rows: pd.DataFrame) -> BosVerdict:
+    """Story 04's judgements on one model: ``b`` the paired test without − with BOS, ``p`` the precision test
+    (BOS kept), ``effect`` :func:`bos_position_effect`, ``rows`` the model's rows of :func:`bos_context_sweep`.
+
+    >>> a = LastWordResult.from_loglikelihoods([-1.0, -2.0, -0.5, -1.5], n_bootstrap=10)
+    >>> worse = LastWordResult.from_loglikelihoods([-1.5, -2.5, -1.0, -2.0], n_bootstrap=10)
+    >>> rows = pd.DataFrame({"context_words": [2], "ppl_diff": [0.1], "z": [1.0], "flagged": [False]})
+    >>> v = judge_bos_effect(paired_comparison(a, worse, n_bootstrap=10), paired_comparison(a, a, n_bootstrap=10),
+    ...                      {"first_position_z": 5.0}, rows)
+    >>> v.bos_effect, v.leading_factor, v.clearest_cut_words, v.bos_noticed
+    ('higher', 'bos', None, 'acts')
+    """
+    ratio = abs(b["ppl_diff"]) / abs(p["ppl_diff"]) if p["ppl_diff"] else math.inf
+    if b.flagged and (not p.flagged or ratio > 1):
+        leading = "bos"
+    elif p.flagged:
+        leading = "precision"
+    else:
+        leading = "neither"
+    detected = rows[rows["flagged"]]
+    clearest = detected.loc[detected["z"].abs().idxmax()] if len(detected) else None
+    noticed = abs(effect["first_position_z"]) > NOTICED_Z
+    return BosVerdict(
+        bos_effect=("lower" if b["ppl_diff"] < 0 else "higher") if b.flagged else "none",
+        precision_flagged=bool(p.flagged), leading_factor=leading, bos_over_precision=ratio,
+        clearest_cut_words=None if clearest is None else int(clearest["context_words"]),
+        clearest_cut_effect=None if clearest is None else ("lower" if clearest["ppl_diff"] < 0 else "higher"),
+        cuts_flagged=len(detected), cuts=len(rows),
+        bos_noticed=("acts" if b.flagged else "early only") if noticed else "hardly",
+    )
+
+
 def _describe_bos_effect(
     name: str,
     with_bos: LastWordResult,
@@ -193,6 +255,7 @@ def _describe_bos_effect(
     p: PairedComparison,
     effect: Mapping[str, float],
     rows: pd.DataFrame,
+    verdict: BosVerdict,
     ref_dtype: str,
     cand_dtype: str,
 ) -> str:
@@ -200,41 +263,39 @@ def _describe_bos_effect(
             f"to {without_bos.ppl:.4g} ± {without_bos.ppl_stderr:.2g} ({b['ppl_diff_in_a_stderr']:+.2f} of one run's "
             f"standard errors; paired z = {b['z']:.1f}, 95% interval of the difference "
             f"[{b['ppl_diff_ci_low']:.3g}, {b['ppl_diff_ci_high']:.3g}]): "
-            + (f"a real effect, {'lower' if b['ppl_diff'] < 0 else 'higher'} without BOS. " if b.flagged
+            + (f"a real effect, {verdict.bos_effect} without BOS. " if verdict.bos_effect != "none"
                else "no detectable effect. ")
             + f"{cand_dtype} instead of {ref_dtype}, BOS kept, changes it by {p['ppl_diff']:+.3g} "
             f"(paired z = {p['z']:.1f}): "
-            + ("a real effect" if p.flagged else "not distinguishable from zero") + ". ")
-    ratio = abs(b["ppl_diff"]) / abs(p["ppl_diff"]) if p["ppl_diff"] else math.inf
-    if b.flagged and (not p.flagged or ratio > 1):
+            + ("a real effect" if verdict.precision_flagged else "not distinguishable from zero") + ". ")
+    ratio = verdict.bos_over_precision
+    if verdict.leading_factor == "bos":
         text += f"The missing BOS matters more than precision ({ratio:.3g}× its perplexity change). "
-    elif p.flagged:
-        text += f"Precision moves the score more than the missing BOS ({1 / ratio:.3g}× its perplexity change). "
+    elif verdict.leading_factor == "precision":
+        text += (f"Precision moves the score more than the missing BOS ({1 / ratio if ratio else math.inf:.3g}× its "
+                 "perplexity change). ")
     else:
         text += "Neither factor moves the last-word score on these documents. "
     where = (f"at text position {effect['first_position']} a missing BOS changes the loss by "
              f"{effect['first_position_nats']:+.3g} nats (z = {effect['first_position_z']:.1f}), "
              "on the target tokens by "
              f"{effect['target_nats_per_token']:+.3g} nats per token")
-    detected = rows[rows["flagged"]]
-    if len(detected):
-        clearest = detected.loc[detected["z"].abs().idxmax()]
-        lower = clearest["ppl_diff"] < 0
+    if verdict.clearest_cut_words is not None:
+        clearest = rows[rows["context_words"] == verdict.clearest_cut_words].iloc[0]
+        lower = verdict.clearest_cut_effect == "lower"
         reading = ("a BOS in front of a fragment that does not start a document misleads the model more than a missing "
                    "one" if lower else "with little context the model relies on the BOS")
-        text += (f"The clearest cut is the last {int(clearest['context_words'])} words: the last-word perplexity is "
-                 f"{'lower' if lower else 'higher'} without BOS ({clearest['ppl_diff']:+.4g}, paired z = "
+        text += (f"The clearest cut is the last {verdict.clearest_cut_words} words: the last-word perplexity is "
+                 f"{verdict.clearest_cut_effect} without BOS ({clearest['ppl_diff']:+.4g}, paired z = "
                  f"{clearest['z']:.1f}, 95% interval [{clearest['ci_low']:.4g}, {clearest['ci_high']:.4g}]) — "
-                 f"{reading}; {len(detected)} of {len(rows)} cuts are flagged. ")
+                 f"{reading}; {verdict.cuts_flagged} of {verdict.cuts} cuts are flagged. ")
     else:
         text += (f"Even with contexts cut to {int(rows['context_words'].min())} words the missing BOS does not change "
                  "the last word's perplexity detectably. ")
-    if abs(effect["first_position_z"]) > 3 and not b.flagged:
-        text += f"The model does notice the missing BOS, but only early: {where}, so it recovers before the last word. "
-    elif abs(effect["first_position_z"]) > 3:
-        text += f"Where it acts: {where}. "
-    else:
-        text += f"The model hardly uses the BOS at all: {where}. "
+    text += {"early only": f"The model does notice the missing BOS, but only early: {where}, so it recovers before "
+                           "the last word. ",
+             "acts": f"Where it acts: {where}. ",
+             "hardly": f"The model hardly uses the BOS at all: {where}. "}[verdict.bos_noticed]
     return text
 
 
@@ -316,7 +377,8 @@ def conclude_bos_story(
                                  "each model before concluding")
         p, effect = precision_tests[name], position_effects[name]
         texts.append(_describe_bos_effect(name, results[(name, ref_dtype, True)], results[(name, ref_dtype, False)],
-                                          b, p, effect, rows, ref_dtype, cand_dtype))
+                                          b, p, effect, rows, judge_bos_effect(b, p, effect, rows), ref_dtype,
+                                          cand_dtype))
         runs = {k: r for k, r in results.items() if k[0] == name}
         figures.update(_bos_story_figures(name.replace("-", "_"), runs, {"bos": b, "precision": p}, effect, rows,
                                           activation_summary.loc[name]))

@@ -15,6 +15,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -236,6 +237,58 @@ def _factor_candidates(factors: pd.DataFrame, low: str, high: str) -> dict[str, 
     return candidates
 
 
+@dataclass(frozen=True)
+class DivergenceVerdict:
+    """The judgements story 01's conclusion states, as keywords; the prose is rendered from them.
+
+    ``main_factor``: the factor (a key of the ``diverged_fraction_by_factor`` figure) whose pairs diverge most
+    often, None when no generation of any single-factor pair diverges; ``main_fraction``: its share (the largest
+    measured share, NaN when no factor was measured). ``more_sensitive``: "original", "converted", "equal" or
+    "not measured": whose shipped low-vs-reference pair diverges more often. ``conversion``: "bit-exact",
+    "within rounding" (every layer within :data:`SAME_DTYPE_TOLERANCE` roundings of the reference dtype),
+    "beyond rounding" or "not measured". ``margin_ratio``: the median top-1 − top-2 margin over all shared steps
+    over the median margin at the divergent step (NaN when nothing diverged or that margin is 0).
+    """
+
+    main_factor: str | None
+    main_fraction: float
+    more_sensitive: str
+    conversion: str
+    margin_ratio: float
+
+
+def judge_divergence(stats: pd.DataFrame, profiles: Mapping[str, pd.DataFrame], *, dtype: DtypeLike,
+                     reference_dtype: DtypeLike, shipped: Mapping[str, str]) -> DivergenceVerdict:
+    """Story 01's judgements from its measurements (the arguments of :func:`conclude_divergence` of those names).
+
+    >>> stats = pd.DataFrame({"pair": ["original fp16 vs fp32 (eager)"] * 2, "varies": "dtype",
+    ...     "dtype": "fp16 vs fp32", "diverged": [True, False], "first_divergent_step": [3, None],
+    ...     "ref_margin_at_divergence": [0.1, float("nan")], "median_ref_margin": [2.0, 2.0]})
+    >>> v = judge_divergence(stats, {"fp32": pd.DataFrame({"floor_ratio": [0.0]})}, dtype="fp16",
+    ...                      reference_dtype="fp32", shipped={"original": "eager", "converted": "sdpa"})
+    >>> v.main_factor, v.main_fraction, v.more_sensitive, v.conversion, v.margin_ratio
+    ('fp16 vs fp32 (dtype)', 0.5, 'not measured', 'bit-exact', 20.0)
+    """
+    low, high = dtype_name(parse_dtype(dtype)), dtype_name(parse_dtype(reference_dtype))
+    measured = {k: v for k, v in _factor_candidates(factor_summary(stats), low, high).items() if not math.isnan(v)}
+    main, main_fraction = max(measured.items(), key=lambda kv: kv[1]) if measured else (None, math.nan)
+    per_pair = stats.groupby("pair")["diverged"].mean()  # divergence_summary's diverged_fraction
+    orig, conv = (float(per_pair.get(f"{who} {low} vs {high} ({shipped[who]})", math.nan))
+                  for who in ("original", "converted"))
+    if math.isnan(orig) or math.isnan(conv):
+        more_sensitive = "not measured"
+    else:
+        more_sensitive = "original" if orig > conv else "converted" if conv > orig else "equal"
+    high_ratio = float(profiles[high]["floor_ratio"].max()) if high in profiles else math.nan
+    conversion = ("not measured" if math.isnan(high_ratio) else "bit-exact" if high_ratio == 0 else
+                  "within rounding" if high_ratio <= SAME_DTYPE_TOLERANCE else "beyond rounding")
+    diverged = stats[stats["diverged"]]
+    margin_at = float(diverged["ref_margin_at_divergence"].median()) if len(diverged) else math.nan
+    margin_ratio = float(stats["median_ref_margin"].median()) / margin_at if margin_at > 0 else math.nan
+    return DivergenceVerdict(main_factor=main if main_fraction > 0 else None, main_fraction=main_fraction,
+                             more_sensitive=more_sensitive, conversion=conversion, margin_ratio=margin_ratio)
+
+
 def conclude_divergence(
     *,
     prompt: str,
@@ -274,7 +327,8 @@ def conclude_divergence(
     candidates = _factor_candidates(factors, low, high)
     measured = {k: v for k, v in candidates.items() if not math.isnan(v)}
     ranked = sorted(measured.items(), key=lambda kv: kv[1], reverse=True)
-    main, main_fraction = ranked[0] if ranked else ("none", math.nan)
+    verdict = judge_divergence(stats, profiles, dtype=low, reference_dtype=high, shipped=shipped)
+    main_fraction = verdict.main_fraction
 
     orig_dtype_pair = f"original {low} vs {high} ({shipped['original']})"
     conv_dtype_pair = f"converted {low} vs {high} ({shipped['converted']})"
@@ -304,15 +358,15 @@ def conclude_divergence(
         f"Over {n_prompts} prompts and {n_pairs} pairs of runs ({n_single} of them differing in one factor only), "
         f"the share of generations that diverge within {max_new_tokens} tokens, by factor, is: "
         + "; ".join(f"{name} {_pct(v)}" for name, v in ranked) + ".",
-        _shipped_sentence(shipped, shipped_fraction, low, high, orig_fraction, conv_fraction,
+        _shipped_sentence(shipped, shipped_fraction, low, high, verdict.more_sensitive, orig_fraction, conv_fraction,
                           pair_value(orig_dtype_pair, "median_first_step"),
                           pair_value(conv_dtype_pair, "median_first_step")),
-        _layer_sentence(high, low, high_ratio, low_max, low_ratio),
+        _layer_sentence(high, low, verdict.conversion, high_ratio, low_max, low_ratio),
         _teacher_sentence(teacher, low, high),
     ]
-    sentences.append(_margin_sentence(diverged, max_new_tokens, margin_at, margin_all, percentile, newline_share,
-                                      newline_base))
-    sentences.append(_advice_sentence(ranked, main, main_fraction, measured, high))
+    sentences.append(_margin_sentence(diverged, max_new_tokens, verdict.margin_ratio, margin_at, margin_all,
+                                      percentile, newline_share, newline_base))
+    sentences.append(_advice_sentence(verdict, measured, high))
 
     figures = _divergence_figures(
         case=case, teacher=teacher, per_pair=per_pair, candidates=candidates, low=low, high=high,
@@ -360,12 +414,14 @@ def _divergence_figures(*, case: Mapping[str, LockstepResult], teacher: Mapping[
     return figures
 
 
-def _layer_sentence(high: str, low: str, high_ratio: float, low_max: float, low_ratio: float) -> str:
-    exact_conversion = not math.isnan(high_ratio) and high_ratio <= SAME_DTYPE_TOLERANCE
-    if high_ratio == 0:
+def _layer_sentence(high: str, low: str, conversion: str, high_ratio: float, low_max: float,
+                    low_ratio: float) -> str:
+    if conversion == "bit-exact":
         first = (f"Layer by layer in {high}, the converted model reproduces the original bit for bit, so the "
                  "conversion itself is exact")
-    elif exact_conversion:
+    elif conversion == "not measured":
+        first = f"The two models were not compared layer by layer in {high}, so the conversion itself is not checked"
+    elif conversion == "within rounding":
         first = (f"Layer by layer in {high}, the converted model reproduces the original within "
                  f"{_fmt(high_ratio, 2)}× one {high} rounding (at most), so the conversion itself is exact up to "
                  "rounding")
@@ -391,24 +447,24 @@ def _teacher_sentence(teacher: Mapping[str, Mapping[str, Any]], low: str, high: 
             f"({tf_conv_low.get('argmax_disagreements', 'n/a')}).")
 
 
-def _margin_sentence(diverged: pd.DataFrame, max_new_tokens: int, margin_at: float, margin_all: float,
-                     percentile: float, newline_share: float, newline_base: float) -> str:
+def _margin_sentence(diverged: pd.DataFrame, max_new_tokens: int, margin_ratio: float, margin_at: float,
+                     margin_all: float, percentile: float, newline_share: float, newline_base: float) -> str:
     if not len(diverged):
         return f"No generation diverged in any pair within {max_new_tokens} tokens on this model."
-    comparison = (f"{margin_all / margin_at:.0f}× smaller than" if 0 < margin_at < margin_all else
-                  "not smaller than" if margin_at >= margin_all else "against")
+    comparison = (f"{margin_ratio:.0f}× smaller than" if margin_ratio > 1 else
+                  "not smaller than" if margin_ratio <= 1 else "against")
     return (f"At the divergent step the reference's top-1 − top-2 margin has median {_fmt(margin_at)} logits, "
             f"{comparison} the median {_fmt(margin_all)} over all shared steps (median share of the same "
             f"generation's earlier margins below it: {_fmt(percentile, 2)}); {_pct(newline_share)} of divergences "
             f"come right after a newline token, whose base rate is {_pct(newline_base)} of steps.")
 
 
-def _advice_sentence(ranked: Sequence[tuple[str, float]], main: str, main_fraction: float,
-                     measured: Mapping[str, float], high: str) -> str:
-    if not (ranked and main_fraction > 0):
+def _advice_sentence(verdict: DivergenceVerdict, measured: Mapping[str, float], high: str) -> str:
+    if verdict.main_factor is None:
         return ("No factor made any generation diverge here, so the tiny model does not show the effect; "
                 "teacher-forced logits still measure the numeric differences above.")
-    return (f"The factor that explains the divergence: {main} ({_pct(main_fraction)} of generations diverge). "
+    return (f"The factor that explains the divergence: {verdict.main_factor} ({_pct(verdict.main_fraction)} of "
+            "generations diverge). "
             f"Advice: compare a conversion in {high}"
             + (f", where it diverges in {_pct(measured.get(f'conversion in {high}', math.nan))} of generations"
                if f"conversion in {high}" in measured else "")
@@ -417,13 +473,14 @@ def _advice_sentence(ranked: Sequence[tuple[str, float]], main: str, main_fracti
 
 
 def _shipped_sentence(shipped: Mapping[str, str], shipped_fraction: Mapping[str, float], low: str, high: str,
-                      orig_fraction: float, conv_fraction: float, orig_median: float, conv_median: float) -> str:
+                      more_sensitive: str, orig_fraction: float, conv_fraction: float, orig_median: float,
+                      conv_median: float) -> str:
     start = (f"Original vs converted as shipped (original with {shipped['original']} attention, converted with "
              f"{shipped['converted']}) diverge in {_pct(shipped_fraction[low])} of generations in {low} and "
              f"{_pct(shipped_fraction[high])} in {high}. " if not math.isnan(shipped_fraction[low]) else "")
-    verdict = (": the original is the more sensitive one." if orig_fraction > conv_fraction else
-               ": the original is not more sensitive than the converted model here." if orig_fraction < conv_fraction
-               else ": both are equally sensitive here.")
+    verdict = {"original": ": the original is the more sensitive one.",
+               "converted": ": the original is not more sensitive than the converted model here.",
+               "equal": ": both are equally sensitive here."}.get(more_sensitive, ".")
     return (start + f"Shipped as they are, {low} vs {high} makes {_pct(orig_fraction)} of the original's generations "
             f"diverge (median first divergent step {_fmt(orig_median)}) and {_pct(conv_fraction)} of the converted "
             f"model's (median {_fmt(conv_median)})" + verdict)

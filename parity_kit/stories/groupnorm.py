@@ -379,12 +379,43 @@ def measure_variants(
     return VariantMeasurements(table=pd.DataFrame(rows), evals=evals, logits=variant_logits)
 
 
-def _groupnorm_role(rank: int, removed: float) -> str:
-    if rank == 1 and removed >= 0.5:
-        return "the main culprit"
-    if removed >= 0.2:
-        return "a contributor but not the whole story"
-    return "not the main culprit"
+@dataclass(frozen=True)
+class GroupNormVerdict:
+    """The judgements story 02's conclusion states, as keywords; the prose is rendered from them.
+
+    ``role``: "main culprit" (the GroupNorm class ranks first and removes at least half of the error),
+    "contributor" (it removes at least a fifth) or "minor"; ``error_origin``: "inherited" or "own"
+    (:attr:`LocalErrorSummary.inherited`); ``indistinguishable``: neither the plain nor the fixed run's
+    last-word score differs from the reference's by paired |z| >= 2 (False when a z is unknown);
+    ``upcast_bit_identical``: GroupNorm arithmetic in fp32 on the same weights leaves the logits unchanged.
+    """
+
+    role: str
+    error_origin: str
+    indistinguishable: bool
+    upcast_bit_identical: bool
+
+
+def judge_groupnorm_precision(sweep: ClassSweepSummary, local: LocalErrorSummary, fix_table: pd.DataFrame,
+                              upcast_logits_change: float) -> GroupNormVerdict:
+    """Story 02's judgements (the arguments of :func:`conclude_groupnorm_precision` of those names).
+
+    >>> s = ClassSweepSummary("GN", 0.6, 1, pd.DataFrame({"class": ["GN"], "error_removed_fraction": [0.6]}), .7, .9)
+    >>> fix = pd.DataFrame({"paired_z": [-2.5, 0.0, 0.4]})
+    >>> judge_groupnorm_precision(s, LocalErrorSummary([1.0], [5.0], "x", 1.0), fix, 0.0)
+    GroupNormVerdict(role='main culprit', error_origin='inherited', indistinguishable=False, upcast_bit_identical=True)
+    """
+    if sweep.rank == 1 and sweep.removed >= 0.5:
+        role = "main culprit"
+    else:
+        role = "contributor" if sweep.removed >= 0.2 else "minor"
+    z = max(abs(fix_table.iloc[0]["paired_z"]), abs(fix_table.iloc[2]["paired_z"]))
+    return GroupNormVerdict(role=role, error_origin="inherited" if local.inherited else "own",
+                            indistinguishable=bool(z < 2), upcast_bit_identical=upcast_logits_change == 0)
+
+
+_ROLE_TEXT = {"main culprit": "the main culprit", "contributor": "a contributor but not the whole story",
+              "minor": "not the main culprit"}
 
 
 def conclude_groupnorm_precision(
@@ -422,18 +453,19 @@ def conclude_groupnorm_precision(
     error_low = float(logit_table.loc[0, "rel_rms"])
     plain, gn_fix = fix_table.iloc[0], fix_table.iloc[2]
     local_ratio, free_ratio = pd.Series(local.local_floor_ratio), pd.Series(local.free_floor_ratio)
-    indistinguishable = max(abs(plain["paired_z"]), abs(gn_fix["paired_z"])) < 2
-    z_note = f"; neither run is distinguishable from {reference_dtype} on this set, |z| < 2" if indistinguishable else ""
+    verdict = judge_groupnorm_precision(sweep, local, fix_table, upcast_logits_change)
+    z_note = f"; neither run is distinguishable from {reference_dtype} on this set, |z| < 2" \
+        if verdict.indistinguishable else ""
     parts = [
         f"In {model}, {dtype} logits differ from {reference_dtype} by rel_rms {error_low:.3g} "
         f"({logit_table.loc[0, 'floor_ratio']:.3g}x the {dtype} rounding floor of the logits; "
         f"{reference_dtype} itself is {logit_table.loc[2, 'rel_rms']:.2g} from fp64).",
-        f"GroupNorm ({sweep.class_name}, attn.g_norm) is {_groupnorm_role(sweep.rank, sweep.removed)}: keeping it in "
+        f"GroupNorm ({sweep.class_name}, attn.g_norm) is {_ROLE_TEXT[verdict.role]}: keeping it in "
         f"fp32 removes {sweep.removed:.1%} of the output error (class rank {sweep.rank} of {sweep.n_classes}; "
         f"{sweep.top_class} removes {sweep.top_removed:.1%}). Its outputs are {free_ratio.min():.2g}-"
         f"{free_ratio.max():.2g}x their floor in the free run but {local_ratio.min():.2g}-"
         f"{local_ratio.max():.2g}x when fed the reference inputs, so most of the error it shows is "
-        f"{'inherited' if local.inherited else 'its own'}; "
+        f"{'inherited' if verdict.error_origin == 'inherited' else 'its own'}; "
         f"the largest local error relative to its floor is {local.largest_local_module}'s "
         f"({local.largest_local_ratio:.2g}x).",
         f"All leaf modules in fp32 together remove {sweep.all_classes_removed:.1%} of the output error, the whole "
@@ -444,7 +476,7 @@ def conclude_groupnorm_precision(
         f"{blocks.passes} passes) to reach rel_rms {blocks.error_chosen:.3g}; over leaves it keeps "
         f"{len(leaves.chosen)} of {leaves.n_candidates} ({leaves.passes} passes).",
         f"GroupNorm arithmetic in fp32 with the same bf16 weights moves the logits by rel_rms "
-        f"{upcast_logits_change:.2g}{' (bit-identical on this input)' if upcast_logits_change == 0 else ''}. "
+        f"{upcast_logits_change:.2g}{' (bit-identical on this input)' if verdict.upcast_bit_identical else ''}. "
         f"The GroupNorm fix (fp32 with fp32 master weights) changes the logits error by "
         f"{-gn_fix['removed_vs_plain']:+.1%} and last-word perplexity from {plain['ppl']:.4f} to "
         f"{gn_fix['ppl']:.4f} ({reference_dtype}: {reference_ppl:.4f} ± {reference_ppl_stderr:.4f}; paired z vs "

@@ -10,7 +10,7 @@ conclusion recommends a prefill mode from those figures.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -377,19 +377,63 @@ def _dtype_figures(lengths: pd.DataFrame, seq_len: int, d: str) -> tuple[dict[st
     return figures, line
 
 
-def _decide(figures: dict[str, float], seq_len: int, d: str) -> str:
-    """The prefill mode to use in ``d``: chunked when its output error stays within 1.5x the recurrent one."""
+@dataclass(frozen=True)
+class PrefillChoice:
+    """The prefill mode story 03 recommends in one dtype, and the ratios it is chosen from.
+
+    ``mode``: "chunk_low" (chunked with ``dtype`` intermediates, FLA-like) when its long-run output rel_rms vs
+    fp64 stays within 1.5x that of the recurrent form with an fp32 state, else "chunk_fp32" when chunked with
+    fp32 intermediates does, else "recurrent_fp32_state". ``chunk_low_ratio`` / ``chunk_fp32_ratio``: those
+    output errors over the recurrent one (NaN: the mode produced no finite values); ``low_state_ratio``: a
+    ``dtype`` decode state's state error over an fp32 state's.
+    """
+
+    dtype: str
+    mode: str
+    chunk_low_ratio: float
+    chunk_fp32_ratio: float
+    low_state_ratio: float
+
+
+def _choose(figures: Mapping[str, float], seq_len: int, d: str) -> PrefillChoice:
     k = f"{d}_T{seq_len}_"
     rec, c32, low = (figures[k + m + "_output_rel_rms"] for m in ("recurrent_fp32_state", "chunk_fp32", "chunk_low"))
-    lrs_state = figures[k + "recurrent_low_state_state_rel_rms"] / figures[k + "recurrent_fp32_state_state_rel_rms"]
     if not math.isnan(low) and low <= _ACCEPTABLE_CHUNK_RATIO * rec:
-        mode = f"chunk mode even with {d} intermediates (FLA-like; {low / rec:.2f}x the recurrent error)"
+        mode = "chunk_low"
     elif c32 <= _ACCEPTABLE_CHUNK_RATIO * rec:
-        mode = (f"chunk mode with fp32 intermediates ({c32 / rec:.2f}x the recurrent error), not {d} intermediates "
-                + ("(they overflow)" if math.isnan(low) else f"({low / rec:.2f}x)"))
+        mode = "chunk_fp32"
     else:
-        mode = f"the recurrent form with an fp32 state (chunk is {c32 / rec:.2f}x worse even with fp32 intermediates)"
-    return f"For {d} prefill use {mode}; keep the decode state in fp32 (a {d} state is {lrs_state:.1f}x worse on the state)."
+        mode = "recurrent_fp32_state"
+    return PrefillChoice(dtype=d, mode=mode, chunk_low_ratio=low / rec, chunk_fp32_ratio=c32 / rec,
+                         low_state_ratio=figures[k + "recurrent_low_state_state_rel_rms"]
+                         / figures[k + "recurrent_fp32_state_state_rel_rms"])
+
+
+def choose_prefill_modes(lengths: pd.DataFrame, *, dtypes: Sequence[str], seq_len: int) -> dict[str, PrefillChoice]:
+    """Per dtype, the :class:`PrefillChoice` :func:`conclude_prefill` states, from the same :func:`length_table`.
+
+    >>> rows = [{"T": 8, "dtype": "bf16", "mode": m, "reference": "fp64", "tensor": t, "rel_rms": v, "status": "ok"}
+    ...         for m, v in (("recurrent_fp32_state", 1.0), ("chunk_fp32", 1.1), ("chunk_low", 3.0),
+    ...                      ("recurrent_low_state", 4.0), ("reference_rounded", 0.5)) for t in ("output", "state")]
+    >>> choose_prefill_modes(pd.DataFrame(rows), dtypes=["bf16"], seq_len=8)["bf16"].mode
+    'chunk_fp32'
+    """
+    return {d: _choose(_dtype_figures(lengths, seq_len, d)[0], seq_len, d) for d in dtypes}
+
+
+def _decide(figures: dict[str, float], seq_len: int, d: str) -> str:
+    """The recommendation sentence of :func:`_choose`'s choice in ``d``."""
+    c = _choose(figures, seq_len, d)
+    if c.mode == "chunk_low":
+        mode = f"chunk mode even with {d} intermediates (FLA-like; {c.chunk_low_ratio:.2f}x the recurrent error)"
+    elif c.mode == "chunk_fp32":
+        mode = (f"chunk mode with fp32 intermediates ({c.chunk_fp32_ratio:.2f}x the recurrent error), not {d} "
+                "intermediates " + ("(they overflow)" if math.isnan(c.chunk_low_ratio) else f"({c.chunk_low_ratio:.2f}x)"))
+    else:
+        mode = (f"the recurrent form with an fp32 state (chunk is {c.chunk_fp32_ratio:.2f}x worse even with fp32 "
+                "intermediates)")
+    return (f"For {d} prefill use {mode}; keep the decode state in fp32 (a {d} state is {c.low_state_ratio:.1f}x "
+            "worse on the state).")
 
 
 def conclude_prefill(
