@@ -66,7 +66,9 @@ def summary(result, planted: str | None = None) -> dict:
         order = table.loc[table["module"] == planted, "order"].min()
         later = table[(table["order"] > order) & ~table["module"].map(lambda m: planted.startswith(m + "."))]
         row["planted"] = planted
-        row["planted_in_top2"] = planted in list(found["module"][:2])
+        ranked = list(found["module"])
+        row["planted_rank"] = ranked.index(planted) + 1 if planted in ranked else None
+        row["planted_in_top2"] = planted in ranked[:2]
         row["downstream_own_above_floor"] = sorted(set(later.loc[later["diagnosis"] == OWN, "module"]))
     return row
 

@@ -27,7 +27,8 @@ _EXPORTS: dict[str, str] = {
     "per_token_error": "comparison", "compare_live": "comparison",
     "ModuleMapping": "comparison.mapping",
     "Floor": "comparison.floor", "FloorComponent": "comparison.floor", "apply_floor": "comparison.floor",
-    "culprits": "comparison.floor", "run_verdict": "comparison.floor",
+    "culprits": "comparison.floor", "run_verdict": "comparison.floor", "verdict_summary": "comparison.floor",
+    "verdict_figures": "comparison.floor", "describe_verdict": "comparison.floor",
     # analyses
     "local_vs_propagated": "analyses.replay",
     "calibrate_floor": "analyses.calibration", "compare_models": "analyses.calibration",

@@ -188,3 +188,26 @@ def test_inputs_run_without_cache_on_the_model_device():
     assert without_cache(model, torch.tensor([[1, 2]]))["use_cache"] is False
     assert without_cache(model, {"input_ids": torch.tensor([[1]]), "use_cache": True})["use_cache"] is True
     assert without_cache(nn.Linear(2, 2), torch.ones(1, 2)).shape == (1, 2)
+
+
+def test_story01_verdicts_judge_the_conversion_through_its_mapping_and_record_counts():
+    from parity_kit.comparison.floor import run_verdict, verdict_summary
+    from parity_kit.stories import fp16_divergence as story01
+
+    pairs, tokenizer = story01.standard_pairs("tiny-internlm2", "tiny-internlm2-llama", attn_implementations=("eager",))
+    ids = tokenizer(story01.chat_prompt_for("who are you", tokenizer), return_tensors="pt")["input_ids"]
+    verdicts = story01.module_verdicts({p.name: p for p in pairs}, ids, dtype="fp16", reference_dtype="fp32",
+                                       attention="eager")
+    # InternLM2's attention takes a boolean mask, Llama's an additive one: the replay keeps each run's own
+    for key in ("converted vs original in fp32", "converted vs original in fp16"):
+        assert verdicts[key].verdict["verdict"] == "healthy" and verdicts[key].culprits().empty, key
+    summary = verdict_summary({key: r.table for key, r in verdicts.items()})
+    for key, result in verdicts.items():
+        judged = run_verdict(result.table)
+        figures = result.figures("x_")
+        assert figures["x_n_modules"] == judged["n_modules"] == summary.loc[key, "modules"] > 20
+        assert figures["x_n_modules_consistent"] == summary.loc[key, CONSISTENT]
+        assert sum(figures[f"x_n_modules_{k}"] for k in ("consistent", "own_error_above_floor", "inherited",
+                                                           "above_floor", "not_finite")) == judged["n_modules"]
+    with pytest.raises(ParityKitError, match="none of the pairs"):
+        story01.module_verdicts({}, ids, dtype="fp16", reference_dtype="fp32", attention="eager")

@@ -84,6 +84,12 @@ def test_demo_smoke_runs_every_repository_notebook(tmp_path):
         assert findings["environment"]["torch"], name
         assert (reports / f"{name}.ipynb").exists()
         assert "data:image/png;base64," in (reports / f"{name}.html").read_text(), name
+        # every notebook that compares modules records its calibrated verdict counts (issue #23)
+        counted = [k for k in findings["figures"] if k.endswith("n_modules_consistent")]
+        assert counted, name
+        for key in counted:
+            total = findings["figures"][key.removesuffix("_consistent")]
+            assert total > 0 and 0 <= findings["figures"][key] <= total, (name, key)
     summary = {ln.split()[0]: ln for ln in done.stdout.splitlines() if ln[:2].isdigit()}
     assert set(summary) == set(names) and all(" ok " in line for line in summary.values())
 

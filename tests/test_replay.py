@@ -229,3 +229,44 @@ def test_a_call_whose_floating_inputs_cannot_come_from_the_reference_has_no_own_
     table = pk.local_vs_propagated(rec, cand, torch.randn(2, 4))
     assert table.loc[0, "status"] == "inputs not replayable" and table.loc[0, "inputs_from_reference"] == "0/1"
     assert math.isnan(table.loc[0, "local_rel_rms"]) and table.loc[0, "free_rel_rms"] > 0
+
+
+class _MaskedAttention(nn.Module):
+    """Scores masked by a mask given either as booleans (True: attend, like InternLM2's) or additively
+    (0 / -inf, like Llama's eager attention): two encodings of one argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.proj(hidden)
+        scores = hidden @ hidden.transpose(-1, -2)  # [T, T]
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+        return scores.softmax(-1) @ hidden
+
+
+class _MaskCaller(nn.Module):
+    def __init__(self, boolean: bool) -> None:
+        super().__init__()
+        self.attn, self.boolean = _MaskedAttention(), boolean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        causal = torch.ones(x.shape[0], x.shape[0], dtype=torch.bool).tril()
+        mask = causal if self.boolean else torch.zeros(causal.shape, dtype=x.dtype).masked_fill(~causal, -math.inf)
+        return self.attn(x, mask)
+
+
+def test_a_mask_in_another_encoding_is_not_cast_into_the_replay():
+    # casting the reference's boolean mask to the candidate's float would turn "attend" into +1.0 and "masked"
+    # into 0.0: a large own error in a module that computes exactly like the reference
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    ref = _MaskCaller(boolean=True)
+    with pk.record(ref, "*", inputs=True) as rec, torch.no_grad():
+        ref(x)
+    cand = _MaskCaller(boolean=False)
+    cand.load_state_dict(ref.state_dict())
+    table = pk.local_vs_propagated(rec, cand, x, modules=["attn"]).set_index("module")
+    assert table.loc["attn", "status"] == "ok" and table.loc["attn", "inputs_from_reference"] == "1/2"
+    assert table.loc["attn", "local_rel_rms"] < 1e-6

@@ -39,7 +39,8 @@ from .._util.trees import map_tensors
 from ..capture import ModuleSpec, record
 from ..comparison import compare
 from ..comparison.floor import (COMPUTES_DIFFERENTLY, PRECISION_SENSITIVE, Floor, FloorComponent, apply_floor,
-                                check_tolerance, culprits, dtype_pair, narrower, run_verdict)
+                                check_tolerance, culprits, describe_verdict, dtype_pair, narrower, run_verdict,
+                                verdict_figures)
 from ..dtypes import DtypeLike, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from ..recording import Recording
@@ -207,6 +208,15 @@ class ModelComparison:
     def verdict(self) -> dict[str, Any]:
         """:func:`parity_kit.comparison.floor.run_verdict` of the table: the verdict and its figures."""
         return run_verdict(self.table)
+
+    def describe(self, label: str) -> str:
+        """The verdict in one sentence, ``label`` naming the candidate run
+        (:func:`parity_kit.comparison.floor.describe_verdict`)."""
+        return describe_verdict(self.verdict, label)
+
+    def figures(self, prefix: str = "") -> dict[str, Any]:
+        """The verdict's numbers for a findings file (:func:`parity_kit.comparison.floor.verdict_figures`)."""
+        return verdict_figures(self.verdict, prefix)
 
 
 def _wider_side(ref_model: nn.Module, cand_model: nn.Module) -> tuple[nn.Module, str]:

@@ -2,7 +2,8 @@
 
 :func:`capture_wkv_inputs` takes one layer's real WKV inputs from a forward (to feed the kernel-level harness of
 :mod:`parity_kit.analyses.prefill`); :func:`model_mode_comparison` runs the model in each WKV mode and dtype and
-compares every recorded tensor with an fp64 run; :func:`lastword_by_mode` scores each mode on the last-word set.
+compares every recorded tensor with an fp64 run; :func:`mode_verdicts` judges every module of each mode by the calibrated floor; :func:`lastword_by_mode` scores
+each mode on the last-word set.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..comparison import compare
 from ..dtypes import DtypeLike, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from ..models.rwkv7 import set_wkv_mode
+from .calibration import ModelComparison, compare_models
 from .evaluation import evaluate_lastword
 from .paired import paired_comparison
 from .prefill import WKVInputs
@@ -165,6 +167,39 @@ def model_mode_comparison(
                              "max_abs": row["max_abs"], "mean_abs": row["mean_abs"], "rel_rms": row["rel_rms"],
                              "floor": row["floor"], "verdict": row["verdict"]})
     return ModelModeComparison(pd.DataFrame(rows), tables, dtype_name(parse_dtype(reference_dtype)))
+
+
+def mode_verdicts(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    dtype: DtypeLike = "bf16",
+    modes: Iterable[str] = ("recurrent_fp32_state", "chunk_low"),
+    chunk_size: int = 64,
+    modules: Any = "*",
+) -> dict[str, ModelComparison]:
+    """Each WKV mode of ``model`` in ``dtype`` against the reference forward (fp64 weights, WKV in fp64), every
+    selected module judged by the calibrated floor (:func:`parity_kit.compare_models`): the floor is what a
+    rounding-only run in ``dtype`` shows there, so a mode whose WKV loses more than rounding at its boundaries
+    explains reads "own error above floor" at the WKV op. Keyed by mode; ``model`` itself is not modified.
+
+    >>> from parity_kit.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+    >>> cfg = RWKV7Config(hidden_size=32, num_hidden_layers=2, head_dim=16, vocab_size=20, decay_low_rank_dim=8,
+    ...                   gate_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=8)
+    >>> v = mode_verdicts(RWKV7ForCausalLM(cfg).eval(), torch.tensor([[0, 3, 4, 5]]), chunk_size=2)
+    >>> sorted(v), v["chunk_low"].verdict["n_modules"] > 0
+    (['chunk_low', 'recurrent_fp32_state'], True)
+    """
+    modes = list(modes)
+    _check_model_modes(modes)
+    master = _model_variant(model, torch.float64, "reference", chunk_size)
+    ids = input_ids.to(next(model.parameters()).device)
+    out = {}
+    for mode in modes:
+        cand = _model_variant(master, parse_dtype(dtype), mode, chunk_size)
+        out[mode] = compare_models(master, cand, ids, modules=modules, show_progress=False)
+        del cand
+    return out
 
 
 def lastword_by_mode(

@@ -139,6 +139,11 @@ def _parameter_names(module: nn.Module) -> list[str]:
         return []
 
 
+def _kind(t: torch.Tensor) -> str:
+    """"floating", "bool" or "integer": tensors of one kind encode a value alike, so one can be cast to the other."""
+    return "floating" if t.is_floating_point() else ("bool" if t.dtype == torch.bool else "integer")
+
+
 def _other_spelling(leaf: str, parameters: list[str]) -> str | None:
     """``input.0.x`` ↔ ``input.<name of parameter 0>.x``, by the candidate forward's parameter order.
 
@@ -257,6 +262,11 @@ class _Replayer:
                     counted[2] += int(live.is_floating_point())
                     return live.clone()
                 ref_t = other
+            if _kind(ref_t) != _kind(live):
+                # the same argument in another encoding (a boolean mask where the other passes an additive one):
+                # a cast would change its meaning (True -> 1.0 is no -inf). It comes from the token ids, not from
+                # the activations, so the live one carries no inherited error: keep it
+                return live.clone()
             if ref_t.shape != live.shape:
                 raise ParityKitError(
                     f"cannot replay {cand_name!r}: reference input {leaf!r} of {ref_name!r} has shape "

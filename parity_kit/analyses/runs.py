@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from ..capture import record
 from ..comparison import compare, first_divergence, first_nonfinite, per_token_error
-from ..comparison.floor import Floor, culprits, run_verdict
+from ..comparison.floor import (ABOVE, COMPUTES_DIFFERENTLY, OWN, PRECISION_SENSITIVE, Floor, culprits, describe_verdict,
+                                run_verdict)
 from ..comparison.mapping import internlm2_to_llama
 from ..dtypes import check_dtype_on_device, dtype_name, parse_dtype
 from ..errors import ParityKitError
@@ -175,30 +176,9 @@ class Summary:
         return str(self.judgement.get("verdict", "not judged"))
 
     def _verdict_sentence(self, cand_label: str) -> str:
-        j = self.judgement
-        consistent = f"{j['n_modules_consistent']} of {j['n_modules']} modules are consistent with rounding"
-        named = ", ".join(f"{m} (own error ×{r:.3g} its floor)"
-                          for m, r in zip(j["culprits"][:3], j["culprit_own_floor_ratios"][:3]))
-        sensitive = ", ".join(j["precision_sensitive"][:3])
-        if self.verdict == "healthy":
-            text = f"{cand_label} is healthy: every error is within its calibrated floor and no module computes " \
-                   f"differently ({consistent})."
-            if sensitive:
-                text += (f" {sensitive} lose(s) more precision than rounding at their boundaries explains (within "
-                         "the floor when recomputed in fp64) without lifting the run above its floor.")
-            return text + " "
-        if self.verdict == "computes differently":
-            return (f"{cand_label} computes differently from the reference at {named}: the own error stays above "
-                    f"the floor when the module computes in fp64, so it is a bug or a deliberate change; "
-                    f"{consistent}. ")
-        if self.verdict == "precision-sensitive":
-            return (f"{cand_label} computes the reference's function but loses precision at {named}: within the "
-                    f"floor when recomputed in fp64, above it in the run; {consistent}. ")
-        if self.verdict == "own error above floor":
-            return f"{cand_label} has modules whose own error is above their floor: {named}; {consistent}. "
-        if self.verdict == "above floor":
-            return f"{cand_label} has errors above the calibrated floor that no module's own error explains; {consistent}. "
-        return ""
+        if self.verdict not in ("healthy", COMPUTES_DIFFERENTLY, PRECISION_SENSITIVE, OWN, ABOVE):
+            return ""  # not judged / not comparable; NaN/Inf has a sentence of its own
+        return describe_verdict(self.judgement, cand_label) + " "
 
     def describe(self, cand_label: str) -> str:
         """The computed conclusion, one sentence per finding.

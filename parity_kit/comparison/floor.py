@@ -449,10 +449,115 @@ def run_verdict(table: pd.DataFrame) -> dict[str, Any]:
     else:
         outcome = "healthy"
     return {"verdict": outcome, "n_modules": len(consistent), "n_modules_consistent": sum(bool(v) for v in consistent),
+            "n_modules_by_diagnosis": module_diagnosis_counts(judged),
             "culprits": found["module"].tolist(), "culprit_causes": causes,
             "culprit_own_floor_ratios": [float(v) for v in found["own_floor_ratio"]],
             "precision_sensitive": sensitive,
             "n_rows_by_diagnosis": {d: int((judged["diagnosis"] == d).sum()) for d in DIAGNOSES}}
+
+
+#: a module with rows of several diagnoses is counted under the first of these it has
+_SEVERITY = (NOT_FINITE, OWN, ABOVE, INHERITED, CONSISTENT)
+
+
+def module_diagnosis_counts(table: pd.DataFrame) -> dict[str, int]:
+    """How many modules of a judged table read each diagnosis, each module once, under its most severe row (not
+    finite, own error above floor, above floor, inherited, consistent with rounding).
+
+    >>> t = pd.DataFrame({"module": ["a", "a", "b"], "diagnosis": [CONSISTENT, INHERITED, CONSISTENT]})
+    >>> module_diagnosis_counts(t)[INHERITED], module_diagnosis_counts(t)[CONSISTENT]
+    (1, 1)
+    """
+    judged = table[table["diagnosis"].notna()] if "diagnosis" in table.columns else table.iloc[:0]
+    worst = judged.groupby("module", sort=False)["diagnosis"].agg(
+        lambda d: next((s for s in _SEVERITY if (d == s).any()), CONSISTENT))
+    return {d: int((worst == d).sum()) for d in DIAGNOSES}
+
+
+_FIGURE_NAMES = {CONSISTENT: "consistent", OWN: "own_error_above_floor", INHERITED: "inherited",
+                 ABOVE: "above_floor", NOT_FINITE: "not_finite"}
+
+
+def verdict_figures(judgement: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The numbers of a :func:`run_verdict` for a findings file, each name after ``prefix``: the modules judged,
+    how many read each diagnosis (``n_modules_consistent``, ``n_modules_inherited``, ...), the share consistent
+    with rounding, the culprits by cause and their own error over the floor (names and the verdict itself go in
+    the conclusion's text: findings hold numbers).
+
+    >>> t = pd.DataFrame({"module": ["a", "b"], "status": "ok", "diagnosis": [CONSISTENT, INHERITED],
+    ...                   "verdict": ["within floor", "above floor ×3"]})
+    >>> f = verdict_figures(run_verdict(t), "fp16_"); f["fp16_n_modules_inherited"], f["fp16_share_modules_consistent"]
+    (1, 0.5)
+    """
+    counts = judgement.get("n_modules_by_diagnosis", {})
+    n = int(judgement.get("n_modules", 0))
+    causes = list(judgement.get("culprit_causes", []))
+    out: dict[str, Any] = {"n_modules": n}
+    out.update({f"n_modules_{_FIGURE_NAMES[d]}": int(counts.get(d, 0)) for d in DIAGNOSES})
+    out.update({
+        "share_modules_consistent": counts.get(CONSISTENT, 0) / n if n else None,
+        "n_culprits": len(causes),
+        "n_computes_differently": sum(c == COMPUTES_DIFFERENTLY for c in causes),
+        "n_precision_sensitive": sum(c == PRECISION_SENSITIVE for c in causes),
+        "culprit_own_floor_ratios": [float(r) for r in judgement.get("culprit_own_floor_ratios", [])],
+    })
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def describe_verdict(judgement: Mapping[str, Any], label: str) -> str:
+    """One sentence of a :func:`run_verdict`: what ``label`` (the candidate run) is, and on which figures.
+
+    >>> t = pd.DataFrame({"module": ["a"], "status": "ok", "diagnosis": [CONSISTENT], "verdict": ["within floor"]})
+    >>> describe_verdict(run_verdict(t), "bf16")
+    'bf16 is healthy: every error is within its calibrated floor and no module computes differently (1 of 1 modules are consistent with rounding).'
+    """
+    j = judgement
+    verdict_name = str(j.get("verdict", "not judged"))
+    consistent = f"{j.get('n_modules_consistent', 0)} of {j.get('n_modules', 0)} modules are consistent with rounding"
+    named = ", ".join(f"{m} (own error ×{r:.3g} its floor)"
+                      for m, r in zip(j.get("culprits", [])[:3], j.get("culprit_own_floor_ratios", [])[:3]))
+    sensitive = ", ".join(j.get("precision_sensitive", [])[:3])
+    if verdict_name == "healthy":
+        text = (f"{label} is healthy: every error is within its calibrated floor and no module computes "
+                f"differently ({consistent}).")
+        if sensitive:
+            text += (f" {sensitive} lose(s) more precision than rounding at their boundaries explains (within "
+                     "the floor when recomputed in fp64) without lifting the run above its floor.")
+        return text
+    if verdict_name == COMPUTES_DIFFERENTLY:
+        return (f"{label} computes differently from the reference at {named}: the own error stays above the floor "
+                f"when the module computes in fp64, so it is a bug or a deliberate change; {consistent}.")
+    if verdict_name == PRECISION_SENSITIVE:
+        return (f"{label} computes the reference's function but loses precision at {named}: within the floor "
+                f"when recomputed in fp64, above it in the run; {consistent}.")
+    if verdict_name == OWN:
+        return f"{label} has modules whose own error is above their floor: {named}; {consistent}."
+    if verdict_name == ABOVE:
+        return f"{label} has errors above the calibrated floor that no module's own error explains; {consistent}."
+    if verdict_name == NOT_FINITE:
+        return f"{label} produces NaN/Inf; {consistent}."
+    return f"{label}: {verdict_name}."
+
+
+def verdict_summary(judged: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per judged table (``{label: table}``, e.g. :attr:`parity_kit.ModelComparison.table`): the run's
+    verdict, how many modules read each diagnosis, and the culprits with their causes.
+
+    >>> t = pd.DataFrame({"module": ["a"], "status": "ok", "diagnosis": [CONSISTENT], "verdict": ["within floor"]})
+    >>> verdict_summary({"bf16 vs fp32": t})[["verdict", "modules", "consistent with rounding"]].values.tolist()
+    [['healthy', 1, 1]]
+    """
+    if not isinstance(judged, Mapping) or not judged:
+        raise ParityKitError("verdict_summary takes {label: judged table} (e.g. {'bf16': result.table}), "
+                             f"got {type(judged).__name__}")
+    rows = []
+    for label, table in judged.items():
+        j = run_verdict(table)
+        rows.append({"comparison": label, "verdict": j["verdict"], "modules": j["n_modules"],
+                     **j["n_modules_by_diagnosis"],
+                     "culprits": ", ".join(f"{m} ({c or 'cause not measured'})"
+                                           for m, c in zip(j["culprits"], j["culprit_causes"])) or "none"})
+    return pd.DataFrame(rows).set_index("comparison")
 
 
 def dtype_pair(ref_dtype: DtypeLike, cand_dtype: DtypeLike) -> tuple[str, str]:

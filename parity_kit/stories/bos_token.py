@@ -17,8 +17,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..analyses.evaluation import LastWordItem, LastWordResult, evaluate_lastword
+from ..analyses.calibration import ModelComparison, compare_models
+from ..analyses.evaluation import LastWordItem, LastWordResult, encode_text, evaluate_lastword, resolve_bos
 from ..analyses.paired import PairedComparison, paired_comparison
+from ..comparison.floor import describe_verdict
 from ..errors import ParityKitError
 
 
@@ -328,6 +330,26 @@ def _bos_story_figures(
     return figures
 
 
+def precision_verdict(reference: torch.nn.Module, candidate: torch.nn.Module, tokenizer: Any, text: str, *,
+                      bos_token_id: int | None = None, max_tokens: int = 128) -> ModelComparison:
+    """The competing explanation module by module: the same model in two dtypes on ``text`` (BOS prepended, at most
+    ``max_tokens`` tokens), every module judged by the calibrated floor (:func:`parity_kit.compare_models`). If
+    precision made the score worse, some module would compute differently or lose more than rounding explains.
+
+    >>> from parity_kit.models import load
+    >>> model, tok = load("tiny-rwkv7")
+    >>> precision_verdict(model, load("tiny-rwkv7", dtype="bf16")[0], tok, "The cat sat").verdict["verdict"]
+    'healthy'
+    """
+    bos = resolve_bos(tokenizer, True, bos_token_id)
+    content = [int(t) for t in encode_text(tokenizer, text, False)]
+    ids = ([bos] if content[:1] != [bos] else []) + content
+    if len(ids) < 2:
+        raise ParityKitError(f"text {text!r} produced no token after the BOS; give a non-empty text")
+    device = next(reference.parameters()).device
+    return compare_models(reference, candidate, torch.tensor([ids[:max_tokens]], device=device), show_progress=False)
+
+
 def conclude_bos_story(
     results: Mapping[tuple[str, str, bool], LastWordResult],
     bos_tests: Mapping[str, PairedComparison],
@@ -339,6 +361,7 @@ def conclude_bos_story(
     ref_dtype: str,
     cand_dtype: str,
     leading_figures: Mapping[str, float] | None = None,
+    verdicts: Mapping[str, ModelComparison] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The BOS story's conclusion and the findings figures it relies on, built from the measured tables.
 
@@ -348,6 +371,7 @@ def conclude_bos_story(
     (``position_effects``: :func:`bos_position_effect`). ``results`` is keyed ``(model, dtype, prepend_bos)``;
     ``activation_summary`` is :func:`bos_activation_summary`'s table. ``figures`` starts with
     ``leading_figures`` and holds every number the text quotes, with keys ``<model>_...`` (dashes → ``_``).
+    ``verdicts``: :func:`precision_verdict` per model (``cand_dtype`` vs ``ref_dtype`` module by module).
 
     >>> a = LastWordResult.from_loglikelihoods([-1.0, -2.0, -0.5, -1.5], n_bootstrap=10, label="with")
     >>> b = LastWordResult.from_loglikelihoods([-1.5, -2.5, -1.0, -2.0], n_bootstrap=10, label="without")
@@ -382,4 +406,7 @@ def conclude_bos_story(
         runs = {k: r for k, r in results.items() if k[0] == name}
         figures.update(_bos_story_figures(name.replace("-", "_"), runs, {"bos": b, "precision": p}, effect, rows,
                                           activation_summary.loc[name]))
+        if verdicts and name in verdicts:
+            texts.append("Module by module, " + describe_verdict(verdicts[name].verdict, f"{name} in {cand_dtype}"))
+            figures.update(verdicts[name].figures(f"{name.replace('-', '_')}_precision_verdict_"))
     return " ".join(texts), figures

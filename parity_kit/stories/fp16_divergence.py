@@ -24,8 +24,11 @@ from torch import nn
 from .._util.paths import data_dir
 from ..analyses.decoding import is_newline
 from ..analyses.divergence import ModelPair, divergence_summary, factor_summary, model_variant
+from ..analyses.calibration import ModelComparison, compare_models
 from ..analyses.generation import LockstepResult, lockstep_greedy
+from ..analyses.runs import auto_mapping
 from ..builtins.corpus import chat_prompt
+from ..comparison.floor import describe_verdict
 from ..dtypes import DtypeLike, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from ..models.cache import MODELS
@@ -300,6 +303,7 @@ def conclude_divergence(
     reference_dtype: DtypeLike,
     shipped: Mapping[str, str],
     max_new_tokens: int,
+    verdicts: Mapping[str, ModelComparison] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Story 01's conclusion and every number it relies on, from the notebook's measurements.
 
@@ -307,6 +311,7 @@ def conclude_divergence(
     its shipped attention, optionally "as shipped": original vs converted in the low dtype. ``teacher``: :func:`summarize_teacher_forced` dicts keyed "dtype (original)",
     "conversion (<reference dtype>)", "conversion (<dtype>)". ``stats``: :func:`divergence_statistics`
     over :func:`standard_pairs`. ``profiles``: {dtype name: :func:`layer_profile`} original vs converted.
+    ``verdicts``: :func:`module_verdicts` (every module judged by the calibrated floor).
     Returns ``(conclusion, figures)``; which factor is named depends only on the measured fractions.
 
     >>> text, figures = conclude_divergence(prompt="who are you", case=case, teacher=tf, stats=stats,
@@ -363,6 +368,7 @@ def conclude_divergence(
                           pair_value(conv_dtype_pair, "median_first_step")),
         _layer_sentence(high, low, verdict.conversion, high_ratio, low_max, low_ratio),
         _teacher_sentence(teacher, low, high),
+        *(_verdict_sentences(verdicts) if verdicts else []),
     ]
     sentences.append(_margin_sentence(diverged, max_new_tokens, verdict.margin_ratio, margin_at, margin_all,
                                       percentile, newline_share, newline_base))
@@ -374,6 +380,8 @@ def conclude_divergence(
         shipped_fraction=shipped_fraction, orig_fraction=orig_fraction, conv_fraction=conv_fraction,
         margin_at=margin_at, margin_all=margin_all, percentile=percentile, newline_share=newline_share,
         newline_base=newline_base, high_ratio=high_ratio, low_max=low_max, low_ratio=low_ratio)
+    for key, result in (verdicts or {}).items():
+        figures.update(result.figures(f"verdict_{_slug(key)}_"))
     return " ".join(sentences), figures
 
 
@@ -407,11 +415,52 @@ def _divergence_figures(*, case: Mapping[str, LockstepResult], teacher: Mapping[
         f"layer_max_floor_ratio_{low}": low_ratio, "same_dtype_tolerance": SAME_DTYPE_TOLERANCE,
     }
     for key, tf in teacher.items():
-        slug = re.sub(r"\W+", "_", key).strip("_")
+        slug = _slug(key)
         for field_name in ("median_logit_rel_rms", "max_logit_rel_rms", "argmax_disagreements",
                            "disagreements_below_error", "positions"):
             figures[f"teacher_forced_{slug}_{field_name}"] = tf.get(field_name)
     return figures
+
+
+def _slug(key: str) -> str:
+    return re.sub(r"\W+", "_", key).strip("_")
+
+
+def module_verdicts(by_name: Mapping[str, ModelPair], input_ids: Any, *, dtype: DtypeLike,
+                    reference_dtype: DtypeLike, attention: str) -> dict[str, ModelComparison]:
+    """Every module of four pairs (one attention implementation) judged by the calibrated floor
+    (:func:`parity_kit.compare_models`): each model in ``dtype`` vs ``reference_dtype`` ("original in fp16 vs
+    fp32", "converted in ...") and original vs converted in each dtype ("converted vs original in fp32", ...), the conversion
+    through the InternLM2 → Llama mapping where the original is an InternLM2 model. ``by_name``: the pairs of
+    :func:`standard_pairs` by name; a pair it lacks is left out.
+
+    >>> pairs, tok = standard_pairs("tiny-internlm2", "tiny-internlm2-llama", attn_implementations=("eager",))
+    >>> import torch
+    >>> v = module_verdicts({p.name: p for p in pairs}, torch.tensor([[1, 5, 9]]), dtype="fp16",
+    ...                     reference_dtype="fp32", attention="eager")
+    >>> list(v)[2], v["converted vs original in fp32"].verdict["verdict"]
+    ('converted vs original in fp32', 'healthy')
+    """
+    low, high = dtype_name(parse_dtype(dtype)), dtype_name(parse_dtype(reference_dtype))
+    wanted = {f"original in {low} vs {high}": f"original {low} vs {high} ({attention})",
+              f"converted in {low} vs {high}": f"converted {low} vs {high} ({attention})",
+              f"converted vs original in {high}": f"original vs converted {high} ({attention})",
+              f"converted vs original in {low}": f"original vs converted {low} ({attention})"}
+    if not any(name in by_name for name in wanted.values()):
+        raise ParityKitError(f"none of the pairs {list(wanted.values())} is among {sorted(by_name)[:6]}; pass "
+                             "standard_pairs' pairs by name and the attention implementation they were built with")
+    out = {}
+    for key, name in wanted.items():
+        if name in by_name:
+            pair = by_name[name]
+            out[key] = compare_models(pair.reference, pair.candidate, input_ids,
+                                      mapping=auto_mapping(pair.reference, pair.candidate)[0], show_progress=False)
+    return out
+
+
+def _verdict_sentences(verdicts: Mapping[str, ModelComparison]) -> list[str]:
+    return ["Module by module against the calibrated floor (what rounding alone produces there): "
+            + " ".join(describe_verdict(r.verdict, key[0].upper() + key[1:]) for key, r in verdicts.items())]
 
 
 def _layer_sentence(high: str, low: str, conversion: str, high_ratio: float, low_max: float,

@@ -20,12 +20,14 @@ from torch import nn
 
 from .._util.calling import call_model, model_dtype, primary_tensor
 from .._util.paths import data_dir
+from ..analyses.calibration import ModelComparison
 from ..analyses.evaluation import load_lastword_items
 from ..analyses.paired import paired_comparison
 from ..analyses.mixed_precision import MasterWeights, run_in_dtype
 from ..analyses.precision import BisectionResult, bisect_precision, sweep_by_class
 from ..capture import ModuleSpec
 from ..comparison import first_divergence, metrics
+from ..comparison.floor import CONSISTENT, INHERITED, OWN, describe_verdict, module_diagnosis_counts
 from ..dtypes import DtypeLike, parse_dtype
 from ..errors import ParityKitError
 from ..models.cache import MODELS
@@ -432,6 +434,7 @@ def conclude_groupnorm_precision(
     reference_ppl: float,
     reference_ppl_stderr: float,
     upcast_logits_change: float,
+    verdict: ModelComparison | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Story 02's conclusion and every number it relies on, from the notebook's measurements.
 
@@ -442,6 +445,7 @@ def conclude_groupnorm_precision(
     ``upcast_logits_change``: rel_rms between the plain logits and those with GroupNorm arithmetic in
     fp32 on the same weights. The GroupNorm is called the main culprit when it ranks first and removes at
     least half of the error, a contributor when it removes at least a fifth, and not the main culprit otherwise.
+    ``verdict``: the layer-by-layer :func:`parity_kit.compare_models` (every module judged by the calibrated floor).
 
     >>> text, figures = conclude_groupnorm_precision(model="tiny-rwkv7", dtype="bf16", reference_dtype="fp32",
     ...     logit_table=logit_table, sweep=sweep, local=local, blocks=blocks, leaves=leaves, fix_table=fix_table,
@@ -487,7 +491,29 @@ def conclude_groupnorm_precision(
                                  fix_table=fix_table, reference_dtype=reference_dtype, reference_ppl=reference_ppl,
                                  reference_ppl_stderr=reference_ppl_stderr,
                                  upcast_logits_change=upcast_logits_change)
+    if verdict is not None:
+        text, verdict_numbers = calibrated_verdict_part(verdict, dtype)
+        parts.insert(1, text)
+        figures.update(verdict_numbers)
     return " ".join(parts), figures
+
+
+def calibrated_verdict_part(result: ModelComparison, label: str) -> tuple[str, dict[str, Any]]:
+    """The sentence and figures of the layer-by-layer calibrated verdict: the run's verdict, and how the
+    GroupNorms (every ``attn.g_norm``) read, with their own error over its floor."""
+    ok = result.table[result.table["status"] == "ok"]
+    norms = modules_ending_with(primary_outputs(ok))
+    counts = module_diagnosis_counts(norms)
+    own = norms["own_floor_ratio"].astype(float).dropna()
+    spread = f"{own.min():.2g}-{own.max():.2g}x" if len(own) else "not measured"
+    text = (f"Module by module against the calibrated floor (what rounding alone produces at each module): "
+            f"{describe_verdict(result.verdict, label)} Its {len(norms)} GroupNorms: {counts[CONSISTENT]} consistent "
+            f"with rounding, {counts[INHERITED]} inherited, {counts[OWN]} with own error above the floor (own error "
+            f"{spread} its floor).")
+    figures = {**result.figures("verdict_"), "groupnorm_n_modules": len(norms),
+               "groupnorm_n_consistent": counts[CONSISTENT], "groupnorm_n_inherited": counts[INHERITED],
+               "groupnorm_n_own_error_above_floor": counts[OWN], "groupnorm_own_floor_ratio": own.tolist()}
+    return text, figures
 
 
 def _groupnorm_figures(*, logit_table: pd.DataFrame, sweep: ClassSweepSummary, local: LocalErrorSummary,

@@ -19,9 +19,11 @@ import torch
 
 from .. import models
 from .._util.paths import data_dir, package_folder
+from ..analyses.calibration import ModelComparison
 from ..analyses.evaluation import load_lastword_items
 from ..analyses.prefill import (FLA_MODES, OUR_MODES, check_inputs, compare_prefill, fla_unavailable_reason,
                                 prefill_then_decode, sweep)
+from ..comparison.floor import describe_verdict
 from ..dtypes import DtypeLike, check_dtype_on_device, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from ..models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
@@ -445,6 +447,7 @@ def conclude_prefill(
     dtypes: Sequence[str],
     seq_len: int,
     output_rms: float,
+    verdicts: Mapping[str, ModelComparison] | None = None,
 ) -> tuple[str, dict[str, float]]:
     """Story 03's conclusion and the figures it relies on, from the measured tables.
 
@@ -453,7 +456,8 @@ def conclude_prefill(
     stored GPU figures (:attr:`StoredKernelFigures.summary`, may be empty); ``output_rms``: the fp64
     reference output's rms (:func:`reference_scale`). Per dtype the recommendation is a chunked prefill
     (low or fp32 intermediates) when its output rel_rms is within 1.5x that of the recurrent form with an
-    fp32 state, else the recurrent form.
+    fp32 state, else the recurrent form. ``verdicts``: :func:`parity_kit.analyses.prefill_model.mode_verdicts`
+    of the story dtype (every module of each mode judged by the calibrated floor).
 
     >>> text, figures = conclude_prefill(lengths, lastword, ms, stored.summary, dtypes=["bf16", "fp16"],
     ...                                  seq_len=4096, output_rms=9.3)  # doctest: +SKIP
@@ -519,8 +523,20 @@ def conclude_prefill(
             figures.update({"stored_h200_bf16_T4096_fla_chunk_vs_fused_output_max": fo,
                             "stored_h200_bf16_T4096_fla_chunk_vs_fused_state_max": fs})
             reported_line += f" FLA's own kernels on the H200 (stored, T=4096): {fo:.3g} and {fs:.3g}."
-    conclusion = " ".join(lines) + reported_line + h200_line + lw_line + " " + recommendation
+    verdict_line = _verdict_line(verdicts or {}, figures)
+    conclusion = " ".join(lines) + reported_line + h200_line + verdict_line + lw_line + " " + recommendation
     return conclusion, figures
+
+
+def _verdict_line(verdicts: Mapping[str, ModelComparison], figures: dict[str, Any]) -> str:
+    """The calibrated verdict of each mode's modules, its numbers added to ``figures``."""
+    for mode, result in verdicts.items():
+        figures.update(result.figures(f"verdict_{mode}_"))
+    if not verdicts:
+        return ""
+    return (" Module by module against the calibrated floor (what a rounding-only run in the dtype shows at each "
+            "module, against the fp64 model): " + " ".join(describe_verdict(r.verdict, f"WKV mode {mode}")
+                                                           for mode, r in verdicts.items()))
 
 
 def explore(dtype: DtypeLike = "bf16", chunk_size: int = 64, seq_len: int = 512, heads: int = 16, head_dim: int = 64,
