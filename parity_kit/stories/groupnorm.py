@@ -457,19 +457,19 @@ def conclude_groupnorm_precision(
     error_low = float(logit_table.loc[0, "rel_rms"])
     plain, gn_fix = fix_table.iloc[0], fix_table.iloc[2]
     local_ratio, free_ratio = pd.Series(local.local_floor_ratio), pd.Series(local.free_floor_ratio)
-    verdict = judge_groupnorm_precision(sweep, local, fix_table, upcast_logits_change)
+    judgement = judge_groupnorm_precision(sweep, local, fix_table, upcast_logits_change)
     z_note = f"; neither run is distinguishable from {reference_dtype} on this set, |z| < 2" \
-        if verdict.indistinguishable else ""
+        if judgement.indistinguishable else ""
     parts = [
         f"In {model}, {dtype} logits differ from {reference_dtype} by rel_rms {error_low:.3g} "
         f"({logit_table.loc[0, 'floor_ratio']:.3g}x the {dtype} rounding floor of the logits; "
         f"{reference_dtype} itself is {logit_table.loc[2, 'rel_rms']:.2g} from fp64).",
-        f"GroupNorm ({sweep.class_name}, attn.g_norm) is {_ROLE_TEXT[verdict.role]}: keeping it in "
+        f"GroupNorm ({sweep.class_name}, attn.g_norm) is {_ROLE_TEXT[judgement.role]}: keeping it in "
         f"fp32 removes {sweep.removed:.1%} of the output error (class rank {sweep.rank} of {sweep.n_classes}; "
         f"{sweep.top_class} removes {sweep.top_removed:.1%}). Its outputs are {free_ratio.min():.2g}-"
         f"{free_ratio.max():.2g}x their floor in the free run but {local_ratio.min():.2g}-"
         f"{local_ratio.max():.2g}x when fed the reference inputs, so most of the error it shows is "
-        f"{'inherited' if verdict.error_origin == 'inherited' else 'its own'}; "
+        f"{'inherited' if judgement.error_origin == 'inherited' else 'its own'}; "
         f"the largest local error relative to its floor is {local.largest_local_module}'s "
         f"({local.largest_local_ratio:.2g}x).",
         f"All leaf modules in fp32 together remove {sweep.all_classes_removed:.1%} of the output error, the whole "
@@ -480,7 +480,7 @@ def conclude_groupnorm_precision(
         f"{blocks.passes} passes) to reach rel_rms {blocks.error_chosen:.3g}; over leaves it keeps "
         f"{len(leaves.chosen)} of {leaves.n_candidates} ({leaves.passes} passes).",
         f"GroupNorm arithmetic in fp32 with the same bf16 weights moves the logits by rel_rms "
-        f"{upcast_logits_change:.2g}{' (bit-identical on this input)' if verdict.upcast_bit_identical else ''}. "
+        f"{upcast_logits_change:.2g}{' (bit-identical on this input)' if judgement.upcast_bit_identical else ''}. "
         f"The GroupNorm fix (fp32 with fp32 master weights) changes the logits error by "
         f"{-gn_fix['removed_vs_plain']:+.1%} and last-word perplexity from {plain['ppl']:.4f} to "
         f"{gn_fix['ppl']:.4f} ({reference_dtype}: {reference_ppl:.4f} ± {reference_ppl_stderr:.4f}; paired z vs "
