@@ -96,3 +96,10 @@ def test_convert_help_names_the_new_directions():
 def test_parser_rejects_unknown_command():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["frobnicate"])
+
+
+def test_help_says_how_errors_read_and_how_to_get_the_traceback(capsys):
+    from parity_kit.app.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "--debug" in text and "exit 2" in text

@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     ['quickstart']
     """
     parser = argparse.ArgumentParser(
-        prog="parity-kit", description="Numerical parity of language models: run the story notebooks, inspect the environment."
+        prog="parity-kit", description="Numerical parity of language models: run the story notebooks, inspect the environment.",
+        epilog="Errors are one line (exit 2 for bad input, 1 for an unexpected failure, 130 when interrupted); add --debug "
+               "anywhere on the command line to print the traceback as well.",
     )
     from .. import __version__
 
