@@ -276,3 +276,26 @@ def test_report_of_a_failing_notebook_keeps_its_copy_and_html(tmp_path):
     assert "checkpoint is broken" in done.stderr
     assert "checkpoint is broken" in (tmp_path / "out" / "fails.html").read_text()
     assert (tmp_path / "out" / "fails.ipynb").exists()
+
+
+def test_execution_noise_judges_the_comparison_against_the_candidates_own_spread():
+    from parity_kit.analyses.runs import RunSpec, compare_runs
+    from parity_kit.stories.bug_report import execution_noise
+
+    result = compare_runs(RunSpec("tiny-internlm2", "fp32"), RunSpec("tiny-internlm2", "bf16"),
+                          prompt="User: who are you\nAssistant:", show_progress=False)
+    noise = execution_noise(result, repeats=2, batch_sizes=(2,), progress=False)
+    ok = result.table["status"] == "ok"
+    assert int(noise.counts.sum()) == int(ok.sum())
+    assert {"run_to_run_floor", "batch_floor", "execution_floor"} <= set(noise.table.columns)
+    # a healthy bf16 run: every row is explained by rounding or by the candidate's own executions
+    assert noise.n_explained == int(ok.sum())
+    assert noise.figures()["execution_explained_rows"] == noise.n_explained
+    assert f"{noise.n_explained} of {int(ok.sum())}" in noise.summary
+
+
+def test_execution_noise_refuses_what_is_not_a_comparison():
+    from parity_kit.stories.bug_report import execution_noise
+
+    with pytest.raises(ParityKitError, match="RunComparison"):
+        execution_noise("table")

@@ -4,16 +4,24 @@ module adds what the notebook shows: the figures of a comparison and the interac
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ..analyses.runs import RunComparison, RunSpec, compare_runs
+import pandas as pd
+
+from ..analyses.execution_floor import execution_floor
+from ..analyses.runs import RunComparison, RunSpec, compare_runs, load_run
+from ..comparison.execution import EXECUTION_NOISE, ExecutionFloor, apply_execution_floor
+from ..errors import ParityKitError
 from ..models import BUILTINS
 from ..present import plots
 from ..present.panels import ControlPanel, attention_choice, device_choice, dtype_choice, model_choice
 
 # pk.bugreport: the comparison of two runs and the template's own figures and panel
-__all__ = ["RunComparison", "RunSpec", "bug_report_panel", "bug_report_run", "compare_runs", "comparison_plots",
-           "panel_items"]
+__all__ = ["ExecutionNoise", "RunComparison", "RunSpec", "bug_report_panel", "bug_report_run", "compare_runs",
+           "comparison_plots", "execution_noise", "panel_items"]
 
 
 def comparison_plots(result: RunComparison) -> list[Any]:
@@ -28,6 +36,71 @@ def comparison_plots(result: RunComparison) -> list[Any]:
     if result.per_token is not None and not result.per_token.empty:
         shown.append(plots.token_heatmap(result.per_token, title="rel_rms per module and token position"))
     return shown
+
+
+@dataclass(frozen=True)
+class ExecutionNoise:
+    """The candidate run's execution floor and the comparison judged against it (:func:`execution_noise`)."""
+
+    floor: ExecutionFloor
+    table: pd.DataFrame          # the comparison's rows with the execution-floor columns and cumulative verdicts
+    counts: pd.Series            # rows per verdict class ("above every floor ×N" counted as one class)
+
+    @property
+    def n_explained(self) -> int:
+        """Rows that rounding or the runs' execution alone explains."""
+        return int(sum(n for verdict, n in self.counts.items() if verdict in EXECUTION_NOISE))
+
+    @property
+    def summary(self) -> str:
+        n = int(self.counts.sum())
+        alone = sum(c.startswith("alone") for c in self.floor.contexts)
+        batched = sum(c.startswith("slot") for c in self.floor.contexts)
+        toggled = len(self.floor.contexts) - alone - batched
+        runs = f"{alone} times alone, {batched} times in batches" + (f", {toggled} with kernel settings toggled"
+                                                                      if toggled else "")
+        return (f"The candidate was run again on the same token ids ({runs}): {self.n_explained} of {n} compared "
+                "rows lie within what rounding and these executions alone produce; "
+                f"{n - self.n_explained} are above every floor.")
+
+    def figures(self) -> dict[str, float]:
+        """Numbers for the findings file: rows per verdict class and the largest floor of each source."""
+        out: dict[str, float] = {"execution_rows": float(self.counts.sum()), "execution_explained_rows":
+                                 float(self.n_explained)}
+        for source, values in self.floor.floors.items():
+            out[f"execution_floor_max_{source}"] = float(max(values.values(), default=0.0))
+        return out
+
+
+def execution_noise(result: RunComparison, *, modules: Any = "*", repeats: int = 3,
+                    batch_sizes: Sequence[int] = (2, 4), seed: int = 0, layers: int = 4,
+                    progress: bool = True) -> ExecutionNoise:
+    """Measure the candidate run's execution floor (:func:`parity_kit.execution_floor` on the token ids it saw:
+    ``repeats`` runs alone, batches of ``batch_sizes`` padded left and right, and on CUDA the TF32 and
+    deterministic-algorithm toggles) and judge ``result``'s comparison against it, rounding first: a row "within
+    run-to-run noise" or "within batch variance" is a difference the candidate shows against *itself*.
+    ``modules``, ``seed`` and ``layers``: as given to :func:`compare_runs`.
+
+    >>> from parity_kit.analyses.runs import FROM_CONFIG_LLAMA
+    >>> r = compare_runs(RunSpec(FROM_CONFIG_LLAMA, "fp32"), RunSpec(FROM_CONFIG_LLAMA, "bf16"), layers=1,
+    ...                  show_progress=False)
+    >>> noise = execution_noise(r, repeats=2, batch_sizes=(2,), layers=1, progress=False)
+    >>> bool(noise.n_explained <= noise.counts.sum() == (r.table["status"] == "ok").sum())
+    True
+    """
+    if not isinstance(result, RunComparison):
+        raise ParityKitError(f"execution_noise takes the RunComparison of compare_runs, got {type(result).__name__}")
+    if result.table.empty or "floor" not in result.table.columns:
+        raise ParityKitError("the comparison has no compared rows to judge; run compare_runs on runs that share "
+                             "module names (or a mapping) first")
+    model, _ = load_run(result.cand, seed=seed, layers=layers)
+    floor = execution_floor(model, [result.input_ids["candidate"]], repeats=repeats, batch_sizes=batch_sizes,
+                            modules=modules, keyed_by="candidate", progress=progress)
+    judged = apply_execution_floor(result.table, floor)
+    ok = judged[judged["status"] == "ok"]
+    counts = pd.Series(Counter(str(v).split(" ×")[0] for v in ok["verdict"]), name="rows").sort_values(
+        ascending=False)
+    return ExecutionNoise(floor, judged, counts)
 
 
 def panel_items(result: RunComparison, rows: int = 24) -> list[Any]:
