@@ -2,7 +2,9 @@
 
 Each pair is triaged with every step (no ``--quick``) and, with ``--eval-limit N``, a paired last-word evaluation
 of the first N documents of ``data/eval/lastword.jsonl``. Models are loaded first (their load time is reported
-apart). The baseline, in the same run, is one :func:`parity_kit.compare_models` of the same pair on the same
+apart). ``parity_kit`` is imported before torch, as a notebook does, so its ``OMP_WAIT_POLICY=PASSIVE`` default
+applies (recorded with the load average and the CPU pressure, which say how shared the cores were). The
+baseline, in the same run, is one :func:`parity_kit.compare_models` of the same pair on the same
 token ids (the calibrated comparison every triage contains), so ``ratio_to_compare_models`` says what the whole
 investigation costs on top of the one comparison a user would otherwise run by hand.
 
@@ -21,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+# first, as a notebook's `import parity_kit as pk`: it sets OMP_WAIT_POLICY before torch loads
+import parity_kit  # noqa: F401
 import torch
 
 from parity_kit._util.paths import data_dir
@@ -80,6 +84,15 @@ def run_pair(name: str, device: str, eval_limit: int | None) -> dict:
             "first_cause": result.causes[0].to_dict(), "eval_limit": eval_limit}
 
 
+def cpu_pressure() -> float | None:
+    """Linux PSI: the share of the last 10 s in which some runnable task waited for a CPU (None where absent)."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return None
+    return float(dict(part.split("=") for part in line.split()[1:])["avg10"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help=f"{list(PAIRS)} or 7b")
@@ -89,13 +102,17 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     load_before = os.getloadavg()  # other processes on the same cores stretch every time above
+    pressure_before = cpu_pressure()
     for name in args.pairs:
         rows.append(run_pair(name, args.device, args.eval_limit))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "first_cause"}), flush=True)
         print("  first cause:", rows[-1]["first_cause"]["title"], flush=True)
     result = {"command": " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version(),
               "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
-              "load_average_before": load_before, "load_average_after": os.getloadavg(), "rows": rows}
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "cpu_pressure_some_avg10_before": pressure_before, "cpu_pressure_some_avg10_after": cpu_pressure(),
+              "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

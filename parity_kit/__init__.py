@@ -6,12 +6,23 @@ True
 
 Public names are imported lazily: ``import parity_kit`` loads neither torch nor pandas, and a notebook
 only pays for what it uses.
+
+Imported before torch, it sets ``OMP_WAIT_POLICY=PASSIVE`` unless that variable is already set (any value you
+export wins): torch's CPU kernels run on OpenMP threads that by default spin while they wait, and on cores
+shared with other processes a spinning or descheduled thread stalls every parallel region. A triage of
+``tiny-rwkv7`` (about 200,000 small operations) took 40–75 s instead of 3–5 s on 2 shared cores that way
+(``benchmarks/triage_time.py``). The policy changes when idle threads sleep, never what they compute.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
+
+if "torch" not in sys.modules:  # libgomp reads it once, when torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import ParityKitError
 

@@ -6,6 +6,7 @@ functions), so a violation fails here before anyone draws a picture."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,15 @@ def test_import_parity_kit_loads_neither_torch_nor_pandas():
     code = "import parity_kit, sys; print('torch' in sys.modules, 'pandas' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_import_parity_kit_before_torch_makes_idle_openmp_threads_sleep_unless_told_otherwise():
+    # spinning OpenMP threads stall every parallel region on cores shared with other processes
+    code = "import os, parity_kit, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                           env=extra).stdout.strip() for extra in (env, {**env, "OMP_WAIT_POLICY": "ACTIVE"})]
+    assert runs == ["PASSIVE", "ACTIVE"]
 
 
 def test_tests_do_not_import_each_other():

@@ -280,6 +280,23 @@ def test_recurrent_model_gets_one_document_per_forward(tok_plain):
     assert len(seen) == 5 and sorted(map(tuple, seen)) == sorted(r.per_doc["input_ids"])
 
 
+def test_recurrent_model_batched_right_padded_scores_as_one_document_per_forward(tok_plain):
+    model = _Recurrent(len(tok_plain))
+    items = _items(12)
+    widths: list[int] = []
+    handle = model.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[0]))
+    try:
+        batched = evaluate_lastword(model, tok_plain, items, batch_size=8, n_bootstrap=100, progress=False,
+                                    batch_recurrent=True)
+    finally:
+        handle.remove()
+    single = evaluate_lastword(model, tok_plain, items, n_bootstrap=100, progress=False)
+    assert batched.config["batched"] and batched.config["padding"] == "right, no mask (causal recurrence)"
+    assert widths == [8, 4]  # 12 documents, 8 to a forward
+    np.testing.assert_allclose(batched.per_doc["ll"], single.per_doc["ll"], atol=1e-5, rtol=0)
+    assert batched.per_doc["acc"].tolist() == single.per_doc["acc"].tolist()
+
+
 def test_evaluation_is_deterministic(tok_plain, llama):
     items = _items(16)
     one = evaluate_lastword(llama, tok_plain, items, n_bootstrap=1000, progress=False)

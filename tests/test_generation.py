@@ -214,6 +214,21 @@ def test_teacher_forced_identical_and_perturbed():
     assert summary["argmax_disagreements"] == sum(flips) == summary["disagreements_below_error"]
 
 
+def test_teacher_forced_on_logits_already_computed_runs_no_model():
+    model, other = tiny_llama(seed=9), tiny_llama(seed=10)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    with torch.no_grad():
+        logits = tuple(m(input_ids=torch.tensor([ids])).logits for m in (model, other))  # [1, T, V]
+    calls = []
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (model, other)]
+    given = gen.teacher_forced(model, other, ids, logits=logits)
+    for h in handles:
+        h.remove()
+    assert calls == [] and given.equals(gen.teacher_forced(model, other, ids))
+    with pytest.raises(ParityKitError, match="logits="):
+        gen.teacher_forced(model, other, ids[:-1], logits=logits)
+
+
 # --- statistics over prompts ---------------------------------------------------------------------------
 
 def test_divergence_statistics_rows_and_summary():

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .._util.calling import takes_padding_mask
+from .._util.calling import RECURRENT_MODEL_TYPES, model_type, takes_padding_mask
 from ..dtypes import DtypeLike, check_dtype_on_device, dtype_name
 from ..errors import ParityKitError
 from .statistics import mean_stderr, perplexity_bootstrap_stderr
@@ -31,7 +31,8 @@ __all__ = ["LastWordItem", "LastWordResult", "load_lastword_items", "encode_last
            "encode_text", "resolve_bos"]
 
 # Recurrent architectures: their forward takes no attention mask, so padding could not be hidden from
-# them; they are run one document per forward (no padding at all).
+# them; they are run one document per forward (no padding at all), unless ``batch_recurrent=True``
+# right-pads them: a recurrence is causal, so a pad after a document never reaches a position it scores.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,6 +350,7 @@ def evaluate_lastword(
     n_bootstrap: int = 100_000,
     require_leading_space: bool = True,
     label: str = "",
+    batch_recurrent: bool = False,
 ) -> LastWordResult:
     """Score the last word of every document: log-likelihood, greedy accuracy, perplexity with standard errors.
 
@@ -358,7 +360,10 @@ def evaluate_lastword(
     is moved onto it first, as lm-evaluation-harness does); otherwise a ParityKitError is raised unless
     ``require_leading_space=False``. Batching pads on the right and passes an attention mask; recurrent
     models (``config.model_type`` such as ``rwkv7``), and models whose forward takes no mask, get one
-    document per forward instead, so no padding ever reaches them. Log-probabilities are computed in
+    document per forward instead, so no padding ever reaches them. ``batch_recurrent=True`` batches a
+    recurrent model too, right-padded and with no mask: its recurrence is causal, so the padding after a
+    document never reaches a position it scores, and the scores change only by the rounding of batched
+    kernels (batch variance: compare both settings on one model to see how much). Log-probabilities are computed in
     fp32 from the logits whatever the model's dtype, so a dtype comparison measures the model, not the
     scoring. ``dtype``/``device`` move the model in place (``model.to``); the model is run in eval mode
     and its training flag is restored afterwards. Deterministic: two runs give bit-identical results.
@@ -384,7 +389,8 @@ def evaluate_lastword(
         model.to(device=target_device, dtype=None if dtype is None else check_dtype_on_device(dtype, target_device))
     first_param = next(model.parameters())
     masked = takes_padding_mask(model)
-    step = batch_size if masked else 1
+    right_padded = masked or (batch_recurrent and model_type(model) in RECURRENT_MODEL_TYPES)
+    step = batch_size if right_padded else 1
     # longest first, as lm-eval does: padding stays small and an out-of-memory shows up at once
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))
     batches = [order[s:s + step] for s in range(0, len(order), step)]
@@ -401,7 +407,8 @@ def evaluate_lastword(
     config = {
         "prepend_bos": prepend_bos, "bos_token_id": bos if prepend_bos else None,
         "add_special_tokens": add_special_tokens, "dtype": dtype_name(first_param.dtype),
-        "device": str(first_param.device), "batched": masked, "batch_size": step,
+        "device": str(first_param.device), "batched": right_padded, "batch_size": step,
+        "padding": "right, masked" if masked else "right, no mask (causal recurrence)" if right_padded else "none",
         "model_class": type(model).__name__, "n_bootstrap": n_bootstrap,
     }
     return _summarise(_per_doc_table(items, encoded, scores), n_bootstrap, config, label)
@@ -428,7 +435,8 @@ class _Score:
 
 
 def _score_batch(model: torch.nn.Module, batch: Sequence[_Encoded], masked: bool) -> list[_Score]:
-    """One forward over ``batch`` (right-padded, with a mask when the model takes one); fp32 log-probabilities."""
+    """One forward over ``batch`` (right-padded, with a mask when the model takes one; a recurrent model takes none
+    and its causal recurrence never carries a pad back to a scored position); fp32 log-probabilities."""
     device = next(model.parameters()).device
     width = max(len(e.input_ids) for e in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long)

@@ -282,6 +282,14 @@ def _full_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
     return logits[0].detach().to("cpu", torch.float64)  # [T, vocab]
 
 
+def _given_logits(logits: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    t = logits[0] if logits.dim() == 3 and logits.shape[0] == 1 else logits
+    if t.dim() != 2 or t.shape[0] != n_tokens:
+        raise ParityKitError(f"logits= must be [T, vocab] (or [1, T, vocab]) for the {n_tokens} tokens given; got "
+                             f"{tuple(logits.shape)}")
+    return t.detach().to("cpu", torch.float64)
+
+
 def teacher_forced(
     ref_model: nn.Module,
     cand_model: nn.Module,
@@ -289,8 +297,13 @@ def teacher_forced(
     *,
     prompt_length: int | None = None,
     tokenizer: Any | None = None,
+    logits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
     """One forward of both models over the same tokens; per position logit error, margins, argmax agreement.
+
+    ``logits``: both models' logits over exactly these tokens (``[T, vocab]`` or ``[1, T, vocab]``, reference
+    first) from a forward already run, e.g. by :func:`parity_kit.triage`'s precision step; the models are then
+    not run again.
 
     Row ``position`` holds the logits that predict token ``position + 1``. Columns: ``position,
     input_token, next_token, generated`` (the next token lies beyond ``prompt_length``), ``logit_max_abs,
@@ -309,7 +322,10 @@ def teacher_forced(
     ids = encode_prompt(input_ids, tokenizer, "input_ids")
     check_token_ids([ref_model, cand_model], ids, "input_ids")
     check_context([ref_model, cand_model], len(ids), 0, "input_ids")
-    ref_logits, cand_logits = _full_logits(ref_model, ids), _full_logits(cand_model, ids)
+    if logits is None:
+        ref_logits, cand_logits = _full_logits(ref_model, ids), _full_logits(cand_model, ids)
+    else:
+        ref_logits, cand_logits = (_given_logits(t, len(ids)) for t in logits)
     if ref_logits.shape != cand_logits.shape:
         raise ParityKitError(
             f"the models return logits of different shapes {tuple(ref_logits.shape)} vs {tuple(cand_logits.shape)}; "

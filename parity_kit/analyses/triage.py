@@ -359,20 +359,25 @@ def _lockstep(ref: TriageSide, cand: TriageSide, ids: dict[str, list[int]], max_
 
 
 def _step_consequences(ref: TriageSide, cand: TriageSide, ids: dict[str, list[int]] | None, inputs_found: dict,
-                       eval_items: Any, eval_limit: int | None, max_new_tokens: int) -> dict[str, Any]:
+                       eval_items: Any, eval_limit: int | None, max_new_tokens: int,
+                       outs: dict[str, Any]) -> dict[str, Any]:
     if ids is None or not (_is_lm(ref.model) and _is_lm(cand.model)):
         return {"status": "not applicable", "reason": "the models take no token ids"}
     lock = _lockstep(ref, cand, ids, max_new_tokens)
     found: dict[str, Any] = {"status": "done", "lockstep": lock.summary(), "max_new_tokens": max_new_tokens,
                              "lockstep_inputs": "each side's own ids" if inputs_found.get("ids_differ")
                              else "the same ids"}
-    found["teacher_forced"] = summarize_teacher_forced(teacher_forced(ref.model, cand.model, ids["reference"]))
+    # the precision step ran both models on the reference's ids already: their logits are the teacher-forced ones
+    found["teacher_forced"] = summarize_teacher_forced(teacher_forced(
+        ref.model, cand.model, ids["reference"], logits=(outs["ref_run"], outs["cand_run"])))
     if eval_items is not None:
         if ref.tokenizer is None or cand.tokenizer is None:
             raise ParityKitError("the paired last-word evaluation needs both tokenizers; pass them or drop eval")
         items = load_lastword_items(eval_items, limit=eval_limit)
+        # batch_recurrent: a recurrent model's documents go 8 to a forward too (right-padded; causal, so exact up
+        # to the rounding of batched kernels, the same for both sides) instead of one forward per document
         runs = [evaluate_lastword(s.model, s.tokenizer, items, prepend_bos=bool(inputs_found.get(f"{name}_starts_with_bos",
-                                  True)), n_bootstrap=1000, progress=False, label=name)
+                                  True)), n_bootstrap=1000, progress=False, label=name, batch_recurrent=True)
                 for s, name in ((ref, "reference"), (cand, "candidate"))]
         paired = paired_comparison(runs[0], runs[1], n_bootstrap=2000)
         found["eval"] = {"n": runs[0].n, "reference": runs[0].summary, "candidate": runs[1].summary,
@@ -479,7 +484,7 @@ def triage(
             steps["consequences"] = {"status": "skipped", "reason": "--quick"}
         else:
             steps["consequences"] = _step_consequences(ref_side, cand_side, ids, steps["inputs"], eval_items,
-                                                       eval_limit, max_new_tokens)
+                                                       eval_limit, max_new_tokens, outs)
         begin(7)
     finally:
         bar.close()
