@@ -64,6 +64,20 @@ def rows() -> list[str]:
             out.append(_row(f"CPU ({triage['cpu_count']} cores): full `parity-kit triage`, {row['pair']}, "
                             f"{row['eval_limit']}-document paired eval", row["triage_s"], 180, " s",
                             "triage_time_cpu.json"))
+    for name, target in (("divergence_batching_cpu.json", 3), ("divergence_batching_h100.json", 10)):
+        if (RESULTS / name).exists():
+            batching = _load(name)
+            where = batching["gpu"] or f"CPU ({batching['cpu_threads']} threads)"
+            for row in batching["results"]:
+                out.append(_row(f"{where}: `divergence_statistics` batched ({row['batch_size']}) / one prompt at a "
+                                f"time, {row['model']}, {row['prompts']}×{row['new_tokens']} tokens, {row['pair']} "
+                                f"(median of {row['rounds']} rounds)", row["speedup_median"], target, "×", name,
+                                higher_is_better=True))
+    if (RESULTS / "execution_floor_h100.json").exists():
+        floor = _load("execution_floor_h100.json")["results"]
+        out.append(_row(f"{_load('execution_floor_h100.json')['gpu']}, 7B-shaped Llama: share of fp16-vs-fp32 module "
+                        "differences within the bf16 execution floor", 100 * floor["fp16_table_against_bf16_floor"]
+                        ["share_inside_execution_floor"]["all_sources"], None, "%", "execution_floor_h100.json"))
     return out
 
 
