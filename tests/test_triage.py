@@ -107,3 +107,34 @@ def test_correct_conversion_in_bf16_is_rounding_only_never_a_bug(tmp_path):
 def test_models_without_token_ids_need_inputs():
     with pytest.raises(ParityKitError, match="input_ids"):
         triage(tiny_llama(layers=1), tiny_llama(layers=1), show_progress=False)
+
+
+def test_a_high_precision_twin_is_built_straight_in_its_dtype_and_where_it_fits(monkeypatch):
+    from parity_kit._util import twins
+    from parity_kit.testing import tiny_llama
+
+    model = tiny_llama(layers=1).to(torch.bfloat16)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied weights stay tied in the copy
+    copy64 = twins.twin(model, torch.float64, weights_in=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in copy64.parameters()} == {torch.float64}
+    assert copy64.lm_head.weight is copy64.model.embed_tokens.weight
+    assert all(torch.equal(a.double(), b) for a, b in zip(model.parameters(), copy64.parameters()))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the original is untouched
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        reference = copy.deepcopy(model).to(torch.float64)(ids).logits
+        assert torch.equal(copy64(ids).logits, reference)
+    assert twins.copy_bytes(model, torch.float64) == 4 * twins.copy_bytes(model, torch.bfloat16)
+    assert twins.twin_device(model, torch.float64).type == "cpu"  # a CPU model's copy stays on the CPU
+
+
+def test_a_twin_that_does_not_fit_the_gpus_free_memory_goes_to_the_host(monkeypatch):
+    from parity_kit._util import twins
+    from parity_kit.testing import tiny_llama
+
+    model = tiny_llama(layers=1)
+    need = twins.copy_bytes(model, torch.float64)
+    monkeypatch.setattr(twins, "model_device", lambda _model: torch.device("cuda", 0))
+    for free, expected in ((need // 2, "cpu"), (need * 2, "cuda")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _device, free=free: (free, 10 * need))
+        assert twins.twin_device(model, torch.float64).type == expected

@@ -29,7 +29,6 @@ token ids for both models, so a difference of inputs and a difference of numeric
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -42,8 +41,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._util.calling import call_model, model_dtype, prepare_inputs, primary_tensor
+from .._util.calling import call_model, model_device, model_dtype, prepare_inputs, primary_tensor
 from .._util.environment import environment_capsule
+from .._util.trees import map_tensors
+from .._util.twins import twin, twin_device
 from ..comparison import first_divergence
 from ..comparison.floor import narrower
 from ..comparison.metrics import nominal_floor, rel_rms
@@ -219,6 +220,9 @@ def _high_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _output(model: nn.Module, inputs: Any) -> torch.Tensor:
+    if not callable(inputs) or isinstance(inputs, torch.Tensor):  # a twin may sit on the host (_copy_in)
+        device = model_device(model)
+        inputs = map_tensors(inputs, lambda _name, t: t.to(device))
     with torch.no_grad():
         out = call_model(model, prepare_inputs(model, without_cache(model, inputs)))
         return primary_tensor(out, type(model).__name__).detach().to("cpu", torch.float64)
@@ -233,13 +237,10 @@ def _copy_in(model: nn.Module, dtype: torch.dtype, weights_in: torch.dtype) -> n
     """A copy computing in ``dtype`` whose parameters were first rounded to ``weights_in`` (the narrower run's
     dtype), so that both sides of a high-precision comparison carry the same weight rounding and only what the
     two compute can differ (a correct bf16 conversion then agrees with its fp32 original). Buffers (rotary
-    tables) are not rounded: each implementation keeps them in its own precision."""
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in twin.parameters():
-            if p.is_floating_point() and narrower(weights_in, p.dtype):
-                p.data = p.data.to(weights_in)
-    return twin.to(dtype).eval()
+    tables) are not rounded: each implementation keeps them in its own precision. Built on the model's device
+    when it fits there, on the host otherwise (:func:`parity_kit._util.twins.twin`): an fp64 copy of a 7B model
+    does not fit one 80 GB GPU beside the two runs."""
+    return twin(model, dtype, weights_in=weights_in)
 
 
 def _fp32_output_floor(model: nn.Module, inputs: Any, tolerance: float) -> float:
@@ -247,7 +248,7 @@ def _fp32_output_floor(model: nn.Module, inputs: Any, tolerance: float) -> float
     run of ``model`` in fp32 (the calibrated floor's run) against the model in fp64. It says how far two runs that
     compute the same function may still differ in "fp64" when parts of them compute in fp32 on purpose (rotary
     tables) — and it is never below one fp32 rounding."""
-    baseline = _output(copy.deepcopy(model).to(torch.float64).eval(), inputs)
+    baseline = _output(twin(model, torch.float64), inputs)
     with rounding_only(model, torch.float32) as sim:
         rounded = _output(sim.eval(), inputs)
     return tolerance * max(float(rel_rms(baseline, rounded)), nominal_floor("fp32"))
@@ -270,9 +271,11 @@ def _step_precision(ref: TriageSide, cand: TriageSide, inputs: Any, tolerance: f
     err_high = float(rel_rms(outs["ref_high"], outs["cand_high"]))
     floor = math.nan
     if high == torch.float64:
-        twin = _copy_in(ref.model, torch.float32, narrow)
-        floor = _fp32_output_floor(twin, inputs, tolerance)
-        del twin
+        # the rounding-only run copies this twin again, so it goes where two copies fit
+        fp32_twin = twin(ref.model, torch.float32, weights_in=narrow,
+                         device=twin_device(ref.model, torch.float32, copies=2))
+        floor = _fp32_output_floor(fp32_twin, inputs, tolerance)
+        del fp32_twin
     falls = err_high <= floor if high == torch.float64 else None
     return {"status": "done", "high_dtype": dtype_name(high), "weights_rounded_to": dtype_name(narrow),
             "run_dtypes": [dtype_name(model_dtype(ref.model)), dtype_name(model_dtype(cand.model))],
