@@ -29,6 +29,7 @@ token ids for both models, so a difference of inputs and a difference of numeric
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -249,6 +250,7 @@ def _fp32_output_floor(model: nn.Module, inputs: Any, tolerance: float) -> float
     compute the same function may still differ in "fp64" when parts of them compute in fp32 on purpose (rotary
     tables) — and it is never below one fp32 rounding."""
     baseline = _output(twin(model, torch.float64), inputs)
+    gc.collect()  # free the fp64 twin before the rounding-only copy is made
     with rounding_only(model, torch.float32) as sim:
         rounded = _output(sim.eval(), inputs)
     return tolerance * max(float(rel_rms(baseline, rounded)), nominal_floor("fp32"))
@@ -264,6 +266,7 @@ def _step_precision(ref: TriageSide, cand: TriageSide, inputs: Any, tolerance: f
         hi = _copy_in(side.model, high, narrow)
         outs[key] = _output(hi, inputs)
         del hi
+        gc.collect()  # free the twin now: a module tree with reference cycles waits for the collector
     if outs["ref_run"].shape != outs["cand_run"].shape:
         raise ParityKitError(f"the models' outputs have different shapes {tuple(outs['ref_run'].shape)} vs "
                              f"{tuple(outs['cand_run'].shape)}; triage needs outputs of one shape")
@@ -276,6 +279,7 @@ def _step_precision(ref: TriageSide, cand: TriageSide, inputs: Any, tolerance: f
                          device=twin_device(ref.model, torch.float32, copies=2))
         floor = _fp32_output_floor(fp32_twin, inputs, tolerance)
         del fp32_twin
+        gc.collect()
     falls = err_high <= floor if high == torch.float64 else None
     return {"status": "done", "high_dtype": dtype_name(high), "weights_rounded_to": dtype_name(narrow),
             "run_dtypes": [dtype_name(model_dtype(ref.model)), dtype_name(model_dtype(cand.model))],
