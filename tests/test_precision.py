@@ -373,10 +373,10 @@ def test_layer_table_helpers_pick_primary_outputs_kinds_and_the_first_module_abo
     assert kinds_present(primary) == ["(block)", "attn", "attn.wkv", "attn.g_norm"]
     assert kinds_present(primary, kinds=["ffn", "attn"]) == ["attn"]
     assert modules_ending_with(primary)["rel_rms"].tolist() == [5e-3]
-    assert first_above_floor_text(primary) == ("first module (execution order) whose error is above 2x its own "
+    assert first_above_floor_text(primary) == ("first module (execution order) whose free-run error is above 2x its "
                                                "floor: model.layers.0.attn.g_norm (0.005, above floor ×3)")
     assert first_above_floor_text(primary, threshold=4.5).endswith("model.layers.0 (0.007, above floor ×5)")
-    assert first_above_floor_text(primary, threshold=100).endswith(": None")
+    assert first_above_floor_text(primary, threshold=100).endswith(": none")
     with pytest.raises(ParityKitError, match="'tensor' column"):
         primary_outputs(pd.DataFrame({"module": ["a"]}))
 

@@ -148,17 +148,18 @@ def modules_ending_with(table: pd.DataFrame, suffix: str = GROUPNORM_SUFFIX) -> 
 
 
 def first_above_floor_text(primary: pd.DataFrame, threshold: float = 2.0) -> str:
-    """One line naming the first module, in execution order, whose error exceeds ``threshold`` × its floor.
+    """One line naming the first module, in execution order, whose free-run error exceeds ``threshold`` × its
+    (calibrated) floor, or "none".
 
     >>> t = pd.DataFrame({"order": [0, 1], "module": ["a", "b"], "rel_rms": [1e-3, 2e-2], "floor_ratio": [1.0, 9.0],
     ...                   "verdict": ["within floor", "above floor ×9"]})
     >>> first_above_floor_text(t)
-    'first module (execution order) whose error is above 2x its own floor: b (0.02, above floor ×9)'
+    'first module (execution order) whose free-run error is above 2x its floor: b (0.02, above floor ×9)'
     """
 
     first = first_divergence(primary, metric="floor_ratio", threshold=threshold)
-    found = None if first is None else f"{first['module']} ({first['rel_rms']:.3g}, {first['verdict']})"
-    return f"first module (execution order) whose error is above {threshold:g}x its own floor: {found}"
+    found = "none" if first is None else f"{first['module']} ({first['rel_rms']:.3g}, {first['verdict']})"
+    return f"first module (execution order) whose free-run error is above {threshold:g}x its floor: {found}"
 
 
 def join_sweeps(sweep: pd.DataFrame, sweep_vs_fp64: pd.DataFrame) -> pd.DataFrame:
