@@ -514,8 +514,8 @@ def _advice_sentence(verdict: DivergenceVerdict, measured: Mapping[str, float], 
     if verdict.main_factor is None:
         return ("No factor made any generation diverge here, so this model and prompt set do not show the effect; "
                 "teacher-forced logits still measure the numeric differences above.")
-    return (f"The factor that explains the divergence: {verdict.main_factor} ({_pct(verdict.main_fraction)} of "
-            "generations diverge). "
+    return (f"Of the factors above, the one whose pairs diverge most often is {verdict.main_factor} "
+            f"({_pct(verdict.main_fraction)} of generations diverge). "
             f"Advice: compare a conversion in {high}"
             + (f", where it diverges in {_pct(measured.get(f'conversion in {high}', math.nan))} of generations"
                if f"conversion in {high}" in measured else "")
