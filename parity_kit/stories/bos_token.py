@@ -310,7 +310,8 @@ def _describe_bos_effect(
             reading = "by its sign, with this little context the model relies on the BOS"
         others = "; ".join(f"{int(r['context_words'])} words {r['ppl_diff']:+.4g} (z = {r['z']:.1f})"
                            for _, r in rows.iterrows() if int(r["context_words"]) != verdict.clearest_cut_words)
-        text += (f"{verdict.cuts_flagged} of {verdict.cuts} context cuts are flagged; the one with the largest |z| is "
+        text += (f"{verdict.cuts_flagged} of {verdict.cuts} context cuts {'is' if verdict.cuts_flagged == 1 else 'are'} "
+                 "flagged; the one with the largest |z| is "
                  f"the last {verdict.clearest_cut_words} words, where the last-word perplexity is "
                  f"{verdict.clearest_cut_effect} without BOS ({clearest['ppl_diff']:+.4g}, paired log-likelihood z = "
                  f"{clearest['z']:.1f}, 95% interval [{clearest['ci_low']:.4g}, {clearest['ci_high']:.4g}]): "
@@ -426,7 +427,7 @@ def conclude_bos_story(
         p, effect = precision_tests[name], position_effects[name]
         texts.append(_describe_bos_effect(name, results[(name, ref_dtype, True)], results[(name, ref_dtype, False)],
                                           b, p, effect, rows, judge_bos_effect(b, p, effect, rows), ref_dtype,
-                                          cand_dtype))
+                                          cand_dtype).strip())
         runs = {k: r for k, r in results.items() if k[0] == name}
         figures.update(_bos_story_figures(name.replace("-", "_"), runs, {"bos": b, "precision": p}, effect, rows,
                                           activation_summary.loc[name]))
