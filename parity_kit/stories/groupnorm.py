@@ -258,8 +258,8 @@ class LocalErrorSummary:
     def describe(self) -> str:
         """One line: the GroupNorm's local error range and the largest local error."""
         local = pd.Series(self.local_floor_ratio)
-        return (f"GroupNorm local error: {local.min():.2g}-{local.max():.2g} x its floor; largest local error "
-                f"relative to its floor: {self.largest_local_module} ({self.largest_local_ratio:.3g} x)")
+        return (f"GroupNorm local error: {local.min():.2g}-{local.max():.2g} x one rounding; largest local error "
+                f"relative to one rounding: {self.largest_local_module} ({self.largest_local_ratio:.3g} x)")
 
 
 def summarise_local_errors(table: pd.DataFrame, suffix: str = GROUPNORM_SUFFIX,
@@ -471,7 +471,7 @@ def conclude_groupnorm_precision(
         f"{free_ratio.max():.2g}x one {dtype} rounding in the free run but {local_ratio.min():.2g}-"
         f"{local_ratio.max():.2g}x when fed the reference inputs, so "
         f"{'most of the error it shows is inherited' if judgement.error_origin == 'inherited' else 'at least half of the error it shows is its own'}; "
-        f"the largest local error relative to its floor is {local.largest_local_module}'s "
+        f"the largest local error relative to one rounding is {local.largest_local_module}'s "
         f"({local.largest_local_ratio:.2g}x).",
         f"All leaf modules in fp32 together remove {sweep.all_classes_removed:.1%} of the output error, the whole "
         f"model (logits still rounded to {dtype}) {sweep.whole_model_removed:.1%}: the difference is made outside "
