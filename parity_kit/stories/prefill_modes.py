@@ -537,7 +537,7 @@ def _ulp_note(errors: Sequence[float], dtype: str) -> str:
     ``"; 0.5 is one bf16 step (ULP) at |x| in [64, 128)"``; "" when none is.
 
     >>> _ulp_note((0.5, 1.0), "bf16")
-    '; 0.5 and 1 are each one bf16 step (ULP), at |x| in [64, 128) and [128, 256)'
+    '; 0.5 and 1.0 are each one bf16 step (ULP), at |x| in [64, 128) and [128, 256)'
     >>> _ulp_note((0.3,), "bf16")
     ''
     """
@@ -547,7 +547,8 @@ def _ulp_note(errors: Sequence[float], dtype: str) -> str:
         exponent = math.log2(e) if e > 0 and math.isfinite(e) else math.nan
         if math.isfinite(exponent) and exponent == int(exponent):
             low = 2.0 ** (exponent + bits)
-            steps.append((f"{e:g}", f"[{low:g}, {2 * low:g})"))
+            shown = f"{e:.3g}"
+            steps.append((shown + (".0" if shown.isdigit() else ""), f"[{low:g}, {2 * low:g})"))
     if not steps:
         return ""
     if len(steps) == 1:
