@@ -36,10 +36,10 @@ from ..present import plots
 # measured by this package. Columns: source, T, comparison, output max, output mean, state max, state mean.
 REPORTED_FIGURES: tuple[tuple[str, int | None, str, float, float, float, float], ...] = (
     ("FLA #198 (real model)", None, "chunk vs recurrent", 1.0, 0.052, 0.043, 0.007),
-    ("anchors.md H200", 1024, "fla_chunk vs fp64", 0.475, 0.0285, 0.0389, 0.00222),
-    ("anchors.md H200", 1024, "fla_fused_recurrent vs fp64", 0.475, 0.0231, 0.0353, 0.00192),
-    ("anchors.md H200", 4096, "fla_chunk vs fp64", 0.663, 0.0285, 0.0392, 0.00222),
-    ("anchors.md H200", 4096, "fla_fused_recurrent vs fp64", 0.401, 0.0231, 0.0380, 0.00193),
+    ("H200 anchors", 1024, "fla_chunk vs fp64", 0.475, 0.0285, 0.0389, 0.00222),
+    ("H200 anchors", 1024, "fla_fused_recurrent vs fp64", 0.475, 0.0231, 0.0353, 0.00192),
+    ("H200 anchors", 4096, "fla_chunk vs fp64", 0.663, 0.0285, 0.0392, 0.00222),
+    ("H200 anchors", 4096, "fla_fused_recurrent vs fp64", 0.401, 0.0231, 0.0380, 0.00193),
 )
 
 
