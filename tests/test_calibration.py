@@ -211,3 +211,16 @@ def test_story01_verdicts_judge_the_conversion_through_its_mapping_and_record_co
                                                            "above_floor", "not_finite")) == judged["n_modules"]
     with pytest.raises(ParityKitError, match="none of the pairs"):
         story01.module_verdicts({}, ids, dtype="fp16", reference_dtype="fp32", attention="eager")
+
+
+def test_healthy_verdict_with_precision_sensitive_modules_does_not_say_every_error_is_within_its_floor():
+    from parity_kit.comparison.floor import describe_verdict
+
+    base = {"verdict": "healthy", "n_modules": 57, "n_modules_consistent": 55, "culprits": [],
+            "culprit_own_floor_ratios": []}
+    clean = describe_verdict({**base, "precision_sensitive": []}, "bf16")
+    assert "every error is within its calibrated floor" in clean
+    two = describe_verdict({**base, "precision_sensitive": ["l.2.attn", "l.0.attn"]}, "bf16")
+    assert "every free-run error" in two and "every error is" not in two
+    assert "l.2.attn, l.0.attn have own error above their floor" in two and "55 of 57" in two
+    assert "l.2.attn has own error above its floor" in describe_verdict({**base, "precision_sensitive": ["l.2.attn"]}, "x")

@@ -668,6 +668,20 @@ def test_conclusion_names_the_clearest_flagged_context_cut():
     _, _, short = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False),
                          sweep_z=(6.0, 1.0), sweep_flagged=(True, False), sweep_diff=(4.0, 0.1))
     assert (short.clearest_cut_words, short.clearest_cut_effect, short.cuts_flagged) == (2, "higher", 1)
+    assert verdict.flagged_cuts_agree and short.flagged_cuts_agree
+    # two flagged cuts of opposite sign: the largest |z| is still named, as a selection, with no reading of its sign
+    text, figures, split = _story(_comparison(0.01, 0.5, False), _comparison(0.0, 0.0, False),
+                                  sweep_z=(4.0, -7.0), sweep_flagged=(True, True), sweep_diff=(3.0, -12.5))
+    assert (split.clearest_cut_words, split.flagged_cuts_agree) == (8, False)
+    assert f"{figures['m_1_ctx2_ppl_diff']:+.4g}" in text and f"{figures['m_1_ctx2_z']:.1f}" in text  # the other cut
+
+
+def test_conclusion_tells_perplexities_apart_with_enough_digits():
+    from parity_kit.stories.bos_token import _distinct
+
+    assert _distinct(2.574880, 2.574890) == ("2.57488", "2.57489")
+    assert _distinct(26.633711, 26.639856) == ("26.63", "26.64")
+    assert _distinct(1.0, 1.0) == ("1", "1")
 
 
 def test_conclusion_figures_hold_every_number_the_text_quotes():

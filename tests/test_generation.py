@@ -492,6 +492,10 @@ def test_conclusion_names_the_factor_the_numbers_point_to():
     _, figures, verdict = _conclude_and_judge(nothing)
     assert verdict.main_factor is None and figures["main_factor_diverged_fraction"] == 0.0
     assert verdict.more_sensitive == "not measured"  # the converted model's shipped pair was not run
+    both_quiet = _fake_stats({("original fp16 vs fp32 (eager)", "dtype", "eager", "fp16 vs fp32"): 0.0,
+                              ("converted fp16 vs fp32 (sdpa)", "dtype", "sdpa", "fp16 vs fp32"): 0.0})
+    text, _, verdict = _conclude_and_judge(both_quiet)
+    assert verdict.more_sensitive == "neither" and "equally sensitive" not in text  # 0% and 0%: nothing to rank
     assert math.isnan(verdict.margin_ratio)
 
 

@@ -373,10 +373,10 @@ def test_layer_table_helpers_pick_primary_outputs_kinds_and_the_first_module_abo
     assert kinds_present(primary) == ["(block)", "attn", "attn.wkv", "attn.g_norm"]
     assert kinds_present(primary, kinds=["ffn", "attn"]) == ["attn"]
     assert modules_ending_with(primary)["rel_rms"].tolist() == [5e-3]
-    assert first_above_floor_text(primary) == ("first module (execution order) whose error is above 2x its own "
+    assert first_above_floor_text(primary) == ("first module (execution order) whose free-run error is above 2x its "
                                                "floor: model.layers.0.attn.g_norm (0.005, above floor ×3)")
     assert first_above_floor_text(primary, threshold=4.5).endswith("model.layers.0 (0.007, above floor ×5)")
-    assert first_above_floor_text(primary, threshold=100).endswith(": None")
+    assert first_above_floor_text(primary, threshold=100).endswith(": none")
     with pytest.raises(ParityKitError, match="'tensor' column"):
         primary_outputs(pd.DataFrame({"module": ["a"]}))
 
@@ -607,3 +607,27 @@ def test_story_panel_runs_the_precision_exploration():
     panel.set(candidates="no.such.module")
     panel.click()
     assert panel.results == [] and "matched no module" in panel.error
+
+
+def test_conclusion_wording_follows_the_sign_and_size_of_its_figures():
+    from parity_kit.stories.groupnorm import _ppl_change, removes_text
+    from parity_kit.stories.groupnorm_variants import conclude_variants
+
+    assert removes_text(0.286) == "removes 28.6% of" and removes_text(-0.034) == "adds 3.4% to"
+    # perplexities equal to 4 decimals are shown with the decimals that tell them apart, equal ones as unchanged
+    assert _ppl_change(1.008660, 1.008668) == "last-word perplexity from 1.00866 to 1.00867"
+    assert _ppl_change(4.5, 4.25) == "last-word perplexity from 4.5000 to 4.2500"
+    assert _ppl_change(1.0, 1.0) == "leaves last-word perplexity at 1.0000"
+    s = ClassSweepSummary("GN", -0.034, 7, pd.DataFrame({"class": ["L"], "error_removed_fraction": [0.29]}), .2, .6)
+    local = LocalErrorSummary([2.6, 2.7], [5.2, 5.6], "x.attn", 3.4)
+
+    def text(mean_over_std: float, overflow: float) -> str:
+        ranges = pd.DataFrame({"max_abs_input": [910.0], "median_mean_over_std": [mean_over_std],
+                               "overflow_fraction_bf16": [overflow]})
+        return conclude_variants(variant="as converted", correct_variant="native", dtype="bf16",
+                                 checks={"all_met": False}, sweep=s, local=local, fix_z=-1.49, correct_sweep=s,
+                                 ranges=ranges)
+
+    well, ill = text(0.05, 0.0), text(16.0, 0.25)
+    assert "adds 3.4% to the logit error" in well and "centring cancels no bits" in well and "none of the" in well
+    assert "16x the spread" in ill and "about 4.0 bits" in ill and "25.0%-25.0% of" in ill

@@ -518,12 +518,14 @@ def describe_verdict(judgement: Mapping[str, Any], label: str) -> str:
                       for m, r in zip(j.get("culprits", [])[:3], j.get("culprit_own_floor_ratios", [])[:3]))
     sensitive = ", ".join(j.get("precision_sensitive", [])[:3])
     if verdict_name == "healthy":
-        text = (f"{label} is healthy: every error is within its calibrated floor and no module computes "
-                f"differently ({consistent}).")
-        if sensitive:
-            text += (f" {sensitive} lose(s) more precision than rounding at their boundaries explains (within "
-                     "the floor when recomputed in fp64) without lifting the run above its floor.")
-        return text
+        if not sensitive:
+            return (f"{label} is healthy: every error is within its calibrated floor and no module computes "
+                    f"differently ({consistent}).")
+        one = len(j.get("precision_sensitive", [])[:3]) == 1
+        return (f"{label} is healthy: every free-run error is within its calibrated floor and no module computes "
+                f"differently ({consistent}); {sensitive} {'has' if one else 'have'} own error above "
+                f"{'its' if one else 'their'} floor, more than rounding at {'its' if one else 'their'} boundaries "
+                "explains (within the floor when recomputed in fp64), without lifting the run above its floor.")
     if verdict_name == COMPUTES_DIFFERENTLY:
         return (f"{label} computes differently from the reference at {named}: the own error stays above the floor "
                 f"when the module computes in fp64, so it is a bug or a deliberate change; {consistent}.")

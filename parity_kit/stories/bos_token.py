@@ -198,7 +198,8 @@ class BosVerdict:
     nothing); ``clearest_cut_words`` / ``clearest_cut_effect``: the flagged context cut with the largest |z| and
     whether its perplexity is "lower" or "higher" without BOS (None when no cut is flagged); ``bos_noticed``:
     "acts" (|z| > 3 at the first text position and the last-word score flagged), "early only" (|z| > 3 there,
-    score not flagged) or "hardly".
+    score not flagged) or "hardly"; ``flagged_cuts_agree``: every flagged cut changes the perplexity in the same
+    direction (True when none is flagged).
     """
 
     bos_effect: str
@@ -210,6 +211,7 @@ class BosVerdict:
     cuts_flagged: int
     cuts: int
     bos_noticed: str
+    flagged_cuts_agree: bool = True
 
 
 #: |z| of the loss change at the first text position above which the model is said to notice the BOS.
@@ -246,7 +248,18 @@ def judge_bos_effect(b: PairedComparison, p: PairedComparison, effect: Mapping[s
         clearest_cut_effect=None if clearest is None else ("lower" if clearest["ppl_diff"] < 0 else "higher"),
         cuts_flagged=len(detected), cuts=len(rows),
         bos_noticed=("acts" if b.flagged else "early only") if noticed else "hardly",
+        flagged_cuts_agree=bool((detected["ppl_diff"] < 0).all() or (detected["ppl_diff"] > 0).all())
+        if len(detected) else True,
     )
+
+
+def _distinct(a: float, b: float, digits: int = 4) -> tuple[str, str]:
+    """``a`` and ``b`` with the fewest significant digits (at least ``digits``, at most 8) that tell them apart."""
+    for d in range(digits, 9):
+        fa, fb = f"{a:.{d}g}", f"{b:.{d}g}"
+        if fa != fb:
+            return fa, fb
+    return fa, fb
 
 
 def _describe_bos_effect(
@@ -261,14 +274,18 @@ def _describe_bos_effect(
     ref_dtype: str,
     cand_dtype: str,
 ) -> str:
-    text = (f"{name}: without BOS the last-word perplexity goes from {with_bos.ppl:.4g} ± {with_bos.ppl_stderr:.2g} "
-            f"to {without_bos.ppl:.4g} ± {without_bos.ppl_stderr:.2g} ({b['ppl_diff_in_a_stderr']:+.2f} of one run's "
-            f"standard errors; paired z = {b['z']:.1f}, 95% interval of the difference "
+    ppl_with, ppl_without = _distinct(with_bos.ppl, without_bos.ppl)
+    change = (f"goes from {ppl_with} ± {with_bos.ppl_stderr:.2g} to {ppl_without} ± {without_bos.ppl_stderr:.2g}"
+              if ppl_with != ppl_without else f"stays at {ppl_with} ± {with_bos.ppl_stderr:.2g}")
+    text = (f"{name}: with BOS it predicts {with_bos.acc:.0%} of the last words exactly; without BOS the last-word "
+            f"perplexity {change} "
+            f"({b['ppl_diff']:+.3g}, {b['ppl_diff_in_a_stderr']:+.2f} of one run's standard errors; paired "
+            f"log-likelihood z = {b['z']:.1f}, 95% interval of the perplexity difference "
             f"[{b['ppl_diff_ci_low']:.3g}, {b['ppl_diff_ci_high']:.3g}]): "
             + (f"a real effect, {verdict.bos_effect} without BOS. " if verdict.bos_effect != "none"
                else "no detectable effect. ")
             + f"{cand_dtype} instead of {ref_dtype}, BOS kept, changes it by {p['ppl_diff']:+.3g} "
-            f"(paired z = {p['z']:.1f}): "
+            f"(paired log-likelihood z = {p['z']:.1f}): "
             + ("a real effect" if verdict.precision_flagged else "not distinguishable from zero") + ". ")
     ratio = verdict.bos_over_precision
     if verdict.leading_factor == "bos":
@@ -284,13 +301,21 @@ def _describe_bos_effect(
              f"{effect['target_nats_per_token']:+.3g} nats per token")
     if verdict.clearest_cut_words is not None:
         clearest = rows[rows["context_words"] == verdict.clearest_cut_words].iloc[0]
-        lower = verdict.clearest_cut_effect == "lower"
-        reading = ("a BOS in front of a fragment that does not start a document misleads the model more than a missing "
-                   "one" if lower else "with little context the model relies on the BOS")
-        text += (f"The clearest cut is the last {verdict.clearest_cut_words} words: the last-word perplexity is "
-                 f"{verdict.clearest_cut_effect} without BOS ({clearest['ppl_diff']:+.4g}, paired z = "
-                 f"{clearest['z']:.1f}, 95% interval [{clearest['ci_low']:.4g}, {clearest['ci_high']:.4g}]) — "
-                 f"{reading}; {verdict.cuts_flagged} of {verdict.cuts} cuts are flagged. ")
+        if not verdict.flagged_cuts_agree:
+            reading = "the flagged cuts point in opposite directions, so the cuts do not say which the model prefers"
+        elif verdict.clearest_cut_effect == "lower":
+            reading = ("by its sign, a BOS in front of a fragment that does not start a document is stranger to the "
+                       "model than a missing one")
+        else:
+            reading = "by its sign, with this little context the model relies on the BOS"
+        others = "; ".join(f"{int(r['context_words'])} words {r['ppl_diff']:+.4g} (z = {r['z']:.1f})"
+                           for _, r in rows.iterrows() if int(r["context_words"]) != verdict.clearest_cut_words)
+        text += (f"{verdict.cuts_flagged} of {verdict.cuts} context cuts {'is' if verdict.cuts_flagged == 1 else 'are'} "
+                 "flagged; the one with the largest |z| is "
+                 f"the last {verdict.clearest_cut_words} words, where the last-word perplexity is "
+                 f"{verdict.clearest_cut_effect} without BOS ({clearest['ppl_diff']:+.4g}, paired log-likelihood z = "
+                 f"{clearest['z']:.1f}, 95% interval [{clearest['ci_low']:.4g}, {clearest['ci_high']:.4g}]): "
+                 f"{reading}" + (f" (the other cuts: {others})" if others else "") + ". ")
     else:
         text += (f"Even with contexts cut to {int(rows['context_words'].min())} words the missing BOS does not change "
                  "the last word's perplexity detectably. ")
@@ -402,7 +427,7 @@ def conclude_bos_story(
         p, effect = precision_tests[name], position_effects[name]
         texts.append(_describe_bos_effect(name, results[(name, ref_dtype, True)], results[(name, ref_dtype, False)],
                                           b, p, effect, rows, judge_bos_effect(b, p, effect, rows), ref_dtype,
-                                          cand_dtype))
+                                          cand_dtype).strip())
         runs = {k: r for k, r in results.items() if k[0] == name}
         figures.update(_bos_story_figures(name.replace("-", "_"), runs, {"bos": b, "precision": p}, effect, rows,
                                           activation_summary.loc[name]))

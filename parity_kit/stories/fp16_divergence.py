@@ -246,8 +246,9 @@ class DivergenceVerdict:
 
     ``main_factor``: the factor (a key of the ``diverged_fraction_by_factor`` figure) whose pairs diverge most
     often, None when no generation of any single-factor pair diverges; ``main_fraction``: its share (the largest
-    measured share, NaN when no factor was measured). ``more_sensitive``: "original", "converted", "equal" or
-    "not measured": whose shipped low-vs-reference pair diverges more often. ``conversion``: "bit-exact",
+    measured share, NaN when no factor was measured). ``more_sensitive``: "original", "converted", "equal",
+    "neither" (no generation of either diverges) or "not measured": whose shipped low-vs-reference pair diverges
+    more often. ``conversion``: "bit-exact",
     "within rounding" (every layer within :data:`SAME_DTYPE_TOLERANCE` roundings of the reference dtype),
     "beyond rounding" or "not measured". ``margin_ratio``: the median top-1 − top-2 margin over all shared steps
     over the median margin at the divergent step (NaN when nothing diverged or that margin is 0).
@@ -281,7 +282,8 @@ def judge_divergence(stats: pd.DataFrame, profiles: Mapping[str, pd.DataFrame], 
     if math.isnan(orig) or math.isnan(conv):
         more_sensitive = "not measured"
     else:
-        more_sensitive = "original" if orig > conv else "converted" if conv > orig else "equal"
+        more_sensitive = ("original" if orig > conv else "converted" if conv > orig else
+                          "neither" if orig == 0 else "equal")
     high_ratio = float(profiles[high]["floor_ratio"].max()) if high in profiles else math.nan
     conversion = ("not measured" if math.isnan(high_ratio) else "bit-exact" if high_ratio == 0 else
                   "within rounding" if high_ratio <= SAME_DTYPE_TOLERANCE else "beyond rounding")
@@ -510,10 +512,10 @@ def _margin_sentence(diverged: pd.DataFrame, max_new_tokens: int, margin_ratio: 
 
 def _advice_sentence(verdict: DivergenceVerdict, measured: Mapping[str, float], high: str) -> str:
     if verdict.main_factor is None:
-        return ("No factor made any generation diverge here, so the tiny model does not show the effect; "
+        return ("No factor made any generation diverge here, so this model and prompt set do not show the effect; "
                 "teacher-forced logits still measure the numeric differences above.")
-    return (f"The factor that explains the divergence: {verdict.main_factor} ({_pct(verdict.main_fraction)} of "
-            "generations diverge). "
+    return (f"Of the factors above, the one whose pairs diverge most often is {verdict.main_factor} "
+            f"({_pct(verdict.main_fraction)} of generations diverge). "
             f"Advice: compare a conversion in {high}"
             + (f", where it diverges in {_pct(measured.get(f'conversion in {high}', math.nan))} of generations"
                if f"conversion in {high}" in measured else "")
@@ -529,7 +531,8 @@ def _shipped_sentence(shipped: Mapping[str, str], shipped_fraction: Mapping[str,
              f"{_pct(shipped_fraction[high])} in {high}. " if not math.isnan(shipped_fraction[low]) else "")
     verdict = {"original": ": the original is the more sensitive one.",
                "converted": ": the original is not more sensitive than the converted model here.",
-               "equal": ": both are equally sensitive here."}.get(more_sensitive, ".")
+               "equal": ": both are equally sensitive here.",
+               "neither": ": neither diverges, so this run does not tell which is more sensitive."}.get(more_sensitive, ".")
     return (start + f"Shipped as they are, {low} vs {high} makes {_pct(orig_fraction)} of the original's generations "
             f"diverge (median first divergent step {_fmt(orig_median)}) and {_pct(conv_fraction)} of the converted "
             f"model's (median {_fmt(conv_median)})" + verdict)

@@ -148,17 +148,18 @@ def modules_ending_with(table: pd.DataFrame, suffix: str = GROUPNORM_SUFFIX) -> 
 
 
 def first_above_floor_text(primary: pd.DataFrame, threshold: float = 2.0) -> str:
-    """One line naming the first module, in execution order, whose error exceeds ``threshold`` × its floor.
+    """One line naming the first module, in execution order, whose free-run error exceeds ``threshold`` × its
+    (calibrated) floor, or "none".
 
     >>> t = pd.DataFrame({"order": [0, 1], "module": ["a", "b"], "rel_rms": [1e-3, 2e-2], "floor_ratio": [1.0, 9.0],
     ...                   "verdict": ["within floor", "above floor ×9"]})
     >>> first_above_floor_text(t)
-    'first module (execution order) whose error is above 2x its own floor: b (0.02, above floor ×9)'
+    'first module (execution order) whose free-run error is above 2x its floor: b (0.02, above floor ×9)'
     """
 
     first = first_divergence(primary, metric="floor_ratio", threshold=threshold)
-    found = None if first is None else f"{first['module']} ({first['rel_rms']:.3g}, {first['verdict']})"
-    return f"first module (execution order) whose error is above {threshold:g}x its own floor: {found}"
+    found = "none" if first is None else f"{first['module']} ({first['rel_rms']:.3g}, {first['verdict']})"
+    return f"first module (execution order) whose free-run error is above {threshold:g}x its floor: {found}"
 
 
 def join_sweeps(sweep: pd.DataFrame, sweep_vs_fp64: pd.DataFrame) -> pd.DataFrame:
@@ -257,8 +258,8 @@ class LocalErrorSummary:
     def describe(self) -> str:
         """One line: the GroupNorm's local error range and the largest local error."""
         local = pd.Series(self.local_floor_ratio)
-        return (f"GroupNorm local error: {local.min():.2g}-{local.max():.2g} x its floor; largest local error "
-                f"relative to its floor: {self.largest_local_module} ({self.largest_local_ratio:.3g} x)")
+        return (f"GroupNorm local error: {local.min():.2g}-{local.max():.2g} x one rounding; largest local error "
+                f"relative to one rounding: {self.largest_local_module} ({self.largest_local_ratio:.3g} x)")
 
 
 def summarise_local_errors(table: pd.DataFrame, suffix: str = GROUPNORM_SUFFIX,
@@ -465,12 +466,12 @@ def conclude_groupnorm_precision(
         f"({logit_table.loc[0, 'floor_ratio']:.3g}x the {dtype} rounding floor of the logits; "
         f"{reference_dtype} itself is {logit_table.loc[2, 'rel_rms']:.2g} from fp64).",
         f"GroupNorm ({sweep.class_name}, attn.g_norm) is {_ROLE_TEXT[judgement.role]}: keeping it in "
-        f"fp32 removes {sweep.removed:.1%} of the output error (class rank {sweep.rank} of {sweep.n_classes}; "
-        f"{sweep.top_class} removes {sweep.top_removed:.1%}). Its outputs are {free_ratio.min():.2g}-"
-        f"{free_ratio.max():.2g}x their floor in the free run but {local_ratio.min():.2g}-"
-        f"{local_ratio.max():.2g}x when fed the reference inputs, so most of the error it shows is "
-        f"{'inherited' if judgement.error_origin == 'inherited' else 'its own'}; "
-        f"the largest local error relative to its floor is {local.largest_local_module}'s "
+        f"fp32 {removes_text(sweep.removed)} the output error (class rank {sweep.rank} of {sweep.n_classes}; "
+        f"{sweep.top_class} {removes_text(sweep.top_removed)} it). Its outputs are {free_ratio.min():.2g}-"
+        f"{free_ratio.max():.2g}x one {dtype} rounding in the free run but {local_ratio.min():.2g}-"
+        f"{local_ratio.max():.2g}x when fed the reference inputs, so "
+        f"{'most of the error it shows is inherited' if judgement.error_origin == 'inherited' else 'at least half of the error it shows is its own'}; "
+        f"the largest local error relative to one rounding is {local.largest_local_module}'s "
         f"({local.largest_local_ratio:.2g}x).",
         f"All leaf modules in fp32 together remove {sweep.all_classes_removed:.1%} of the output error, the whole "
         f"model (logits still rounded to {dtype}) {sweep.whole_model_removed:.1%}: the difference is made outside "
@@ -482,8 +483,8 @@ def conclude_groupnorm_precision(
         f"GroupNorm arithmetic in fp32 with the same bf16 weights moves the logits by rel_rms "
         f"{upcast_logits_change:.2g}{' (bit-identical on this input)' if judgement.upcast_bit_identical else ''}. "
         f"The GroupNorm fix (fp32 with fp32 master weights) changes the logits error by "
-        f"{-gn_fix['removed_vs_plain']:+.1%} and last-word perplexity from {plain['ppl']:.4f} to "
-        f"{gn_fix['ppl']:.4f} ({reference_dtype}: {reference_ppl:.4f} ± {reference_ppl_stderr:.4f}; paired z vs "
+        f"{-gn_fix['removed_vs_plain']:+.1%} and {_ppl_change(plain['ppl'], gn_fix['ppl'])} "
+        f"({reference_dtype}: {reference_ppl:.4f} ± {reference_ppl_stderr:.4f}; paired log-likelihood z vs "
         f"{reference_dtype}: {plain['paired_z']:.2f} -> {gn_fix['paired_z']:.2f}"
         f"{z_note}).",
     ]
@@ -496,6 +497,24 @@ def conclude_groupnorm_precision(
         parts.insert(1, text)
         figures.update(verdict_numbers)
     return " ".join(parts), figures
+
+
+def removes_text(fraction: float) -> str:
+    """``"removes 12.5% of"`` for a share of the error removed, ``"adds 3.4% to"`` for a negative one.
+
+    >>> removes_text(0.125), removes_text(-0.034)
+    ('removes 12.5% of', 'adds 3.4% to')
+    """
+    return f"removes {fraction:.1%} of" if fraction >= 0 else f"adds {-fraction:.1%} to"
+
+
+def _ppl_change(before: float, after: float) -> str:
+    """"last-word perplexity from A to B" with the decimals (4 to 8) that tell them apart, else "leaves ... at A"."""
+    for decimals in range(4, 9):
+        a, b = f"{before:.{decimals}f}", f"{after:.{decimals}f}"
+        if a != b:
+            return f"last-word perplexity from {a} to {b}"
+    return f"leaves last-word perplexity at {before:.4f}"
 
 
 def calibrated_verdict_part(result: ModelComparison, label: str) -> tuple[str, dict[str, Any]]:

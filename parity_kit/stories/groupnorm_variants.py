@@ -8,6 +8,8 @@ never a switch an analysis reads: the analyses see only a model whose GroupNorm 
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +22,7 @@ from ..dtypes import DtypeLike, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from ..models import load
 from ..models.rwkv7_norm import groupnorm_variant
-from .groupnorm import ClassSweepSummary, LocalErrorSummary
+from .groupnorm import ClassSweepSummary, LocalErrorSummary, removes_text
 
 #: The story's targets (issue 18): class rank 1 and at least half of the logit error removed by GroupNorm in
 #: fp32; g_norm's own error at least 3x its floor; the fix's paired |z| at least 2; the correct model's GroupNorm
@@ -136,14 +138,21 @@ def conclude_variants(*, variant: str, correct_variant: str, dtype: str, checks:
     verdict = "every target is met" if checks.get("all_met") else f"targets not met: {', '.join(missed)}"
     overflow = [c for c in ranges.columns if c.startswith("overflow_fraction_")]
     range_text = "; ".join(f"{c.removeprefix('overflow_fraction_')}: squared deviations overflow in "
-                           f"{ranges[c].min():.1%}-{ranges[c].max():.1%} of (token, head) groups" for c in overflow)
+                           + (f"{ranges[c].min():.1%}-{ranges[c].max():.1%} of" if ranges[c].max() > 0 else "none of")
+                           + " the (token, head) groups" for c in overflow)
+    mean_over_std = float(ranges["median_mean_over_std"].median())
+    conditioning = ("the mean is smaller than the spread, so centring cancels no bits" if mean_over_std < 1 else
+                    f"the mean is {mean_over_std:.2g}x the spread, so centring cancels about "
+                    f"{math.log2(mean_over_std):.1f} bits")
     return (
-        f"Variant {variant!r} in {dtype}: GroupNorm in fp32 removes {sweep.removed:.1%} of the logit error (rank "
-        f"{sweep.rank} of {sweep.n_classes}), its own error is {min(local.local_floor_ratio):.2g}-"
-        f"{max(local.local_floor_ratio):.2g}x its floor, the fix's paired z against the plain run is {fix_z:.2f}; "
-        f"{verdict}. On the correct variant {correct_variant!r} GroupNorm in fp32 removes {correct_sweep.removed:.1%} "
-        f"({'below' if correct_sweep.removed < TARGETS['correct_removed'] else 'not below'} 10%: "
+        f"Variant {variant!r} in {dtype}: GroupNorm in fp32 {removes_text(sweep.removed)} the logit error (rank "
+        f"{sweep.rank} of {sweep.n_classes}), its local error (fed the reference inputs) is "
+        f"{min(local.local_floor_ratio):.2g}-{max(local.local_floor_ratio):.2g}x one {dtype} rounding, the fix's "
+        f"paired log-likelihood z against the plain run is {fix_z:.2f}; "
+        f"{verdict}. On the correct variant {correct_variant!r} GroupNorm in fp32 {removes_text(correct_sweep.removed)} "
+        f"its error ({'below' if correct_sweep.removed < TARGETS['correct_removed'] else 'not below'} 10%: "
         f"{'not the culprit' if correct_sweep.removed < TARGETS['correct_removed'] else 'a contributor'}). "
-        f"Why: the GroupNorm inputs reach |x| = {ranges['max_abs_input'].max():.0f} with median |mean|/std "
-        f"{ranges['median_mean_over_std'].median():.2g} (well conditioned); {range_text}."
+        f"What the GroupNorm receives: inputs up to |x| = {ranges['max_abs_input'].max():.0f} with median |mean|/std "
+        f"{mean_over_std:.2g} ({conditioning}); {range_text}."
     )
+
