@@ -677,11 +677,11 @@ def test_conclusion_names_the_clearest_flagged_context_cut():
 
 
 def test_conclusion_tells_perplexities_apart_with_enough_digits():
-    from parity_kit.stories.bos_token import _distinct
+    from parity_kit.stories.wording import distinct
 
-    assert _distinct(2.574880, 2.574890) == ("2.57488", "2.57489")
-    assert _distinct(26.633711, 26.639856) == ("26.63", "26.64")
-    assert _distinct(1.0, 1.0) == ("1", "1")
+    assert distinct(2.574880, 2.574890) == ("2.57488", "2.57489")
+    assert distinct(26.633711, 26.639856) == ("26.63", "26.64")
+    assert distinct(1.0, 1.0) == ("1", "1")
 
 
 def test_conclusion_figures_hold_every_number_the_text_quotes():

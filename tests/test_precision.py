@@ -610,14 +610,14 @@ def test_story_panel_runs_the_precision_exploration():
 
 
 def test_conclusion_wording_follows_the_sign_and_size_of_its_figures():
-    from parity_kit.stories.groupnorm import _ppl_change, removes_text
+    from parity_kit.stories.wording import ppl_change, removes_text
     from parity_kit.stories.groupnorm_variants import conclude_variants
 
     assert removes_text(0.286) == "removes 28.6% of" and removes_text(-0.034) == "adds 3.4% to"
     # perplexities equal to 4 decimals are shown with the decimals that tell them apart, equal ones as unchanged
-    assert _ppl_change(1.008660, 1.008668) == "last-word perplexity from 1.00866 to 1.00867"
-    assert _ppl_change(4.5, 4.25) == "last-word perplexity from 4.5000 to 4.2500"
-    assert _ppl_change(1.0, 1.0) == "leaves last-word perplexity at 1.0000"
+    assert ppl_change(1.008660, 1.008668) == "last-word perplexity from 1.00866 to 1.00867"
+    assert ppl_change(4.5, 4.25) == "last-word perplexity from 4.5000 to 4.2500"
+    assert ppl_change(1.0, 1.0) == "leaves last-word perplexity at 1.0000"
     s = ClassSweepSummary("GN", -0.034, 7, pd.DataFrame({"class": ["L"], "error_removed_fraction": [0.29]}), .2, .6)
     local = LocalErrorSummary([2.6, 2.7], [5.2, 5.6], "x.attn", 3.4)
 

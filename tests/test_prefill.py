@@ -451,8 +451,8 @@ def test_story_panel_runs_explore_with_the_chosen_dtype_and_chunk_size():
 
 
 def test_reported_maxima_are_put_in_units_of_one_rounding_step():
-    from parity_kit.stories.prefill_modes import _ulp_note
+    from parity_kit.stories.wording import ulp_note
 
-    assert _ulp_note((0.5, 1.0), "bf16").endswith("at |x| in [64, 128) and [128, 256)")
-    assert _ulp_note((0.5,), "fp16") == "; 0.5 is one fp16 step (ULP) at |x| in [512, 1024)"
-    assert _ulp_note((0.0226, float("nan"), 0.0), "bf16") == ""  # not a power of two, not finite, zero
+    assert ulp_note((0.5, 1.0), "bf16").endswith("at |x| in [64, 128) and [128, 256)")
+    assert ulp_note((0.5,), "fp16") == "; 0.5 is one fp16 step (ULP) at |x| in [512, 1024)"
+    assert ulp_note((0.0226, float("nan"), 0.0), "bf16") == ""  # not a power of two, not finite, zero

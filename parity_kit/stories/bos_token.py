@@ -22,6 +22,7 @@ from ..analyses.evaluation import LastWordItem, LastWordResult, encode_text, eva
 from ..analyses.paired import PairedComparison, paired_comparison
 from ..comparison.floor import describe_verdict
 from ..errors import ParityKitError
+from .wording import distinct
 
 
 def reported_gap_in_stderr(reported: Mapping[str, float]) -> dict[str, float]:
@@ -253,15 +254,6 @@ def judge_bos_effect(b: PairedComparison, p: PairedComparison, effect: Mapping[s
     )
 
 
-def _distinct(a: float, b: float, digits: int = 4) -> tuple[str, str]:
-    """``a`` and ``b`` with the fewest significant digits (at least ``digits``, at most 8) that tell them apart."""
-    for d in range(digits, 9):
-        fa, fb = f"{a:.{d}g}", f"{b:.{d}g}"
-        if fa != fb:
-            return fa, fb
-    return fa, fb
-
-
 def _describe_bos_effect(
     name: str,
     with_bos: LastWordResult,
@@ -274,7 +266,7 @@ def _describe_bos_effect(
     ref_dtype: str,
     cand_dtype: str,
 ) -> str:
-    ppl_with, ppl_without = _distinct(with_bos.ppl, without_bos.ppl)
+    ppl_with, ppl_without = distinct(with_bos.ppl, without_bos.ppl)
     change = (f"goes from {ppl_with} ± {with_bos.ppl_stderr:.2g} to {ppl_without} ± {without_bos.ppl_stderr:.2g}"
               if ppl_with != ppl_without else f"stays at {ppl_with} ± {with_bos.ppl_stderr:.2g}")
     text = (f"{name}: with BOS it predicts {with_bos.acc:.0%} of the last words exactly; without BOS the last-word "

@@ -32,6 +32,7 @@ from ..dtypes import DtypeLike, parse_dtype
 from ..errors import ParityKitError
 from ..models.cache import MODELS
 from ..present import plots
+from .wording import ppl_change, removes_text
 
 
 #: Suffix of the GroupNorm over heads in FLA's RWKV-7 names (``ln_x`` in the reference code).
@@ -483,7 +484,7 @@ def conclude_groupnorm_precision(
         f"GroupNorm arithmetic in fp32 with the same bf16 weights moves the logits by rel_rms "
         f"{upcast_logits_change:.2g}{' (bit-identical on this input)' if judgement.upcast_bit_identical else ''}. "
         f"The GroupNorm fix (fp32 with fp32 master weights) changes the logits error by "
-        f"{-gn_fix['removed_vs_plain']:+.1%} and {_ppl_change(plain['ppl'], gn_fix['ppl'])} "
+        f"{-gn_fix['removed_vs_plain']:+.1%} and {ppl_change(plain['ppl'], gn_fix['ppl'])} "
         f"({reference_dtype}: {reference_ppl:.4f} ± {reference_ppl_stderr:.4f}; paired log-likelihood z vs "
         f"{reference_dtype}: {plain['paired_z']:.2f} -> {gn_fix['paired_z']:.2f}"
         f"{z_note}).",
@@ -497,24 +498,6 @@ def conclude_groupnorm_precision(
         parts.insert(1, text)
         figures.update(verdict_numbers)
     return " ".join(parts), figures
-
-
-def removes_text(fraction: float) -> str:
-    """``"removes 12.5% of"`` for a share of the error removed, ``"adds 3.4% to"`` for a negative one.
-
-    >>> removes_text(0.125), removes_text(-0.034)
-    ('removes 12.5% of', 'adds 3.4% to')
-    """
-    return f"removes {fraction:.1%} of" if fraction >= 0 else f"adds {-fraction:.1%} to"
-
-
-def _ppl_change(before: float, after: float) -> str:
-    """"last-word perplexity from A to B" with the decimals (4 to 8) that tell them apart, else "leaves ... at A"."""
-    for decimals in range(4, 9):
-        a, b = f"{before:.{decimals}f}", f"{after:.{decimals}f}"
-        if a != b:
-            return f"last-word perplexity from {a} to {b}"
-    return f"leaves last-word perplexity at {before:.4f}"
 
 
 def calibrated_verdict_part(result: ModelComparison, label: str) -> tuple[str, dict[str, Any]]:
@@ -600,7 +583,6 @@ def explore_precision(
     >>> [type(x).__name__ for x in out]
     ['DataFrame', 'Figure', 'str', 'DataFrame', 'Figure']
     """
-
     if isinstance(candidates, str):
         candidates = RWKV7_GRANULARITIES.get(candidates, candidates)
     if not isinstance(seq_len, int) or seq_len < 2:

@@ -22,7 +22,8 @@ from ..dtypes import DtypeLike, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from ..models import load
 from ..models.rwkv7_norm import groupnorm_variant
-from .groupnorm import ClassSweepSummary, LocalErrorSummary, removes_text
+from .groupnorm import ClassSweepSummary, LocalErrorSummary
+from .wording import removes_text
 
 #: The story's targets (issue 18): class rank 1 and at least half of the logit error removed by GroupNorm in
 #: fp32; g_norm's own error at least 3x its floor; the fix's paired |z| at least 2; the correct model's GroupNorm

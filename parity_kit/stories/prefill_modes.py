@@ -29,6 +29,7 @@ from ..errors import ParityKitError
 from ..models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from ..models.wkv import random_wkv_inputs, wkv_reference
 from ..present import plots
+from .wording import ulp_note
 
 
 # Figures quoted from elsewhere (FLA issue #198, https://github.com/fla-org/flash-linear-attention/issues/198, and
@@ -520,7 +521,7 @@ def conclude_prefill(
         reported_line = (f" Chunk vs recurrent directly in bf16 (T={seq_len}): output max {ours_o:.3g}, state max "
                          f"{ours_s:.3g} here, against {reported[3]} and {reported[5]} reported in FLA #198 (a real "
                          f"model, whose activations we do not have; our synthetic outputs have rms {output_rms:.3g})"
-                         + _ulp_note((ours_o, float(reported[3])), "bf16") + ".")
+                         + ulp_note((ours_o, float(reported[3])), "bf16") + ".")
         if len(stored):
             fo = _pick(stored, 4096, "bf16", "fla_chunk", "recurrent", "output", "max_abs")
             fs = _pick(stored, 4096, "bf16", "fla_chunk", "recurrent", "state", "max_abs")
@@ -530,31 +531,6 @@ def conclude_prefill(
     verdict_line = _verdict_line(verdicts or {}, figures)
     conclusion = " ".join(lines) + reported_line + h200_line + verdict_line + lw_line + " " + recommendation
     return conclusion, figures
-
-
-def _ulp_note(errors: Sequence[float], dtype: str) -> str:
-    """Where each maximum error in ``errors`` that is a power of two is a single rounding step (ULP) of ``dtype``:
-    ``"; 0.5 is one bf16 step (ULP) at |x| in [64, 128)"``; "" when none is.
-
-    >>> _ulp_note((0.5, 1.0), "bf16")
-    '; 0.5 and 1.0 are each one bf16 step (ULP), at |x| in [64, 128) and [128, 256)'
-    >>> _ulp_note((0.3,), "bf16")
-    ''
-    """
-    bits = -math.log2(torch.finfo(parse_dtype(dtype)).eps)  # stored mantissa bits: 7 for bf16, 10 for fp16
-    steps = []
-    for e in errors:
-        exponent = math.log2(e) if e > 0 and math.isfinite(e) else math.nan
-        if math.isfinite(exponent) and exponent == int(exponent):
-            low = 2.0 ** (exponent + bits)
-            shown = f"{e:.3g}"
-            steps.append((shown + (".0" if shown.isdigit() else ""), f"[{low:g}, {2 * low:g})"))
-    if not steps:
-        return ""
-    if len(steps) == 1:
-        return f"; {steps[0][0]} is one {dtype} step (ULP) at |x| in {steps[0][1]}"
-    return (f"; {' and '.join(v for v, _ in steps)} are each one {dtype} step (ULP), at |x| in "
-            f"{' and '.join(r for _, r in steps)}")
 
 
 def _verdict_line(verdicts: Mapping[str, ModelComparison], figures: dict[str, Any]) -> str:
