@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from triage_time import cpu_pressure  # benchmarks/ is on the path when this script runs
+
 # config name -> (environment changes, torch threads); "default" imports torch first, so parity_kit sets nothing
 CONFIGS = {"default": ({}, 2), "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2), "threads1": ({}, 1)}
 
@@ -39,14 +41,6 @@ print(json.dumps({"triage_s": time.perf_counter() - t, "seconds_by_step": r.seco
                   "omp_wait_policy": __import__("os").environ.get("OMP_WAIT_POLICY"),
                   "torch_num_threads": torch.get_num_threads()}))
 """
-
-
-def cpu_pressure() -> float | None:
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except OSError:
-        return None
-    return float(dict(part.split("=") for part in line.split()[1:])["avg10"])
 
 
 def main() -> None:

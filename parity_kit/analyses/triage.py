@@ -234,14 +234,14 @@ def _narrow_dtype(ref: TriageSide, cand: TriageSide) -> torch.dtype:
     return cand_dt if narrower(cand_dt, ref_dt) else ref_dt
 
 
-def _copy_in(model: nn.Module, dtype: torch.dtype, weights_in: torch.dtype) -> nn.Module:
+def _copy_in(model: nn.Module, dtype: torch.dtype, weights_in: torch.dtype, copies: int = 1) -> nn.Module:
     """A copy computing in ``dtype`` whose parameters were first rounded to ``weights_in`` (the narrower run's
     dtype), so that both sides of a high-precision comparison carry the same weight rounding and only what the
     two compute can differ (a correct bf16 conversion then agrees with its fp32 original). Buffers (rotary
     tables) are not rounded: each implementation keeps them in its own precision. Built on the model's device
-    when it fits there, on the host otherwise (:func:`parity_kit._util.twins.twin`): an fp64 copy of a 7B model
-    does not fit one 80 GB GPU beside the two runs."""
-    return twin(model, dtype, weights_in=weights_in)
+    when ``copies`` such copies fit there, on the host otherwise (:func:`parity_kit._util.twins.twin`): an fp64
+    copy of a 7B model does not fit one 80 GB GPU beside the two runs."""
+    return twin(model, dtype, weights_in=weights_in, device=twin_device(model, dtype, copies))
 
 
 def _fp32_output_floor(model: nn.Module, inputs: Any, tolerance: float) -> float:
@@ -275,8 +275,7 @@ def _step_precision(ref: TriageSide, cand: TriageSide, inputs: Any, tolerance: f
     floor = math.nan
     if high == torch.float64:
         # the rounding-only run copies this twin again, so it goes where two copies fit
-        fp32_twin = twin(ref.model, torch.float32, weights_in=narrow,
-                         device=twin_device(ref.model, torch.float32, copies=2))
+        fp32_twin = _copy_in(ref.model, torch.float32, narrow, copies=2)
         floor = _fp32_output_floor(fp32_twin, inputs, tolerance)
         del fp32_twin
         gc.collect()

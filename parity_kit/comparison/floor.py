@@ -429,7 +429,7 @@ def run_verdict(table: pd.DataFrame) -> dict[str, Any]:
     if "diagnosis" not in ok.columns:
         ok = ok.assign(diagnosis=None)
     judged = ok[ok["diagnosis"].notna()]
-    consistent = judged.groupby("module", sort=False)["diagnosis"].agg(lambda d: bool((d == CONSISTENT).all()))
+    by_diagnosis = module_diagnosis_counts(judged)
     found = culprits(table)
     causes = found["own_cause"].tolist()
     sensitive = [m for m, c in zip(found["module"], causes) if c == PRECISION_SENSITIVE]
@@ -448,8 +448,8 @@ def run_verdict(table: pd.DataFrame) -> dict[str, Any]:
         outcome = PRECISION_SENSITIVE if sensitive else ABOVE
     else:
         outcome = "healthy"
-    return {"verdict": outcome, "n_modules": len(consistent), "n_modules_consistent": sum(bool(v) for v in consistent),
-            "n_modules_by_diagnosis": module_diagnosis_counts(judged),
+    return {"verdict": outcome, "n_modules": sum(by_diagnosis.values()), "n_modules_consistent": by_diagnosis[CONSISTENT],
+            "n_modules_by_diagnosis": by_diagnosis,
             "culprits": found["module"].tolist(), "culprit_causes": causes,
             "culprit_own_floor_ratios": [float(v) for v in found["own_floor_ratio"]],
             "precision_sensitive": sensitive,

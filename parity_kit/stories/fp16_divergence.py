@@ -28,7 +28,6 @@ from ..analyses.calibration import ModelComparison, compare_models
 from ..analyses.generation import LockstepResult, lockstep_greedy
 from ..analyses.runs import auto_mapping
 from ..builtins.corpus import chat_prompt
-from ..comparison.floor import describe_verdict
 from ..dtypes import DtypeLike, dtype_name, parse_dtype
 from ..errors import ParityKitError
 from ..models.cache import MODELS
@@ -462,7 +461,7 @@ def module_verdicts(by_name: Mapping[str, ModelPair], input_ids: Any, *, dtype: 
 
 def _verdict_sentences(verdicts: Mapping[str, ModelComparison]) -> list[str]:
     return ["Module by module against the calibrated floor (what rounding alone produces there): "
-            + " ".join(describe_verdict(r.verdict, key[0].upper() + key[1:]) for key, r in verdicts.items())]
+            + " ".join(r.describe(key[0].upper() + key[1:]) for key, r in verdicts.items())]
 
 
 def _layer_sentence(high: str, low: str, conversion: str, high_ratio: float, low_max: float,
