@@ -175,10 +175,23 @@ def test_paired_detects_a_small_constant_shift_that_one_runs_stderr_misses():
     b = LastWordResult.from_loglikelihoods(ll_a - 0.03 + noise, n_bootstrap=1000, label="b")
     cmp = paired_comparison(a, b, n_bootstrap=2000)
     assert cmp.flagged
-    assert cmp["z"] < -3 and cmp["ppl_diff_ci_low"] > 0
+    # b is worse: the loss difference, its z and the perplexity difference all carry the same (positive) sign
+    assert cmp["z"] > 3 and cmp["mean_nll_diff"] > 0 and cmp["ppl_diff"] > 0 and cmp["ppl_diff_ci_low"] > 0
     # the unpaired figure ("how many of a's standard errors") is well under one: it would miss it
     assert abs(cmp["ppl_diff_in_a_stderr"]) < 1.0
     assert "real difference" in cmp.verdict and "paired" in cmp.verdict
+
+
+def test_paired_z_has_the_sign_of_the_perplexity_difference_both_ways():
+    ll_a = _ll_vector()
+    noise = np.random.default_rng(3).normal(0.0, 0.01, size=ll_a.size)
+    a = LastWordResult.from_loglikelihoods(ll_a, n_bootstrap=100)
+    better = LastWordResult.from_loglikelihoods(ll_a + 0.03 + noise, n_bootstrap=100)
+    worse = LastWordResult.from_loglikelihoods(ll_a - 0.03 + noise, n_bootstrap=100)
+    for b, sign in ((better, -1), (worse, 1)):
+        cmp = paired_comparison(a, b, n_bootstrap=200)
+        assert np.sign(cmp["z"]) == np.sign(cmp["mean_nll_diff"]) == np.sign(cmp["ppl_diff"]) == sign
+        assert ("worse" if sign > 0 else "better") in cmp.verdict
 
 
 def test_paired_does_not_flag_a_permuted_copy():
@@ -571,8 +584,8 @@ def test_bos_position_effect_weights_target_positions_by_documents():
 
 
 def _comparison(ppl_diff: float, z: float, flagged: bool, **extra: float) -> PairedComparison:
-    stats = {"ppl_diff": ppl_diff, "ppl_diff_in_a_stderr": ppl_diff / 2.0, "mean_ll_diff": -ppl_diff / 40,
-             "mean_ll_diff_stderr": 0.01, "z": z, "ppl_diff_ci_low": ppl_diff - 0.5, "ppl_diff_ci_high": ppl_diff + 0.5,
+    stats = {"ppl_diff": ppl_diff, "ppl_diff_in_a_stderr": ppl_diff / 2.0, "mean_nll_diff": ppl_diff / 40,
+             "mean_nll_diff_stderr": 0.01, "z": z, "ppl_diff_ci_low": ppl_diff - 0.5, "ppl_diff_ci_high": ppl_diff + 0.5,
              "acc_diff": 0.0, "acc_diff_stderr": 0.01, **extra}
     return PairedComparison(table=pd.DataFrame({"statistic": list(stats), "value": list(stats.values())}),
                             flagged=flagged, verdict="constructed", stats=stats)

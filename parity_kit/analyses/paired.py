@@ -52,8 +52,11 @@ def paired_comparison(
     seed: int = 0,
     z_threshold: float = 3.0,
 ) -> PairedComparison:
-    """Compare two runs document by document (b − a): paired mean ll difference, its z, and a paired
+    """Compare two runs document by document (b − a): paired mean loss difference, its z, and a paired
     bootstrap of the perplexity difference, next to the unpaired "how many of a's standard errors" figure.
+
+    Every difference has one sign: b − a in loss (negative log-likelihood) and in perplexity, so a positive
+    ``mean_nll_diff``, ``z`` and ``ppl_diff`` all say that b scores worse.
 
     The paired bootstrap resamples document indices once per replicate and applies them to both runs.
     Raises a ParityKitError when the runs did not score the same documents in the same order.
@@ -79,7 +82,7 @@ def paired_comparison(
         raise ParityKitError(f"n_bootstrap={n_bootstrap}; use at least 2 replicates")
     ll_a = a.per_doc["ll"].to_numpy(np.float64)
     ll_b = b.per_doc["ll"].to_numpy(np.float64)
-    d = ll_b - ll_a
+    d = ll_a - ll_b  # per-document loss of b minus loss of a: positive where b is worse
     mean_d = float(d.mean())
     se_d = mean_stderr(d)
     z = mean_d / se_d if se_d > 0 else (0.0 if mean_d == 0 else math.copysign(math.inf, mean_d))
@@ -100,7 +103,7 @@ def paired_comparison(
         "ppl_diff_in_a_stderr": ppl_diff / a.ppl_stderr if a.ppl_stderr > 0 else math.nan,
         "ppl_diff_unpaired_z": ppl_diff / math.hypot(a.ppl_stderr, b.ppl_stderr)
         if (a.ppl_stderr or b.ppl_stderr) else math.nan,
-        "mean_ll_diff": mean_d, "mean_ll_diff_stderr": se_d, "z": z,
+        "mean_nll_diff": mean_d, "mean_nll_diff_stderr": se_d, "z": z,
         "ppl_diff_boot_sd": float(np.std(boot, ddof=1)), "ppl_diff_ci_low": lo, "ppl_diff_ci_high": hi,
         "acc_diff": float(acc_d.mean()), "acc_diff_stderr": mean_stderr(acc_d),
         "docs_changed": float(np.count_nonzero(d)),
@@ -113,7 +116,7 @@ def paired_comparison(
         f"Trust the paired test: both runs score the same {a.n} documents, so per-document differences cancel the "
         f"spread between documents that dominates one run's standard error. {name_b} vs {name_a}: perplexity "
         f"{ppl_diff:+.4g} ({direction}; {stats['ppl_diff_in_a_stderr']:.2f} of {name_a}'s standard errors, the "
-        f"unpaired figure), paired mean log-likelihood difference {mean_d:+.4g} ± {se_d:.2g} (z = {z:.2f}), paired "
+        f"unpaired figure), paired mean loss difference {mean_d:+.4g} nats ± {se_d:.2g} (z = {z:.2f}), paired "
         f"bootstrap 95% interval of the perplexity difference [{lo:.4g}, {hi:.4g}] — "
         + ("a real difference." if flagged else "not distinguishable from zero.")
     )

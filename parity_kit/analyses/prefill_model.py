@@ -231,7 +231,7 @@ def lastword_by_mode(
                             label="reference")
     rows = [{"dtype": dtype_name(parse_dtype(reference_dtype)), "mode": "reference", "ppl": ref.ppl,
              "ppl_stderr": ref.ppl_stderr, "acc": ref.acc, "acc_stderr": ref.acc_stderr, "n": ref.n,
-             "mean_ll_diff": 0.0, "z": math.nan, "status": "ok"}]
+             "mean_nll_diff": 0.0, "z": math.nan, "status": "ok"}]
     for dtype in dtypes:
         torch_dtype = parse_dtype(dtype)
         for mode in modes:
@@ -245,13 +245,13 @@ def lastword_by_mode(
                     raise
                 # an overflowing mode is a result of this comparison, not a reason to lose the others
                 rows.append({**head, "ppl": math.nan, "ppl_stderr": math.nan, "acc": math.nan,
-                             "acc_stderr": math.nan, "n": ref.n, "mean_ll_diff": math.nan, "z": math.nan,
+                             "acc_stderr": math.nan, "n": ref.n, "mean_nll_diff": math.nan, "z": math.nan,
                              "status": "non-finite logits"})
                 continue
             finally:
                 del cand
             paired = paired_comparison(ref, res, n_bootstrap=min(n_bootstrap, 2000))
             rows.append({**head, "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "acc": res.acc,
-                         "acc_stderr": res.acc_stderr, "n": res.n, "mean_ll_diff": paired["mean_ll_diff"],
+                         "acc_stderr": res.acc_stderr, "n": res.n, "mean_nll_diff": paired["mean_nll_diff"],
                          "z": paired["z"], "status": "ok"})
     return pd.DataFrame(rows)

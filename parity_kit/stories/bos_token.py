@@ -272,12 +272,12 @@ def _describe_bos_effect(
     text = (f"{name}: with BOS it predicts {with_bos.acc:.0%} of the last words exactly; without BOS the last-word "
             f"perplexity {change} "
             f"({b['ppl_diff']:+.3g}, {b['ppl_diff_in_a_stderr']:+.2f} of one run's standard errors; paired "
-            f"log-likelihood z = {b['z']:.1f}, 95% interval of the perplexity difference "
+            f"z = {b['z']:.1f}, 95% interval of the perplexity difference "
             f"[{b['ppl_diff_ci_low']:.3g}, {b['ppl_diff_ci_high']:.3g}]): "
             + (f"a real effect, {verdict.bos_effect} without BOS. " if verdict.bos_effect != "none"
                else "no detectable effect. ")
             + f"{cand_dtype} instead of {ref_dtype}, BOS kept, changes it by {p['ppl_diff']:+.3g} "
-            f"(paired log-likelihood z = {p['z']:.1f}): "
+            f"(paired z = {p['z']:.1f}): "
             + ("a real effect" if verdict.precision_flagged else "not distinguishable from zero") + ". ")
     ratio = verdict.bos_over_precision
     if verdict.leading_factor == "bos":
@@ -305,7 +305,7 @@ def _describe_bos_effect(
         text += (f"{verdict.cuts_flagged} of {verdict.cuts} context cuts {'is' if verdict.cuts_flagged == 1 else 'are'} "
                  "flagged; the one with the largest |z| is "
                  f"the last {verdict.clearest_cut_words} words, where the last-word perplexity is "
-                 f"{verdict.clearest_cut_effect} without BOS ({clearest['ppl_diff']:+.4g}, paired log-likelihood z = "
+                 f"{verdict.clearest_cut_effect} without BOS ({clearest['ppl_diff']:+.4g}, paired z = "
                  f"{clearest['z']:.1f}, 95% interval [{clearest['ci_low']:.4g}, {clearest['ci_high']:.4g}]): "
                  f"{reading}" + (f" (the other cuts: {others})" if others else "") + ". ")
     else:
@@ -332,7 +332,7 @@ def _bos_story_figures(
         figures.update({f"{tag}_ppl": r.ppl, f"{tag}_ppl_stderr": r.ppl_stderr,
                         f"{tag}_acc": r.acc, f"{tag}_acc_stderr": r.acc_stderr})
     for factor, test in tests.items():
-        for stat in ("ppl_diff", "ppl_diff_in_a_stderr", "mean_ll_diff", "mean_ll_diff_stderr", "z",
+        for stat in ("ppl_diff", "ppl_diff_in_a_stderr", "mean_nll_diff", "mean_nll_diff_stderr", "z",
                      "ppl_diff_ci_low", "ppl_diff_ci_high", "acc_diff", "acc_diff_stderr"):
             figures[f"{key}_{factor}_{stat}"] = test[stat]
         figures[f"{key}_{factor}_flagged"] = int(test.flagged)

@@ -485,7 +485,7 @@ def conclude_groupnorm_precision(
         f"{upcast_logits_change:.2g}{' (bit-identical on this input)' if judgement.upcast_bit_identical else ''}. "
         f"The GroupNorm fix (fp32 with fp32 master weights) changes the logits error by "
         f"{-gn_fix['removed_vs_plain']:+.1%} and {ppl_change(plain['ppl'], gn_fix['ppl'])} "
-        f"({reference_dtype}: {reference_ppl:.4f} ± {reference_ppl_stderr:.4f}; paired log-likelihood z vs "
+        f"({reference_dtype}: {reference_ppl:.4f} ± {reference_ppl_stderr:.4f}; paired z vs "
         f"{reference_dtype}: {plain['paired_z']:.2f} -> {gn_fix['paired_z']:.2f}"
         f"{z_note}).",
     ]

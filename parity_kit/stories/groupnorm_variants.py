@@ -149,7 +149,7 @@ def conclude_variants(*, variant: str, correct_variant: str, dtype: str, checks:
         f"Variant {variant!r} in {dtype}: GroupNorm in fp32 {removes_text(sweep.removed)} the logit error (rank "
         f"{sweep.rank} of {sweep.n_classes}), its local error (fed the reference inputs) is "
         f"{min(local.local_floor_ratio):.2g}-{max(local.local_floor_ratio):.2g}x one {dtype} rounding, the fix's "
-        f"paired log-likelihood z against the plain run is {fix_z:.2f}; "
+        f"paired z against the plain run is {fix_z:.2f}; "
         f"{verdict}. On the correct variant {correct_variant!r} GroupNorm in fp32 {removes_text(correct_sweep.removed)} "
         f"its error ({'below' if correct_sweep.removed < TARGETS['correct_removed'] else 'not below'} 10%: "
         f"{'not the culprit' if correct_sweep.removed < TARGETS['correct_removed'] else 'a contributor'}). "
