@@ -82,12 +82,13 @@ def groupnorm_input_range(model: nn.Module, inputs: Mapping[str, Any], dtypes: t
 
 
 def fix_paired_z(evals: Mapping[str, Any], plain_label: str, fix_label: str, *, n_bootstrap: int = 10_000) -> float:
-    """Paired z of the fix against the plain run (per-document log-likelihood, fixed minus plain).
+    """Paired z of the fix against the plain run (per-document loss, fixed minus plain: negative where the fix
+    scores better).
 
     >>> from parity_kit.analyses.evaluation import LastWordResult
     >>> a = LastWordResult.from_loglikelihoods([-1.0, -2.0, -1.5, -1.2], n_bootstrap=10, label="a")
     >>> b = LastWordResult.from_loglikelihoods([-0.9, -1.9, -1.4, -1.0], n_bootstrap=10, label="b")
-    >>> round(fix_paired_z({"a": a, "b": b}, "a", "b", n_bootstrap=10), 2) > 2
+    >>> round(fix_paired_z({"a": a, "b": b}, "a", "b", n_bootstrap=10), 2) < -2
     True
     """
     missing = [label for label in (plain_label, fix_label) if label not in evals]
