@@ -106,3 +106,34 @@ def test_bad_names(name, message):
 def test_zero_steps_is_an_error(tmp_path):
     with pytest.raises(ParityKitError, match="steps=0"):
         train.train("tiny-internlm2", steps=0, out_dir=tmp_path / "x")
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "not a torch device|runs on 'cpu' or 'cuda'"),
+                                             ("meta", "runs on 'cpu' or 'cuda'")])
+def test_a_device_training_cannot_use_is_refused(tmp_path, device, message):
+    with pytest.raises(ParityKitError, match=message):
+        train.train("tiny-internlm2", steps=1, out_dir=tmp_path / "x", device=device)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused(tmp_path):
+    with pytest.raises(ParityKitError, match="no CUDA GPU"):
+        train.train("tiny-internlm2", steps=1, out_dir=tmp_path / "x", device="cuda")
+
+
+def test_batch_size_override_is_recorded(tmp_path):
+    out = train.train("tiny-internlm2", steps=2, batch_size=3, out_dir=tmp_path / "b", eval_limit=4, progress=False)
+    record = json.loads((out / "training.json").read_text())
+    assert record["settings"]["batch_size"] == 3 and record["tokens_seen"] == 2 * 3 * 256
+    assert record["command"] == "parity-kit train tiny-internlm2 --seed 0 --steps 2 --batch-size 3"
+    assert record["environment"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_on_cuda_writes_cpu_loadable_weights(tmp_path):
+    out = train.train("tiny-rwkv7", steps=3, out_dir=tmp_path / "g", eval_limit=4, progress=False, device="cuda")
+    record = json.loads((out / "training.json").read_text())
+    assert record["environment"]["device"].startswith("cuda") and "--device cuda" in record["command"]
+    model, _ = models.load(out)
+    assert next(model.parameters()).device.type == "cpu" and record["eval"]["with_bos"]["n"] == 4

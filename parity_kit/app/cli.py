@@ -79,7 +79,8 @@ def _cmd_notebooks(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     train = _load("parity_kit.builtins.train", "train", "train")
-    path = train(args.name, seed=args.seed, out_dir=args.out, bos=args.bos)
+    path = train(args.name, seed=args.seed, out_dir=args.out, bos=args.bos, device=args.device, steps=args.steps,
+                 batch_size=args.batch_size)
     print(path)
     return 0
 
@@ -214,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "training sequence (documents inside it separated by EOS)")
     train.add_argument("--out", type=Path, default=None, metavar="DIR",
                        help="output folder (default: parity_kit/data/models/<name>)")
+    train.add_argument("--device", default="cpu", help="where the training steps run: cpu (default) or cuda; "
+                                                      "the held-out evaluation runs on the CPU")
+    train.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    train.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the recipe's)")
     train.set_defaults(func=_cmd_train)
 
     convert = sub.add_parser("convert", help="convert a checkpoint folder between layouts")

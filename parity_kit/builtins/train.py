@@ -1,7 +1,8 @@
 """Reproducible training of the built-in tiny checkpoints (``parity-kit train NAME``).
 
-The built-in configurations and training settings live here (:data:`SPECS`). Training is CPU-only,
-deterministic from the seed on a given machine and thread count: the corpus and tokenizer come from
+The built-in configurations and training settings live here (:data:`SPECS`). Training runs on the CPU (the
+default) or on a CUDA GPU (``device="cuda"``, for bigger models or longer runs than 2 cores allow); it is
+deterministic from the seed on a given machine and thread count (on a GPU, up to its kernels' reduction order): the corpus and tokenizer come from
 :mod:`parity_kit.builtins.corpus`, the weights from ``torch.manual_seed(seed)``, the data order from the corpus
 stream. Every sequence starts with the BOS token of a document, and documents are packed one after
 another (each with its own BOS) up to the sequence length.
@@ -292,13 +293,16 @@ def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | No
 
 
 def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int | None = None,
-          eval_limit: int | None = None, progress: bool = True, bos: str = "document") -> Path:
+          eval_limit: int | None = None, progress: bool = True, bos: str = "document", device: str = "cpu",
+          batch_size: int | None = None) -> Path:
     """Train built-in model ``name`` from ``seed`` and save it to ``out_dir`` (default
     ``parity_kit/data/models/<name>``).
 
     ``steps`` overrides the recipe's step count (for quick tests; the cosine schedule is stretched to it),
     ``eval_limit`` evaluates on the first items of the eval file only; ``bos`` places BOS in the training
-    rows (:data:`BOS_PLACEMENTS`).
+    rows (:data:`BOS_PLACEMENTS`); ``device`` is where the training steps run ("cpu" or "cuda[:N]"; the
+    evaluation afterwards always runs on the CPU, as the notebooks do); ``batch_size`` overrides the recipe's
+    sequences per step (a GPU has room for more).
     Training ``tiny-internlm2`` also writes ``tiny-internlm2-llama`` next to it (folder ``<out_dir>-llama``
     when ``out_dir`` is given). At the default location, ``parity_kit/data/models/README.md`` is rewritten.
     Returns the model folder.
@@ -314,8 +318,13 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
     spec = _spec(name)
     settings = spec.settings if steps is None else replace(spec.settings, steps=steps,
                                                            warmup_steps=min(spec.settings.warmup_steps, steps))
+    if batch_size is not None:
+        settings = replace(settings, batch_size=batch_size)
     if settings.steps < 1:
         raise ParityKitError(f"steps={settings.steps}; use 1 or more")
+    if settings.batch_size < 1:
+        raise ParityKitError(f"batch_size={settings.batch_size}; use 1 or more")
+    run_on = _training_device(device)
     default_location = out_dir is None
     target = data_dir() / "models" / name if out_dir is None else Path(out_dir)
 
@@ -324,28 +333,29 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
     try:
         tokenizer = build_tokenizer(seed)
         torch.manual_seed(seed)
-        model = build_model(name, tokenizer.get_vocab_size())
+        model = build_model(name, tokenizer.get_vocab_size()).to(run_on)
         model.train()
         optimizer = _optimizer(model, settings)
         batches = packed_batches(tokenizer, seed, settings.batch_size, settings.seq_len, bos)
-        losses: list[float] = []
+        step_losses: list[torch.Tensor] = []
         started = time.perf_counter()
         bar = tqdm(range(settings.steps), desc=f"train {name}", disable=not progress)
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, settings)
-            batch = next(batches)
+            batch = next(batches).to(run_on)
             logits = model(input_ids=batch[:, :-1]).logits  # [B, T, V]
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
-            losses.append(loss.item())
+            step_losses.append(loss.detach())  # read back every 10 steps: a GPU then runs ahead of the host
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.set_postfix(loss=f"{step_losses[-1].item():.3f}")
+        losses = torch.stack(step_losses).tolist()
         wall = time.perf_counter() - started
-        model.eval()
+        model.eval().to("cpu")
 
         with tempfile.TemporaryDirectory(dir=_existing_parent(target)) as tmp_root:
             tmp = Path(tmp_root) / name
@@ -362,9 +372,10 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
                 "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                 "loss_curve": curve,
                 "wall_time_s": wall,
-                "command": f"parity-kit train {name} --seed {seed}" + (f" --bos {bos}" if bos != "document" else ""),
+                "command": _train_command(name, seed, bos, run_on, steps, batch_size),
                 "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                                "machine": platform.machine(), "threads": settings.threads},
+                                "machine": platform.machine(), "threads": settings.threads,
+                                "device": str(run_on), "device_name": _device_name(run_on)},
             }
             _write_record(tmp, record)
             evaluate_checkpoint(tmp, eval_limit=eval_limit)
@@ -379,6 +390,37 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
     if default_location:
         write_models_readme(target.parent)
     return target
+
+
+def _training_device(device: str) -> torch.device:
+    try:
+        run_on = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ParityKitError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from exc
+    if run_on.type == "cuda" and not torch.cuda.is_available():
+        raise ParityKitError(f"device={device!r} but this machine has no CUDA GPU torch can use; "
+                             "train with device='cpu' (the default)")
+    if run_on.type not in ("cpu", "cuda"):
+        raise ParityKitError(f"device={device!r}: training runs on 'cpu' or 'cuda'")
+    return run_on
+
+
+def _device_name(run_on: torch.device) -> str:
+    return torch.cuda.get_device_name(run_on) if run_on.type == "cuda" else platform.processor() or "cpu"
+
+
+def _train_command(name: str, seed: int, bos: str, run_on: torch.device, steps: int | None,
+                   batch_size: int | None) -> str:
+    parts = [f"parity-kit train {name} --seed {seed}"]
+    if bos != "document":
+        parts.append(f"--bos {bos}")
+    if run_on.type != "cpu":
+        parts.append(f"--device {run_on}")
+    if steps is not None:
+        parts.append(f"--steps {steps}")
+    if batch_size is not None:
+        parts.append(f"--batch-size {batch_size}")
+    return " ".join(parts)
 
 
 def _existing_parent(target: Path) -> Path:
