@@ -292,6 +292,47 @@ def evaluate(model: torch.nn.Module, tokenizer, items: list[dict[str, str]] | No
 # training
 
 
+def fit(name: str, settings: TrainSettings, *, seed: int = 0, bos: str = "document", device: str | torch.device = "cpu",
+        progress: bool = True) -> tuple[torch.nn.Module, Any, list[float], float]:
+    """Train built-in model ``name`` with ``settings`` and return ``(model, tokenizer, losses, wall_s)``: the model
+    in eval mode on the CPU, the per-step training losses and the training loop's wall time. Nothing is written;
+    :func:`train` adds saving, evaluation and the loss figure. Sets torch's CPU threads to ``settings.threads``.
+
+    >>> model, tok, losses, _ = fit("tiny-internlm2", TrainSettings(steps=2, batch_size=2, seq_len=16), progress=False)
+    >>> len(losses), model.training
+    (2, False)
+    """
+    from tqdm.auto import tqdm
+
+    run_on = _training_device(str(device))
+    torch.set_num_threads(settings.threads)
+    tokenizer = build_tokenizer(seed)
+    torch.manual_seed(seed)
+    model = build_model(name, tokenizer.get_vocab_size()).to(run_on)
+    model.train()
+    optimizer = _optimizer(model, settings)
+    batches = packed_batches(tokenizer, seed, settings.batch_size, settings.seq_len, bos)
+    step_losses: list[torch.Tensor] = []
+    started = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc=f"train {name}", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, settings)
+        batch = next(batches).to(run_on)
+        logits = model(input_ids=batch[:, :-1]).logits  # [B, T, V]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        step_losses.append(loss.detach())  # read back every 10 steps: a GPU then runs ahead of the host
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{step_losses[-1].item():.3f}")
+    losses = torch.stack(step_losses).tolist()
+    wall = time.perf_counter() - started
+    return model.eval().to("cpu"), tokenizer, losses, wall
+
+
 def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int | None = None,
           eval_limit: int | None = None, progress: bool = True, bos: str = "document", device: str = "cpu",
           batch_size: int | None = None) -> Path:
@@ -313,8 +354,6 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
     >>> sorted(p.name for p in folder.iterdir())[:3]
     ['config.json', 'generation_config.json', 'loss.png']
     """
-    from tqdm.auto import tqdm
-
     spec = _spec(name)
     settings = spec.settings if steps is None else replace(spec.settings, steps=steps,
                                                            warmup_steps=min(spec.settings.warmup_steps, steps))
@@ -329,33 +368,8 @@ def train(name: str, *, seed: int = 0, out_dir: Path | None = None, steps: int |
     target = data_dir() / "models" / name if out_dir is None else Path(out_dir)
 
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
     try:
-        tokenizer = build_tokenizer(seed)
-        torch.manual_seed(seed)
-        model = build_model(name, tokenizer.get_vocab_size()).to(run_on)
-        model.train()
-        optimizer = _optimizer(model, settings)
-        batches = packed_batches(tokenizer, seed, settings.batch_size, settings.seq_len, bos)
-        step_losses: list[torch.Tensor] = []
-        started = time.perf_counter()
-        bar = tqdm(range(settings.steps), desc=f"train {name}", disable=not progress)
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, settings)
-            batch = next(batches).to(run_on)
-            logits = model(input_ids=batch[:, :-1]).logits  # [B, T, V]
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            step_losses.append(loss.detach())  # read back every 10 steps: a GPU then runs ahead of the host
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{step_losses[-1].item():.3f}")
-        losses = torch.stack(step_losses).tolist()
-        wall = time.perf_counter() - started
-        model.eval().to("cpu")
+        model, tokenizer, losses, wall = fit(name, settings, seed=seed, bos=bos, device=run_on, progress=progress)
 
         with tempfile.TemporaryDirectory(dir=_existing_parent(target)) as tmp_root:
             tmp = Path(tmp_root) / name
@@ -572,6 +586,6 @@ def write_models_readme(models_dir: Path | None = None) -> Path:
 
 __all__ = [
     "SPECS", "ModelSpec", "TrainSettings", "build_model", "build_tokenizer", "convert_to_llama", "evaluate",
-    "evaluate_checkpoint",
+    "evaluate_checkpoint", "fit",
     "lr_at", "packed_batches", "train", "write_models_readme",
 ]
